@@ -1,0 +1,201 @@
+"""Frozen model configuration: one preset per released Gemma 2 size, small presets for tests, and
+`config.json` (Hugging Face, model_type gemma2) read as-is."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from gemmatune.errors import GemmatuneError
+
+LOCAL, GLOBAL = "sliding_attention", "full_attention"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    query_pre_attn_scalar: float  # queries are scaled by this ** -0.5 (read it, never derive it)
+    sliding_window: int = 4096
+    attn_logit_softcap: float | None = 50.0
+    final_logit_softcap: float | None = 30.0
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 8192
+    # One entry per layer; Gemma 2 alternates local/global starting with a local layer 0.
+    layer_types: tuple[str, ...] = ()
+    pad_token_id: int = 0
+    eos_token_id: int = 1
+    bos_token_id: int = 2
+
+    def __post_init__(self) -> None:
+        if not self.layer_types:
+            types = tuple(LOCAL if i % 2 == 0 else GLOBAL for i in range(self.num_layers))
+            object.__setattr__(self, "layer_types", types)
+        problems = []
+        if len(self.layer_types) != self.num_layers:
+            problems.append(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+        if set(self.layer_types) - {LOCAL, GLOBAL}:
+            problems.append(f"layer_types may hold only {LOCAL!r} and {GLOBAL!r}")
+        if self.num_heads % self.num_kv_heads:
+            problems.append(f"num_attention_heads {self.num_heads} is not a multiple of "
+                            f"num_key_value_heads {self.num_kv_heads}")
+        if self.head_dim % 2:
+            problems.append(f"head_dim {self.head_dim} must be even for rotary embeddings")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "sliding_window"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        if problems:
+            raise GemmatuneError("invalid Gemma 2 configuration: " + "; ".join(problems))
+
+    @property
+    def block_pattern(self) -> tuple[str, ...]:
+        """The shortest repeating run of layer types; the layer stack is scanned over repeats of it,
+        so local and global layers keep static masks and their own KV-cache sizes."""
+        n = self.num_layers
+        for p in range(1, n + 1):
+            if n % p == 0 and self.layer_types == self.layer_types[:p] * (n // p):
+                return self.layer_types[:p]
+        raise AssertionError("unreachable: p = n always matches")
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """config.json as transformers writes it for Gemma2ForCausalLM."""
+        return {
+            "architectures": ["Gemma2ForCausalLM"],
+            "model_type": "gemma2",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "query_pre_attn_scalar": self.query_pre_attn_scalar,
+            "sliding_window": self.sliding_window,
+            "attn_logit_softcapping": self.attn_logit_softcap,
+            "final_logit_softcapping": self.final_logit_softcap,
+            "rope_theta": self.rope_theta,
+            "rms_norm_eps": self.rms_norm_eps,
+            "max_position_embeddings": self.max_position_embeddings,
+            "layer_types": list(self.layer_types),
+            "hidden_activation": "gelu_pytorch_tanh",
+            "hidden_act": "gelu_pytorch_tanh",
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "tie_word_embeddings": True,
+            "pad_token_id": self.pad_token_id,
+            "eos_token_id": self.eos_token_id,
+            "bos_token_id": self.bos_token_id,
+        }
+
+
+# The released checkpoints' config.json numbers (google/gemma-2-{2b,9b,27b}).
+PRESETS: dict[str, ModelConfig] = {
+    "gemma2-2b": ModelConfig(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_layers=26,
+                             num_heads=8, num_kv_heads=4, head_dim=256, query_pre_attn_scalar=256),
+    "gemma2-9b": ModelConfig(vocab_size=256000, hidden_size=3584, intermediate_size=14336, num_layers=42,
+                             num_heads=16, num_kv_heads=8, head_dim=256, query_pre_attn_scalar=256),
+    "gemma2-27b": ModelConfig(vocab_size=256000, hidden_size=4608, intermediate_size=36864, num_layers=46,
+                              num_heads=32, num_kv_heads=16, head_dim=128, query_pre_attn_scalar=144),
+    # Small bodies for tests and demos; the window is tiny so sequences span several windows.
+    "tiny": ModelConfig(vocab_size=4096, hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4,
+                        num_kv_heads=2, head_dim=32, query_pre_attn_scalar=32, sliding_window=64,
+                        max_position_embeddings=2048),
+    "small": ModelConfig(vocab_size=32000, hidden_size=512, intermediate_size=2048, num_layers=4, num_heads=8,
+                         num_kv_heads=4, head_dim=64, query_pre_attn_scalar=64, sliding_window=4096),
+}
+
+
+def from_hf_dict(d: dict[str, Any], source: str = "config.json") -> ModelConfig:
+    """Read a transformers Gemma 2 config; refuse other architectures with a message that says why."""
+    model_type = d.get("model_type")
+    if model_type != "gemma2":
+        known = {"gemma": "Gemma 1", "gemma3": "Gemma 3", "gemma3_text": "Gemma 3", "llama": "Llama",
+                 "mistral": "Mistral", "qwen2": "Qwen 2"}
+        what = known.get(model_type, f"model_type {model_type!r}") if model_type else "no model_type"
+        raise GemmatuneError(
+            f"{source}: this is a {what} checkpoint, not Gemma 2 (model_type 'gemma2'). "
+            "gemmatune fine-tunes Gemma 2 only: point --model at a Gemma 2 checkpoint directory "
+            "(for example one downloaded from google/gemma-2-2b).")
+    if d.get("use_bidirectional_attention"):
+        raise GemmatuneError(f"{source}: use_bidirectional_attention is set; gemmatune supports causal "
+                             "Gemma 2 language models only.")
+    act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
+    if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise GemmatuneError(f"{source}: hidden_activation {act!r} is not Gemma 2's gelu_pytorch_tanh.")
+    if d.get("attention_bias"):
+        raise GemmatuneError(f"{source}: attention_bias is true; Gemma 2 has no attention biases.")
+    required = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
+    missing = [k for k in required if k not in d]
+    if missing:
+        raise GemmatuneError(f"{source}: missing field(s) {', '.join(missing)}; is this a complete "
+                             "Gemma 2 config.json?")
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    if rope.get("rope_type", "default") not in ("default", None):
+        raise GemmatuneError(f"{source}: rope_type {rope.get('rope_type')!r} is not supported "
+                             "(Gemma 2 uses default rotary embeddings).")
+    heads = d["num_attention_heads"]
+    head_dim = d.get("head_dim") or d["hidden_size"] // heads
+    try:
+        return ModelConfig(
+            vocab_size=int(d["vocab_size"]),
+            hidden_size=int(d["hidden_size"]),
+            intermediate_size=int(d["intermediate_size"]),
+            num_layers=int(d["num_hidden_layers"]),
+            num_heads=int(heads),
+            num_kv_heads=int(d.get("num_key_value_heads") or heads),
+            head_dim=int(head_dim),
+            query_pre_attn_scalar=float(d.get("query_pre_attn_scalar", 256)),
+            sliding_window=int(d.get("sliding_window") or 4096),
+            attn_logit_softcap=d.get("attn_logit_softcapping", 50.0),
+            final_logit_softcap=d.get("final_logit_softcapping", 30.0),
+            rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=int(d.get("max_position_embeddings", 8192)),
+            layer_types=tuple(d.get("layer_types") or ()),
+            pad_token_id=_first_id(d.get("pad_token_id"), 0),
+            eos_token_id=_first_id(d.get("eos_token_id"), 1),
+            bos_token_id=_first_id(d.get("bos_token_id"), 2),
+        )
+    except GemmatuneError as e:
+        raise GemmatuneError(f"{source}: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise GemmatuneError(f"{source}: a field has the wrong type ({e}).") from None
+
+
+def _first_id(v: Any, default: int) -> int:
+    if isinstance(v, list):
+        v = v[0] if v else None
+    return default if v is None else int(v)
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    """A preset name, a config.json file, or a directory holding one."""
+    if str(path) in PRESETS:
+        return PRESETS[str(path)]
+    p = Path(path)
+    if p.is_dir():
+        p = p / "config.json"
+    if not p.exists():
+        raise GemmatuneError(f"{p}: no such file. Pass a preset ({', '.join(PRESETS)}) or a Gemma 2 "
+                             "checkpoint directory with a config.json.")
+    try:
+        d = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GemmatuneError(f"{p}: not valid JSON ({e}). Re-download the checkpoint's config.json.") from None
+    if not isinstance(d, dict):
+        raise GemmatuneError(f"{p}: expected a JSON object.")
+    return from_hf_dict(d, source=str(p))
+
+
+# The embedded tiny Gemma 2 (config, weights, tokenizer) that every command defaults to; built by
+# scripts/build_tiny.py so that a fresh install works without downloads.
+DEFAULT_MODEL = Path(__file__).parent / "assets" / "tiny"

@@ -1,0 +1,1 @@
+"""Conversions between gemmatune's parameter tree and other tools' formats."""

@@ -1,0 +1,270 @@
+"""Gemma 2 in JAX: parameters as a pytree of einsum-shaped arrays, the layer stack under `lax.scan`.
+
+Letters in shape comments: B batch, T query tokens, S key slots, D hidden, H query heads, K key/value heads,
+G query heads per key/value head (H = K * G), E head_dim, F intermediate, V vocabulary, L layers.
+
+The numbers follow transformers' Gemma2ForCausalLM (see tests/test_model.py for the parity checks):
+embeddings times sqrt(D) in the compute dtype, RMSNorm scaling by (1 + w) in float32, four norms per block,
+queries scaled by query_pre_attn_scalar ** -0.5, attention logits soft-capped before masking, a sliding window
+on the local layers, GeGLU with tanh GELU, tied output projection, final logits soft-capped.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from gemmatune.config import LOCAL, ModelConfig
+
+Params = dict[str, Any]
+Cache = dict[str, Any]
+
+NEG_INF = -2.3819763e38  # finite, so a fully masked row (padding) gives a uniform softmax instead of NaN
+
+
+def param_shapes(cfg: ModelConfig) -> Params:
+    """Every parameter's shape; the one place the layout is written down."""
+    L, D, F, H, K, E, V = (cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads,
+                           cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size)
+    return {
+        "embed": (V, D),
+        "final_norm": (D,),
+        "layers": {
+            "input_norm": (L, D),
+            "post_attn_norm": (L, D),
+            "pre_ffw_norm": (L, D),
+            "post_ffw_norm": (L, D),
+            "q_proj": (L, D, H, E),
+            "k_proj": (L, D, K, E),
+            "v_proj": (L, D, K, E),
+            "o_proj": (L, H, E, D),
+            "gate_proj": (L, D, F),
+            "up_proj": (L, D, F),
+            "down_proj": (L, F, D),
+        },
+    }
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, dtype: Any = jnp.float32, *,
+                norm_mean: float = 0.0, post_norm_mean: float = 0.0) -> Params:
+    """Random weights. Defaults are small (training from scratch); tests pass larger norm means so that a missing
+    (1 + w) or a swapped norm changes the output, and greedy decoding of random weights does not collapse."""
+    shapes = param_shapes(cfg)
+    leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda s: isinstance(s, tuple))
+    paths = [jax.tree_util.keystr(p) for p, _ in
+             jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda s: isinstance(s, tuple))[0]]
+    keys = jax.random.split(key, len(leaves))
+    out = []
+    for path, shape, k in zip(paths, leaves, keys):
+        if "post_" in path and "norm" in path:
+            a = post_norm_mean + 0.1 * jax.random.normal(k, shape)
+        elif "norm" in path:
+            a = norm_mean + 0.1 * jax.random.normal(k, shape)
+        elif "embed" in path:
+            a = 0.1 * jax.random.normal(k, shape)
+        else:
+            fan_in = shape[1] if "o_proj" not in path else shape[1] * shape[2]
+            a = jax.random.normal(k, shape) / math.sqrt(fan_in)
+        out.append(a.astype(dtype))
+    return jax.tree.unflatten(treedef, out)
+
+
+# --- building blocks -------------------------------------------------------------------------------------------
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    """Gemma's RMSNorm: float32 math, scale by (1 + w), cast back (transformers: (x * w).to(dtype))."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (xf * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
+
+
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    return x if cap is None else jnp.tanh(x / cap) * cap
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, rotate-half layout as in the Hugging Face checkpoints. x: [B, T, N, E], positions: [B, T]."""
+    E = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, E, 2, dtype=jnp.float32) / E))  # [E/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, E/2]
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, cap: float | None) -> jax.Array:
+    """Grouped-query attention with soft-capped logits. q: [B, T, H, E] (already scaled), k, v: [B, S, K, E],
+    mask: [B, T, S] bool. Returns [B, T, H, E]."""
+    B, T, H, E = q.shape
+    K = k.shape[2]
+    q = q.reshape(B, T, K, H // K, E)  # query head h uses key/value head h // G, as transformers' repeat_kv
+    logits = jnp.einsum("btkge,bske->bkgts", q, k, preferred_element_type=jnp.float32)
+    logits = softcap(logits, cap)  # the cap comes before the mask and the softmax
+    logits = jnp.where(mask[:, None, None], logits, NEG_INF)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bske->btkge", probs, v)
+    return out.reshape(B, T, H, E)
+
+
+def mlp(x: jax.Array, p: Params) -> jax.Array:
+    gate = jnp.einsum("btd,df->btf", x, p["gate_proj"])
+    up = jnp.einsum("btd,df->btf", x, p["up_proj"])
+    return jnp.einsum("btf,fd->btd", jax.nn.gelu(gate, approximate=True) * up, p["down_proj"])
+
+
+def block(x: jax.Array, p: Params, cfg: ModelConfig, positions: jax.Array,
+          attend: Any) -> tuple[jax.Array, Any]:
+    """One decoder layer. `attend(q, k, v) -> (out, cache_update)` supplies the keys in view and the mask, so the
+    training path and the KV-cache path share everything else."""
+    h = rms_norm(x, p["input_norm"], cfg.rms_norm_eps)
+    q = jnp.einsum("btd,dhe->bthe", h, p["q_proj"])
+    k = jnp.einsum("btd,dke->btke", h, p["k_proj"])
+    v = jnp.einsum("btd,dke->btke", h, p["v_proj"])
+    q = rope(q, positions, cfg.rope_theta) * jnp.asarray(cfg.query_pre_attn_scalar ** -0.5, q.dtype)
+    k = rope(k, positions, cfg.rope_theta)
+    a, update = attend(q, k, v)
+    a = jnp.einsum("bthe,hed->btd", a, p["o_proj"])
+    x = x + rms_norm(a, p["post_attn_norm"], cfg.rms_norm_eps)
+    h = rms_norm(x, p["pre_ffw_norm"], cfg.rms_norm_eps)
+    x = x + rms_norm(mlp(h, p), p["post_ffw_norm"], cfg.rms_norm_eps)
+    return x, update
+
+
+def _grouped(layers: Params, cfg: ModelConfig) -> Params:
+    """[L, ...] -> [L / P, P, ...] where P is the length of the repeating local/global pattern."""
+    P = len(cfg.block_pattern)
+    return jax.tree.map(lambda a: a.reshape(a.shape[0] // P, P, *a.shape[1:]), layers)
+
+
+def embed(params: Params, tokens: jax.Array, dtype: Any) -> jax.Array:
+    """[B, T] -> [B, T, D]. transformers computes the sqrt(D) normaliser in the compute dtype."""
+    x = params["embed"][tokens].astype(dtype)
+    return x * jnp.asarray(math.sqrt(params["embed"].shape[1]), dtype)
+
+
+def logits_from_hidden(params: Params, h: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Final norm, tied output projection, final soft-cap. [B, T, D] -> float32 [B, T, V]."""
+    h = rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
+    logits = jnp.einsum("btd,vd->btv", h, params["embed"].astype(h.dtype), preferred_element_type=jnp.float32)
+    return softcap(logits, cfg.final_logit_softcap)
+
+
+# --- full-sequence forward (training, scoring) -----------------------------------------------------------------
+
+def hidden_states(params: Params, tokens: jax.Array, cfg: ModelConfig, *, positions: jax.Array | None = None,
+                  segment_ids: jax.Array | None = None, dtype: Any = None) -> jax.Array:
+    """tokens: [B, T] int. segment_ids: [B, T] int, 0 marks padding; tokens attend only within their segment
+    (packed examples). positions: [B, T], restarting at 0 per segment. Returns [B, T, D] before the final norm."""
+    B, T = tokens.shape
+    dtype = dtype or params["embed"].dtype
+    if segment_ids is None:
+        segment_ids = jnp.ones((B, T), jnp.int32)
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    idx = jnp.arange(T)
+    causal = idx[None, :] <= idx[:, None]  # [T, S]
+    same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] != 0)
+    masks = {kind: same & causal & ((idx[:, None] - idx[None, :] < cfg.sliding_window) if kind == LOCAL else True)
+             for kind in set(cfg.block_pattern)}  # [B, T, S] each
+
+    def group(x: jax.Array, p: Params) -> tuple[jax.Array, None]:
+        for j, kind in enumerate(cfg.block_pattern):
+            pj = jax.tree.map(lambda a: a[j], p)
+            x, _ = block(x, pj, cfg, positions,
+                         lambda q, k, v: (attention(q, k, v, masks[kind], cfg.attn_logit_softcap), None))
+        return x, None
+
+    x, _ = jax.lax.scan(group, embed(params, tokens, dtype), _grouped(params["layers"], cfg))
+    return x
+
+
+def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, **kw: Any) -> jax.Array:
+    """Logits, float32 [B, T, V]. Keyword arguments as `hidden_states`."""
+    return logits_from_hidden(params, hidden_states(params, tokens, cfg, **kw), cfg)
+
+
+# --- KV cache (generation) -------------------------------------------------------------------------------------
+# Time t counts slots from the start of the (left-padded) batch; row b's real tokens start at time start[b].
+# Global layers keep every time; local layers keep a ring of the last `sliding_window` times (slot = t % W).
+
+def cache_sizes(cfg: ModelConfig, max_len: int) -> tuple[int, ...]:
+    return tuple(min(cfg.sliding_window, max_len) if kind == LOCAL else max_len for kind in cfg.block_pattern)
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any, start: jax.Array | None = None) -> Cache:
+    groups = cfg.num_layers // len(cfg.block_pattern)
+    kv = [{n: jnp.zeros((groups, batch, s, cfg.num_kv_heads, cfg.head_dim), dtype) for n in ("k", "v")}
+          for s in cache_sizes(cfg, max_len)]
+    return {"kv": kv, "length": jnp.zeros((), jnp.int32),
+            "start": jnp.zeros((batch,), jnp.int32) if start is None else start.astype(jnp.int32)}
+
+
+def _slot_times(length: jax.Array, size: int, ring: bool) -> jax.Array:
+    """The time held by each cache slot before this chunk is written ([S]); negative when the slot is empty."""
+    s = jnp.arange(size)
+    if not ring:
+        return jnp.where(s < length, s, -1)
+    return (length - 1) - jnp.mod(length - 1 - s, size)  # latest t < length with t % size == s
+
+
+def _cached_attend(kind: str, size: int, cfg: ModelConfig, c: Params, length: jax.Array, start: jax.Array,
+                   q_times: jax.Array) -> Any:
+    # A local layer's cache is a ring exactly when it holds one window; shorter caches never wrap.
+    ring = kind == LOCAL and size == cfg.sliding_window
+
+    def attend(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, Params]:
+        n = k.shape[1]
+        if ring:
+            keys_k = jnp.concatenate([c["k"], k], axis=1)  # [B, size + n, K, E]
+            keys_v = jnp.concatenate([c["v"], v], axis=1)
+            times = jnp.concatenate([_slot_times(length, size, True), q_times])
+            if n >= size:  # the chunk alone fills the ring: its last `size` tokens, rolled to slot t % size
+                shift = jnp.mod(length + n - size, size)
+                new = {"k": jnp.roll(k[:, -size:], shift, axis=1), "v": jnp.roll(v[:, -size:], shift, axis=1)}
+            else:
+                slots = jnp.mod(q_times, size)
+                new = {"k": c["k"].at[:, slots].set(k), "v": c["v"].at[:, slots].set(v)}
+        else:
+            new = {"k": jax.lax.dynamic_update_slice_in_dim(c["k"], k, length, axis=1),
+                   "v": jax.lax.dynamic_update_slice_in_dim(c["v"], v, length, axis=1)}
+            keys_k, keys_v = new["k"], new["v"]
+            times = jnp.arange(size)
+        ok = (times[None, :] <= q_times[:, None]) & (times[None, :] >= 0)  # [T, S]
+        if kind == LOCAL:
+            ok &= q_times[:, None] - times[None, :] < cfg.sliding_window
+        mask = ok[None] & (times[None, None, :] >= start[:, None, None])  # [B, T, S]: left padding masked
+        return attention(q, keys_k, keys_v, mask, cfg.attn_logit_softcap), new
+
+    return attend
+
+
+def forward_cached(params: Params, tokens: jax.Array, cache: Cache, cfg: ModelConfig,
+                   dtype: Any = None, *, last_only: bool = False) -> tuple[jax.Array, Cache]:
+    """Run a chunk of tokens [B, n] through the model, reading and extending the cache.
+    Returns float32 logits [B, n, V] ([B, 1, V] with last_only) and the new cache. Prefill and single-token
+    decode are the same call."""
+    B, n = tokens.shape
+    dtype = dtype or params["embed"].dtype
+    length, start = cache["length"], cache["start"]
+    sizes = [c["k"].shape[2] for c in cache["kv"]]
+    q_times = length + jnp.arange(n)
+    positions = jnp.maximum(q_times[None, :] - start[:, None], 0)  # [B, n]; padding gets a dummy position
+
+    def group(x: jax.Array, pc: tuple[Params, list[Params]]) -> tuple[jax.Array, list[Params]]:
+        p, cs = pc
+        new = []
+        for j, kind in enumerate(cfg.block_pattern):
+            pj = jax.tree.map(lambda a: a[j], p)
+            attend = _cached_attend(kind, sizes[j], cfg, cs[j], length, start, q_times)
+            x, upd = block(x, pj, cfg, positions, attend)
+            new.append(upd)
+        return x, new
+
+    x, kv = jax.lax.scan(group, embed(params, tokens, dtype), (_grouped(params["layers"], cfg), cache["kv"]))
+    if last_only:  # a prefill needs only the next token's logits; XLA does not prune an unused [B, n, V]
+        x = x[:, -1:]
+    logits = logits_from_hidden(params, x, cfg)
+    return logits, {**cache, "kv": kv, "length": length + n}

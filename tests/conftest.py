@@ -1,0 +1,64 @@
+"""Shared test fixtures: a small Gemma 2 with a tiny sliding window and weights that make a strong reference,
+and the same weights loaded into transformers' Gemma2ForCausalLM (the reference implementation)."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from gemmatune.config import ModelConfig
+
+# query_pre_attn_scalar differs from head_dim so a derived scale would show; the window of 8 makes every test
+# sequence span several windows; the attention cap is lowered to where these small logits reach it.
+SMALL = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4,
+                    num_kv_heads=2, head_dim=16, query_pre_attn_scalar=24, sliding_window=8,
+                    attn_logit_softcap=3.0, max_position_embeddings=512)
+
+
+def strong_params(cfg: ModelConfig, seed: int = 0) -> dict:
+    """Norm weights far from zero (a missing 1 + w shows), large post-norms (diverse greedy text) and a large
+    final norm so the logits reach the final soft-cap."""
+    from gemmatune.model import init_params
+
+    params = init_params(cfg, jax.random.key(seed), norm_mean=0.5, post_norm_mean=3.0)
+    return {**params, "final_norm": params["final_norm"] + 4.0}
+
+
+def hf_model(cfg: ModelConfig, params: dict):
+    """transformers' Gemma2ForCausalLM (eager attention, float32) holding the same weights."""
+    import torch
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from gemmatune.convert.hf import hf_state
+
+    d = {k: v for k, v in cfg.to_hf_dict().items() if k != "architectures"}
+    model = Gemma2ForCausalLM(Gemma2Config(**d, attn_implementation="eager")).eval()
+    state = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in hf_state(cfg, params)}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert list(missing) == ["lm_head.weight"] and not unexpected, (missing, unexpected)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied
+    return model
+
+
+def hf_logits(model, tokens: np.ndarray, **kw) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        kw = {k: torch.from_numpy(np.asarray(v)) for k, v in kw.items()}
+        return model(torch.from_numpy(np.asarray(tokens)), **kw).logits.numpy()
+
+
+@pytest.fixture(scope="session")
+def small_cfg() -> ModelConfig:
+    return SMALL
+
+
+@pytest.fixture(scope="session")
+def small_params() -> dict:
+    return strong_params(SMALL)
+
+
+@pytest.fixture(scope="session")
+def small_hf(small_params):
+    return hf_model(SMALL, small_params)

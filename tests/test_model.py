@@ -1,0 +1,179 @@
+"""The JAX Gemma 2 against transformers' Gemma2ForCausalLM on the same weights (float32 logits within 1e-4)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.extend.core
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import SMALL, hf_logits, hf_model, strong_params
+from gemmatune import model as M
+from gemmatune.config import GLOBAL, LOCAL, PRESETS, from_hf_dict
+from gemmatune.convert.hf import hf_keys, hf_shape
+from gemmatune.errors import GemmatuneError
+
+TOL = 1e-4
+rng = np.random.RandomState(0)
+
+
+def test_logits_match_transformers_over_several_windows(small_params, small_hf):
+    tokens = rng.randint(0, SMALL.vocab_size, (2, 5 * SMALL.sliding_window))
+    ours = np.asarray(M.forward(small_params, jnp.asarray(tokens), SMALL))
+    ref = hf_logits(small_hf, tokens)
+    assert ours.dtype == np.float32
+    np.testing.assert_allclose(ours, ref, atol=TOL, rtol=0)
+    # The reference is strong: the logits vary and reach into the final soft-cap's bend.
+    assert np.abs(ref).max() > 0.5 * SMALL.final_logit_softcap and ref.std() > 2
+
+
+def test_weights_make_a_sensitive_reference(small_params):
+    """Dropping (1 + w), the sliding window or either soft-cap must move the logits far past the tolerance."""
+    tokens = jnp.asarray(rng.randint(0, SMALL.vocab_size, (1, 40)))
+    base = M.forward(small_params, tokens, SMALL)
+    shifted = {**small_params,
+               "layers": {k: (v - 1.0 if "norm" in k else v) for k, v in small_params["layers"].items()}}
+    variants = [M.forward(shifted, tokens, SMALL)] + [
+        M.forward(small_params, tokens, dataclasses.replace(SMALL, **change))
+        for change in ({"sliding_window": 1000}, {"attn_logit_softcap": None}, {"final_logit_softcap": None})]
+    for v in variants:
+        assert np.abs(base - v).max() > 100 * TOL
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_matches_transformers_and_unpadded(small_params, small_hf, side):
+    T, n = 36, 21  # row 1 holds n real tokens, padded to T
+    tokens = rng.randint(3, SMALL.vocab_size, (2, T))
+    real = np.ones((2, T), np.int32)
+    if side == "left":
+        real[1, :T - n] = 0
+    else:
+        real[1, n:] = 0
+    tokens = np.where(real == 1, tokens, 0)
+    positions = np.maximum(np.cumsum(real, axis=1) - 1, 0)
+    ours = np.asarray(M.forward(small_params, jnp.asarray(tokens), SMALL, positions=jnp.asarray(positions),
+                                segment_ids=jnp.asarray(real)))
+    ref = hf_logits(small_hf, tokens, attention_mask=real, position_ids=positions)
+    keep = real.astype(bool)
+    assert np.isfinite(ours).all()  # fully masked padding rows must not produce NaN
+    np.testing.assert_allclose(ours[keep], ref[keep], atol=TOL, rtol=0)
+    alone = np.asarray(M.forward(small_params, jnp.asarray(tokens[1][keep[1]][None]), SMALL))[0]
+    np.testing.assert_allclose(ours[1][keep[1]], alone, atol=TOL, rtol=0)
+
+
+def test_packed_segments_equal_separate_runs(small_params, small_hf):
+    a = rng.randint(3, SMALL.vocab_size, 23)
+    b = rng.randint(3, SMALL.vocab_size, 17)
+    tokens = np.concatenate([a, b, np.zeros(4, int)])[None]  # two examples and padding in one row
+    segments = np.array([[1] * 23 + [2] * 17 + [0] * 4])
+    positions = np.array([list(range(23)) + list(range(17)) + [0] * 4])
+    ours = np.asarray(M.forward(small_params, jnp.asarray(tokens), SMALL, segment_ids=jnp.asarray(segments),
+                                positions=jnp.asarray(positions)))[0]
+    np.testing.assert_allclose(ours[:23], hf_logits(small_hf, a[None])[0], atol=TOL, rtol=0)
+    np.testing.assert_allclose(ours[23:40], hf_logits(small_hf, b[None])[0], atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("types", [(GLOBAL,) * 4, (LOCAL, LOCAL, GLOBAL, GLOBAL), (LOCAL,) * 4])
+def test_other_layer_patterns_from_config_match(types):
+    cfg = dataclasses.replace(SMALL, layer_types=types)
+    params = strong_params(cfg, seed=1)
+    tokens = rng.randint(0, cfg.vocab_size, (1, 30))
+    ours = np.asarray(M.forward(params, jnp.asarray(tokens), cfg))
+    np.testing.assert_allclose(ours, hf_logits(hf_model(cfg, params), tokens), atol=TOL, rtol=0)
+
+
+def test_cached_chunks_equal_full_forward(small_params):
+    tokens = jnp.asarray(rng.randint(0, SMALL.vocab_size, (2, 45)))
+    full = M.forward(small_params, tokens, SMALL)
+    cache = M.init_cache(SMALL, 2, 48, jnp.float32)
+    outs = []
+    for lo, hi in [(0, 13), (13, 14), (14, 25), (25, 26), (26, 45)]:  # chunks shorter and longer than the ring
+        logits, cache = M.forward_cached(small_params, tokens[:, lo:hi], cache, SMALL)
+        outs.append(logits)
+    np.testing.assert_allclose(np.concatenate(outs, 1), full, atol=TOL, rtol=0)
+
+
+def test_bfloat16_compute_is_close_and_finite(small_params):
+    tokens = jnp.asarray(rng.randint(0, SMALL.vocab_size, (2, 32)))
+    bf = jax.tree.map(lambda a: a.astype(jnp.bfloat16), small_params)
+    out = M.forward(bf, tokens, SMALL)
+    ref = M.forward(small_params, tokens, SMALL)
+    assert out.dtype == jnp.float32 and bool(jnp.isfinite(out).all())
+    assert float(jnp.abs(out - ref).max()) < 0.1 * float(jnp.abs(ref).max())
+
+
+def _count_eqns(jaxpr) -> int:
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += 1
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            n += _count_eqns(sub)
+    return n
+
+
+def test_program_size_does_not_grow_with_depth():
+    """The layer stack runs under lax.scan: 2 and 8 layers trace to the same number of operations."""
+    counts = []
+    for layers in (2, 8):
+        cfg = dataclasses.replace(SMALL, num_layers=layers, layer_types=())
+        shapes = jax.eval_shape(lambda: M.init_params(cfg, jax.random.key(0)))
+        jaxpr = jax.make_jaxpr(lambda p, t: M.forward(p, t, cfg))(shapes, jax.ShapeDtypeStruct((1, 16), jnp.int32))
+        counts.append(_count_eqns(jaxpr.jaxpr))
+    assert counts[0] == counts[1]
+
+
+@pytest.mark.parametrize("name", ["gemma2-2b", "gemma2-9b", "gemma2-27b"])
+def test_preset_shapes_equal_transformers(name):
+    """Every parameter shape equals transformers' for the preset (model built on the meta device, no weights)."""
+    import torch
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    cfg = PRESETS[name]
+    d = {k: v for k, v in cfg.to_hf_dict().items() if k != "architectures"}
+    with torch.device("meta"):
+        hf = Gemma2ForCausalLM(Gemma2Config(**d))
+    hf_shapes = {k: tuple(v.shape) for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    ours = {key: hf_shape(n, cfg) for key, n, _ in hf_keys(cfg)}
+    assert ours == hf_shapes
+    # and the same count as gemmatune's own layout
+    shapes = M.param_shapes(cfg)
+    n_ours = sum(int(np.prod(s)) for s in jax.tree.leaves(shapes, is_leaf=lambda s: isinstance(s, tuple)))
+    assert n_ours == sum(int(np.prod(s)) for s in hf_shapes.values())
+
+
+def test_presets_hold_the_released_numbers():
+    from transformers import Gemma2Config
+
+    two_b = Gemma2Config()  # transformers' defaults are gemma-2-2b's
+    assert from_hf_dict(two_b.to_dict()) == PRESETS["gemma2-2b"]
+    assert [PRESETS[f"gemma2-{s}"].query_pre_attn_scalar for s in ("2b", "9b", "27b")] == [256, 256, 144]
+    for p in ("gemma2-2b", "gemma2-9b", "gemma2-27b"):
+        c = PRESETS[p]
+        assert (c.vocab_size, c.sliding_window, c.attn_logit_softcap, c.final_logit_softcap, c.rope_theta,
+                c.rms_norm_eps) == (256000, 4096, 50.0, 30.0, 10000.0, 1e-6)
+        assert c.layer_types[0] == LOCAL and c.block_pattern == (LOCAL, GLOBAL)
+        assert from_hf_dict(c.to_hf_dict()) == c
+
+
+@pytest.mark.parametrize("model_type,named", [("gemma", "Gemma 1"), ("gemma3", "Gemma 3"), ("llama", "Llama"),
+                                              (None, "no model_type")])
+def test_other_architectures_are_refused_by_name(model_type, named):
+    d = PRESETS["gemma2-2b"].to_hf_dict()
+    d["model_type"] = model_type
+    with pytest.raises(GemmatuneError, match=named) as e:
+        from_hf_dict(d, source="ckpt/config.json")
+    assert "ckpt/config.json" in str(e.value) and "Gemma 2" in str(e.value)
+
+
+def test_config_reads_rope_parameters_and_rejects_bad_values():
+    d = SMALL.to_hf_dict()
+    del d["rope_theta"]
+    d["rope_parameters"] = {"rope_type": "default", "rope_theta": 5000.0}
+    assert from_hf_dict(d).rope_theta == 5000.0
+    with pytest.raises(GemmatuneError, match="num_key_value_heads"):
+        from_hf_dict({**SMALL.to_hf_dict(), "num_key_value_heads": 3})
+    with pytest.raises(GemmatuneError, match="layer_types"):
+        from_hf_dict({**SMALL.to_hf_dict(), "layer_types": ["sliding_attention"]})
