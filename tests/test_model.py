@@ -89,9 +89,11 @@ def test_cached_chunks_equal_full_forward(small_params):
     tokens = jnp.asarray(rng.randint(0, SMALL.vocab_size, (2, 45)))
     full = M.forward(small_params, tokens, SMALL)
     cache = M.init_cache(SMALL, 2, 48, jnp.float32)
+    layers = M.unstack(small_params)
     outs = []
-    for lo, hi in [(0, 13), (13, 14), (14, 25), (25, 26), (26, 45)]:  # chunks shorter and longer than the ring
-        logits, cache = M.forward_cached(small_params, tokens[:, lo:hi], cache, SMALL)
+    # chunks longer than the ring, shorter than it, and single tokens (the write-then-attend path)
+    for lo, hi in [(0, 13), (13, 14), (14, 19), (19, 20), (20, 21), (21, 35), (35, 45)]:
+        logits, cache = M.forward_cached(layers, tokens[:, lo:hi], cache, SMALL)
         outs.append(logits)
     np.testing.assert_allclose(np.concatenate(outs, 1), full, atol=TOL, rtol=0)
 

@@ -21,7 +21,7 @@ def _generate(args: argparse.Namespace) -> None:
 
     t0 = time.perf_counter()
     tok = load_tokenizer(args.model)
-    cfg, params = load_hf(args.model, dtype=args.dtype)
+    cfg, params = load_hf(args.model, dtype=args.dtype, stacked=False)
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     if args.chat:
         prompt = tok.encode_chat([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
@@ -31,7 +31,7 @@ def _generate(args: argparse.Namespace) -> None:
 
     def show(new: np.ndarray) -> None:  # new: [1] token id of this step, -1 once the row has stopped
         if new[0] >= 0:
-            sys.stdout.write(stream.push(int(new[0])))
+            sys.stdout.write(stream.feed(int(new[0])))
             sys.stdout.flush()
 
     t0 = time.perf_counter()

@@ -1,0 +1,379 @@
+"""Hugging Face Gemma 2 layout: the key table and its transforms, written down once.
+
+Hugging Face stores each projection as a torch Linear weight [out, in]; gemmatune keeps einsum-shaped arrays
+[in, ..., out] split by head. Norm weights are stored the same way on both sides (the forward adds 1), the
+embedding is not pre-scaled, and there is no lm_head (the output projection is tied to the embedding).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+import json
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from gemmatune.config import ModelConfig, load_config
+from gemmatune.errors import GemmatuneError
+from gemmatune.model import Params, param_shapes
+from gemmatune.safetensors_io import SafetensorsReader, tensor_nbytes, write_safetensors
+
+# gemmatune per-layer name -> Hugging Face name inside model.layers.{i}.
+LAYER_KEYS = {
+    "input_norm": "input_layernorm.weight",
+    "post_attn_norm": "post_attention_layernorm.weight",
+    "pre_ffw_norm": "pre_feedforward_layernorm.weight",
+    "post_ffw_norm": "post_feedforward_layernorm.weight",
+    "q_proj": "self_attn.q_proj.weight",
+    "k_proj": "self_attn.k_proj.weight",
+    "v_proj": "self_attn.v_proj.weight",
+    "o_proj": "self_attn.o_proj.weight",
+    "gate_proj": "mlp.gate_proj.weight",
+    "up_proj": "mlp.up_proj.weight",
+    "down_proj": "mlp.down_proj.weight",
+}
+TOP_KEYS = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight"}
+_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_FROM_HF_LAYER = {v: k for k, v in LAYER_KEYS.items()}
+
+
+def to_hf(name: str, a: np.ndarray) -> np.ndarray:
+    """One layer's (or a top-level) gemmatune array -> the Hugging Face tensor."""
+    if name in ("q_proj", "k_proj", "v_proj"):  # [D, N, E] -> [N*E, D]
+        return a.reshape(a.shape[0], -1).T
+    if name == "o_proj":  # [H, E, D] -> [D, H*E]
+        return a.reshape(-1, a.shape[-1]).T
+    if name in ("gate_proj", "up_proj", "down_proj"):  # [in, out] -> [out, in]
+        return a.T
+    return a
+
+
+def from_hf(name: str, t: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    """The inverse of `to_hf`, given the config for the head split."""
+    if name == "q_proj":
+        return t.T.reshape(cfg.hidden_size, cfg.num_heads, cfg.head_dim)
+    if name in ("k_proj", "v_proj"):
+        return t.T.reshape(cfg.hidden_size, cfg.num_kv_heads, cfg.head_dim)
+    if name == "o_proj":
+        return t.T.reshape(cfg.num_heads, cfg.head_dim, cfg.hidden_size)
+    if name in ("gate_proj", "up_proj", "down_proj"):
+        return t.T
+    return t
+
+
+def hf_shape(name: str, cfg: ModelConfig) -> tuple[int, ...]:
+    """The Hugging Face tensor shape for a gemmatune name (per layer for layer names)."""
+    D, F, H, K, E, V = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                        cfg.vocab_size)
+    return {"embed": (V, D), "final_norm": (D,), "input_norm": (D,), "post_attn_norm": (D,),
+            "pre_ffw_norm": (D,), "post_ffw_norm": (D,), "q_proj": (H * E, D), "k_proj": (K * E, D),
+            "v_proj": (K * E, D), "o_proj": (D, H * E), "gate_proj": (F, D), "up_proj": (F, D),
+            "down_proj": (D, F)}[name]
+
+
+def parse_key(key: str) -> tuple[str, int | None] | None:
+    """Hugging Face key -> (gemmatune name, layer index or None); None for keys gemmatune does not hold."""
+    for name, hf in TOP_KEYS.items():
+        if key == hf:
+            return name, None
+    m = _LAYER_RE.fullmatch(key)
+    if m and m.group(2) in _FROM_HF_LAYER:
+        return _FROM_HF_LAYER[m.group(2)], int(m.group(1))
+    return None
+
+
+def hf_keys(cfg: ModelConfig) -> Iterator[tuple[str, str, int | None]]:
+    """Every Hugging Face key of a Gemma 2 checkpoint as (key, gemmatune name, layer index)."""
+    yield TOP_KEYS["embed"], "embed", None
+    for i in range(cfg.num_layers):
+        for name, hf in LAYER_KEYS.items():
+            yield f"model.layers.{i}.{hf}", name, i
+    yield TOP_KEYS["final_norm"], "final_norm", None
+
+
+def hf_state(cfg: ModelConfig, params: dict, convert: Callable[[object], np.ndarray] = np.asarray
+             ) -> Iterator[tuple[str, np.ndarray]]:
+    """Stream (key, tensor) pairs in Hugging Face layout, one tensor materialised at a time."""
+    for key, name, i in hf_keys(cfg):
+        a = params[name] if i is None else params["layers"][name][i]
+        yield key, to_hf(name, convert(a))
+
+
+# --- checkpoint directories: load and save ---------------------------------------------------------------------
+
+WEIGHTS, INDEX, LM_HEAD = "model.safetensors", "model.safetensors.index.json", "lm_head.weight"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+# float16 is left out on purpose: Gemma 2's activations overflow it (NaN logits).
+WEIGHT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+_DTYPE_NAMES = {v: k for k, v in WEIGHT_DTYPES.items()}
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16))
+_SHOW = 5  # how many names an error message lists
+
+
+def _listing(names: list[str]) -> str:
+    return ", ".join(names[:_SHOW]) + (f", ... ({len(names)} in all)" if len(names) > _SHOW else "")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GemmatuneError(f"{path}: not valid JSON ({e}); re-download or re-export it.") from None
+
+
+def _weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: model.safetensors, else the shards its index lists."""
+    single, index = model_dir / WEIGHTS, model_dir / INDEX
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        d = _read_json(index)
+        weight_map = d.get("weight_map") if isinstance(d, dict) else None
+        # Shard names must be plain file names: an index must not point outside the checkpoint directory.
+        if not (isinstance(weight_map, dict) and weight_map
+                and all(isinstance(f, str) and Path(f).name == f for f in weight_map.values())):
+            raise GemmatuneError(f"{index}: expected a \"weight_map\" from tensor names to shard file names in "
+                                 "this directory; re-download the index.")
+        files = [model_dir / f for f in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.is_file():
+                raise GemmatuneError(f"{f}: this shard is listed in {index} but is missing; download all "
+                                     f"{len(files)} shards of the checkpoint into {model_dir}.")
+        return files
+    shards = sorted(p.name for p in model_dir.glob("model-*-of-*.safetensors"))
+    if shards:
+        raise GemmatuneError(f"{model_dir}: found shards ({_listing(shards)}) but no {INDEX}, which says which "
+                             "tensor lives in which shard; download the index file as well.")
+    raise GemmatuneError(f"{model_dir}: no {WEIGHTS} (or sharded weights with {INDEX}). gemmatune reads Hugging Face "
+                         "safetensors checkpoints; re-download the weights, or convert PyTorch .bin weights with "
+                         "transformers' save_pretrained(..., safe_serialization=True).")
+
+
+def _check_tensors(cfg: ModelConfig, readers: list[SafetensorsReader], config_path: Path
+                   ) -> dict[str, SafetensorsReader]:
+    """Key -> the reader holding it, after checking names, shapes, dtypes and the tied head; reads no data
+    except when an lm_head must be compared with the embedding."""
+    where: dict[str, SafetensorsReader] = {}
+    for r in readers:
+        for key in r.tensors:
+            if key in where:
+                raise GemmatuneError(f"tensor {key} is stored in both {where[key].path} and {r.path}; the "
+                                     "checkpoint is corrupt; re-download or re-export it.")
+            where[key] = r
+    searched = ", ".join(str(r.path) for r in readers)
+    expected = {key: name for key, name, _ in hf_keys(cfg)}
+    missing = [k for k in expected if k not in where]
+    unknown = [k for k in where if k not in expected and k != LM_HEAD]
+    if missing:
+        instead = f" They hold other tensors instead ({_listing(unknown)})." if unknown else ""
+        raise GemmatuneError(f"{len(missing)} tensor(s) that {config_path} calls for are missing from {searched}: "
+                             f"{_listing(missing)}.{instead} The weights are incomplete or belong to another model: "
+                             "re-download them, or use the config.json that came with them.")
+    if unknown:
+        raise GemmatuneError(f"unknown tensor(s) in {searched}: {_listing(unknown)}. gemmatune reads Gemma 2 "
+                             "(Gemma2ForCausalLM) checkpoints only; merge or remove other weights (e.g. LoRA "
+                             "adapters) before loading.")
+    for key, name in expected.items():
+        info, path = where[key].tensors[key], where[key].path
+        if info.shape != hf_shape(name, cfg):
+            raise GemmatuneError(f"{path}: tensor {key} has shape {list(info.shape)} but {config_path} implies "
+                                 f"{list(hf_shape(name, cfg))}: the config.json and the weights disagree; use the "
+                                 "config.json that came with these weights.")
+        if info.dtype not in _FLOAT_DTYPES:
+            raise GemmatuneError(f"{path}: tensor {key} is stored as {info.dtype}; gemmatune reads float32, "
+                                 "bfloat16 or float16 weights (quantised checkpoints are not supported).")
+    if LM_HEAD in where:
+        _check_tied(where[TOP_KEYS["embed"]], where[LM_HEAD])
+    return where
+
+
+def _check_tied(embed: SafetensorsReader, head: SafetensorsReader, chunk_bytes: int = 64 * 2**20) -> None:
+    """Accept an lm_head only if it is bit-identical to the embedding; compared in row blocks so that the
+    check holds at most two blocks in memory, not two [V, D] matrices."""
+    e, h = embed.tensors[TOP_KEYS["embed"]], head.tensors[LM_HEAD]
+    rows = max(1, chunk_bytes // (e.nbytes // e.shape[0]))  # the embedding's shape [V, D] is already checked
+    tied = (e.shape, e.dtype) == (h.shape, h.dtype) and all(
+        np.array_equal(embed.read_rows(TOP_KEYS["embed"], s, s + rows).view(np.uint8),
+                       head.read_rows(LM_HEAD, s, s + rows).view(np.uint8))
+        for s in range(0, e.shape[0], rows))
+    if not tied:
+        raise GemmatuneError(f"{head.path}: {LM_HEAD} differs from {TOP_KEYS['embed']}. Gemma 2 ties its output "
+                             "projection to the embedding, and untied Gemma 2 heads are not supported; use a "
+                             f"checkpoint without a separate {LM_HEAD}.")
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _zeros(shapes: tuple[tuple[str, tuple[int, ...]], ...], dtype: np.dtype) -> Params:
+    """Every layer stack, zero-filled, from one compiled program: each compiled program keeps some host memory
+    (~2 MB on CPU), so one program rather than one per stack."""
+    return {name: jnp.zeros(shape, dtype) for name, shape in shapes}
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer(stacks: Params, layer: Params, i: jax.Array) -> Params:
+    """Write one layer's arrays ({name: [...]}) at index i of the stacks ({name: [L, ...]}). The stacks are
+    donated, so XLA updates them in place instead of allocating a second copy of the model."""
+    return {name: jax.lax.dynamic_update_index_in_dim(s, layer[name].astype(s.dtype), i, axis=0)
+            for name, s in stacks.items()}
+
+
+def load_hf(model_dir: str | Path, dtype: str = "auto", *, stacked: bool = True) -> tuple[ModelConfig, Params]:
+    """A Hugging Face Gemma 2 checkpoint directory -> (config, parameters on the default JAX device).
+
+    dtype: "auto" keeps the checkpoint's dtype (bfloat16 stays bfloat16; float32, and float16, which overflows
+    in Gemma 2, load as float32), or "float32" / "bfloat16". Tensors are read one at a time and written, a layer
+    at a time, into preallocated device arrays, so host memory peaks near the loaded model's size plus one layer.
+    stacked=False gives the per-layer list that decoding takes (`model.unstack`) without a second copy."""
+    model_dir = Path(model_dir)
+    if dtype != "auto" and dtype not in WEIGHT_DTYPES:
+        raise GemmatuneError(f"dtype {dtype!r} is not one of auto, {', '.join(WEIGHT_DTYPES)}.")
+    config_path = model_dir / "config.json"
+    cfg = load_config(config_path)
+    files = _weight_files(model_dir)
+    with contextlib.ExitStack() as stack:
+        readers = [stack.enter_context(SafetensorsReader(f)) for f in files]
+        where = _check_tensors(cfg, readers, config_path)
+        if dtype == "auto":
+            stored = where[TOP_KEYS["embed"]].tensors[TOP_KEYS["embed"]].dtype
+            target = WEIGHT_DTYPES["bfloat16" if stored == WEIGHT_DTYPES["bfloat16"] else "float32"]
+        else:
+            target = WEIGHT_DTYPES[dtype]
+        params: Params = {"layers": _zeros(tuple(param_shapes(cfg)["layers"].items()), target) if stacked else []}
+        # hf_keys lists the embedding, then each layer's tensors, then the final norm: grouped by layer index,
+        # the host holds one layer (or one top-level tensor) at a time. Waiting for each write keeps asynchronous
+        # dispatch from reading ahead while earlier layers' host copies are still alive.
+        for i, group in itertools.groupby(hf_keys(cfg), key=lambda k: k[2]):
+            arrays = {name: from_hf(name, where[key].read(key), cfg).astype(target, copy=False)
+                      for key, name, _ in group}
+            if i is None:
+                params.update(jax.device_put(arrays))
+            elif not stacked:
+                params["layers"].append(jax.block_until_ready(jax.device_put(arrays)))
+            else:
+                params["layers"] = jax.block_until_ready(_set_layer(params["layers"], arrays, i))
+            del arrays  # free the host copies before the next read
+    return cfg, params
+
+
+def _end_of_turn_id(tokenizer_files: list[Path]) -> int | None:
+    """The id of <end_of_turn>, read from tokenizer.json's added tokens or tokenizer_config.json."""
+    for f in tokenizer_files:
+        if f.name == "tokenizer.json":
+            table = {t.get("content"): t.get("id") for t in _read_json(f).get("added_tokens", [])}
+        elif f.name == "tokenizer_config.json":
+            table = {t.get("content"): int(i) for i, t in _read_json(f).get("added_tokens_decoder", {}).items()}
+        else:
+            continue
+        if "<end_of_turn>" in table:
+            return int(table["<end_of_turn>"])
+    return None
+
+
+def _shards(layout: list[tuple[str, tuple[int, ...], np.dtype]], max_bytes: int
+            ) -> list[list[tuple[str, tuple[int, ...], np.dtype]]]:
+    """Split the tensors, in order, into shards of at most max_bytes (a larger tensor gets a shard of its own),
+    as transformers' save_pretrained does."""
+    shards: list[list[tuple[str, tuple[int, ...], np.dtype]]] = [[]]
+    size = 0
+    for entry in layout:
+        n = tensor_nbytes(entry[1], entry[2])
+        if shards[-1] and size + n > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += n
+    return shards
+
+
+def _write_json(path: Path, d: dict[str, Any]) -> None:
+    path.write_text(json.dumps(d, indent=2) + "\n", encoding="utf-8")
+
+
+def _write_checkpoint(out: Path, cfg: ModelConfig, params: Params, dtype: np.dtype, max_shard_bytes: int,
+                      tokenizer_files: list[Path]) -> None:
+    _write_json(out / "config.json", {**cfg.to_hf_dict(), "torch_dtype": _DTYPE_NAMES[dtype],
+                                      "dtype": _DTYPE_NAMES[dtype]})
+    eot = _end_of_turn_id(tokenizer_files)
+    _write_json(out / "generation_config.json", {
+        "bos_token_id": cfg.bos_token_id, "pad_token_id": cfg.pad_token_id,
+        # Chat models end a turn with <end_of_turn>; generation must stop there as well as at <eos>.
+        "eos_token_id": cfg.eos_token_id if eot is None else [cfg.eos_token_id, eot]})
+    layout = [(key, hf_shape(name, cfg), dtype) for key, name, _ in hf_keys(cfg)]
+    tensors = hf_state(cfg, params, lambda a: np.asarray(a).astype(dtype, copy=False))
+    metadata = {"format": "pt"}  # as transformers writes; its loader expects it
+    shards = _shards(layout, max_shard_bytes)
+    if len(shards) == 1:
+        write_safetensors(out / WEIGHTS, layout, tensors, metadata)
+    else:
+        weight_map = {}
+        for k, part in enumerate(shards):
+            fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+            write_safetensors(out / fname, part, itertools.islice(tensors, len(part)), metadata)
+            weight_map.update({key: fname for key, _, _ in part})
+        total = sum(tensor_nbytes(shape, dt) for _, shape, dt in layout)
+        _write_json(out / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    for f in tokenizer_files:
+        shutil.copyfile(f, out / f.name)
+
+
+def save_hf(out_dir: str | Path, cfg: ModelConfig, params: Params, *, dtype: str | None = None,
+            max_shard_bytes: int = 5 * 2**30, tokenizer_dir: str | Path | None = None, force: bool = False) -> None:
+    """Write a Hugging Face Gemma 2 checkpoint directory (config.json, generation_config.json, safetensors
+    weights, tokenizer files), loadable by transformers' Gemma2ForCausalLM. The output head stays tied (no
+    lm_head). dtype: "float32" or "bfloat16"; None keeps the embedding's dtype.
+
+    Atomic: everything is written into a temporary sibling directory that is renamed into place at the end,
+    so an interrupted save leaves out_dir as it was."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise GemmatuneError(f"{out}: exists and is not a directory; choose another output directory.")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise GemmatuneError(f"{out}: directory exists and is not empty; pass force=True (--force) to replace "
+                             "it, or choose another output directory.")
+    name = _DTYPE_NAMES.get(np.dtype(params["embed"].dtype)) if dtype is None else dtype
+    if name not in WEIGHT_DTYPES:
+        raise GemmatuneError(f"cannot save weights as {dtype or params['embed'].dtype}: choose one of "
+                             f"{', '.join(WEIGHT_DTYPES)}.")
+    if max_shard_bytes <= 0:
+        raise GemmatuneError(f"max_shard_bytes must be positive, got {max_shard_bytes}.")
+    tokenizer_files = []
+    if tokenizer_dir is not None:
+        tokenizer_files = [Path(tokenizer_dir) / f for f in TOKENIZER_FILES if (Path(tokenizer_dir) / f).is_file()]
+        if not tokenizer_files:
+            raise GemmatuneError(f"{tokenizer_dir}: holds none of the tokenizer files {', '.join(TOKENIZER_FILES)}; "
+                                 "point tokenizer_dir at the base model's directory.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        _write_checkpoint(tmp, cfg, params, WEIGHT_DTYPES[name], max_shard_bytes, tokenizer_files)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replace_dir(new: Path, dest: Path) -> None:
+    """Rename new to dest; an existing dest is moved aside first and deleted only once new is in place."""
+    old = dest.parent / f".{dest.name}.old-{secrets.token_hex(4)}" if dest.exists() else None
+    if old:
+        os.rename(dest, old)
+    try:
+        os.rename(new, dest)
+    except BaseException:
+        if old:
+            os.rename(old, dest)
+        raise
+    if old:
+        shutil.rmtree(old)

@@ -1,0 +1,253 @@
+"""Gemma tokenizer loading (tokenizer.json or tokenizer.model), the Gemma 2 chat template, and streaming decode.
+
+Both backends give the same ids for the same text. Gemma's tokenizer adds no dummy prefix space, splits digits, falls
+back to bytes for characters outside the vocabulary, and maps special-token strings written in the text (such as
+`<start_of_turn>`) to their ids. Nothing here ever adds `<bos>`/`<eos>` on its own: callers say so explicitly, so a
+sequence gets exactly one `<bos>`.
+"""
+
+from __future__ import annotations
+
+import codecs
+import re
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+from gemmatune.errors import GemmatuneError
+
+# The released Gemma 2 instruct template, verbatim. It is written into the tokenizer_config.json of the embedded
+# tokenizer and of exports; at runtime render_chat() reproduces it in plain Python.
+GEMMA2_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+    "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
+)
+
+TOKENIZER_JSON = "tokenizer.json"
+TOKENIZER_MODEL = "tokenizer.model"
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+_ROLES = {"user": "user", "assistant": "model", "model": "model"}
+
+
+class Tokenizer:
+    """A loaded Gemma tokenizer; build it with load_tokenizer().
+
+    Decoding is done here from the pieces rather than by the backend, so both backends decode identically and the
+    StreamDecoder can share the exact byte-level logic of decode().
+    """
+
+    def __init__(
+        self,
+        source: Path,
+        encode_plain: Callable[[str], list[int]],
+        pieces: list[str],
+        byte_ids: set[int],
+        special_ids: set[int],
+    ) -> None:
+        self.source = source  # the file it was loaded from, for error messages
+        self._encode_plain = encode_plain
+        self._pieces = pieces
+        self.vocab_size = len(pieces)
+        ids = {piece: i for i, piece in reversed(list(enumerate(pieces)))}  # first id wins for duplicate pieces
+
+        def lookup(token: str) -> int:
+            if token not in ids:
+                raise GemmatuneError(f"{source}: the vocabulary has no {token!r} token; this is not a Gemma tokenizer")
+            return ids[token]
+
+        self.pad_id = lookup("<pad>")
+        self.eos_id = lookup("<eos>")
+        self.bos_id = lookup("<bos>")
+        self.start_of_turn_id = lookup("<start_of_turn>")
+        self.end_of_turn_id = lookup("<end_of_turn>")
+        # Skipped by decode(skip_special_tokens=True): the file's own special tokens plus the fixed Gemma ones, so the
+        # turn markers are skipped whichever file they came from.
+        self.special_ids = frozenset(
+            special_ids | {self.pad_id, self.eos_id, self.bos_id, self.start_of_turn_id, self.end_of_turn_id}
+        )
+        self._piece_bytes = [
+            bytes([int(piece[3:5], 16)]) if i in byte_ids else piece.replace("\u2581", " ").encode("utf-8")
+            for i, piece in enumerate(pieces)
+        ]
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        """Token ids of `text`, with `<bos>` first only if add_bos; special-token strings map to their ids."""
+        ids = self._encode_plain(text)
+        return [self.bos_id, *ids] if add_bos else ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Text of `ids`; invalid UTF-8 from stray byte tokens becomes U+FFFD."""
+        return b"".join(self._bytes(i, skip_special_tokens) for i in ids).decode("utf-8", errors="replace")
+
+    def id_to_piece(self, token_id: int) -> str:
+        """The vocabulary entry of `token_id` as stored (`▁` for spaces, `<0x0A>` for byte tokens)."""
+        self._check_id(token_id)
+        return self._pieces[token_id]
+
+    def encode_chat(self, messages: Sequence[Mapping[str, object]], add_generation_prompt: bool = False) -> list[int]:
+        """`<bos>` + the ids of render_chat(messages): exactly one `<bos>`, as apply_chat_template(tokenize=True)."""
+        return [self.bos_id, *self.encode(render_chat(messages, add_generation_prompt))]
+
+    def _bytes(self, token_id: int, skip_special_tokens: bool) -> bytes:
+        self._check_id(token_id)
+        if skip_special_tokens and token_id in self.special_ids:
+            return b""
+        return self._piece_bytes[token_id]
+
+    def _check_id(self, token_id: int) -> None:
+        # Negative ids would silently index from the end of the vocabulary.
+        if not 0 <= token_id < self.vocab_size:
+            raise ValueError(f"token id {token_id} is outside the vocabulary [0, {self.vocab_size})")
+
+
+class StreamDecoder:
+    """Decodes ids one at a time for streaming generation.
+
+    feed() returns only text that is complete: a character split over several byte-fallback tokens is held back
+    until its last byte arrives, so U+FFFD never appears mid-character. The concatenation of all feed() results and
+    flush() equals tokenizer.decode(ids) of the whole sequence.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
+        self._tokenizer = tokenizer
+        self._skip_special_tokens = skip_special_tokens
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, token_id: int) -> str:
+        """The text completed by `token_id` (often empty while a multi-byte character is incomplete)."""
+        return self._utf8.decode(self._tokenizer._bytes(token_id, self._skip_special_tokens))
+
+    def flush(self) -> str:
+        """Call at the end: an unfinished character becomes U+FFFD, as in decode()."""
+        return self._utf8.decode(b"", final=True)
+
+
+def load_tokenizer(model_dir: str | Path) -> Tokenizer:
+    """Load `model_dir`/tokenizer.json (preferred) or `model_dir`/tokenizer.model."""
+    model_dir = Path(model_dir)
+    if (model_dir / TOKENIZER_JSON).is_file():
+        return _load_tokenizer_json(model_dir / TOKENIZER_JSON)
+    if (model_dir / TOKENIZER_MODEL).is_file():
+        return _load_sentencepiece(model_dir / TOKENIZER_MODEL)
+    raise GemmatuneError(
+        f"{model_dir}: no tokenizer found; expected {TOKENIZER_JSON} or {TOKENIZER_MODEL} in that directory "
+        "(copy them from the Hugging Face model repository)"
+    )
+
+
+def _corrupt(path: Path, err: Exception) -> GemmatuneError:
+    return GemmatuneError(f"{path}: cannot be read as a tokenizer ({err}); the file is corrupt, re-download it")
+
+
+def _load_tokenizer_json(path: Path) -> Tokenizer:
+    from tokenizers import Tokenizer as HFTokenizer
+
+    try:
+        hf = HFTokenizer.from_file(str(path))
+    except Exception as err:  # tokenizers raises a bare Exception for malformed JSON
+        raise _corrupt(path, err) from err
+    pieces: list[str] = []
+    for i in range(hf.get_vocab_size(with_added_tokens=True)):
+        piece = hf.id_to_token(i)
+        if piece is None:
+            raise GemmatuneError(f"{path}: the vocabulary has no token for id {i}; the file is corrupt, re-download it")
+        pieces.append(piece)
+    byte_fallback = bool(getattr(hf.model, "byte_fallback", False))
+    byte_ids = {i for i, p in enumerate(pieces) if byte_fallback and _BYTE_PIECE.fullmatch(p)}
+    special = {i for i, token in hf.get_added_tokens_decoder().items() if token.special}
+
+    def encode_plain(text: str) -> list[int]:
+        # Gemma's tokenizer.json has a post-processor that prepends <bos>; add_special_tokens=False turns it off.
+        return hf.encode(text, add_special_tokens=False).ids
+
+    return Tokenizer(path, encode_plain, pieces, byte_ids, special)
+
+
+def _load_sentencepiece(path: Path) -> Tokenizer:
+    import sentencepiece as spm
+
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+    except (OSError, RuntimeError) as err:
+        raise _corrupt(path, err) from err
+    n = sp.get_piece_size()
+    pieces = [sp.id_to_piece(i) for i in range(n)]
+    byte_ids = {i for i in range(n) if sp.is_byte(i)}
+    special = {i for i in range(n) if sp.is_control(i) or sp.is_unknown(i)}
+    # SentencePiece matches user-defined symbols (<start_of_turn>) in text but never control tokens (<bos>);
+    # tokenizer.json matches both. Split the text on control-token strings to give the same ids.
+    control = sorted((pieces[i] for i in special), key=len, reverse=True)
+    splitter = re.compile("(" + "|".join(map(re.escape, control)) + ")")
+    control_ids = {pieces[i]: i for i in sorted(special, reverse=True)}
+
+    def encode_plain(text: str) -> list[int]:
+        ids: list[int] = []
+        for k, part in enumerate(splitter.split(text)):
+            if k % 2:  # odd parts are the captured control-token strings
+                ids.append(control_ids[part])
+            elif part:
+                ids += sp.encode(part)
+        return ids
+
+    return Tokenizer(path, encode_plain, pieces, byte_ids, special)
+
+
+def render_chat(messages: Sequence[Mapping[str, object]], add_generation_prompt: bool = False) -> str:
+    """Render `messages` as the released Gemma 2 instruct template does, without the leading `<bos>`.
+
+    Each message is {"role": ..., "content": str}; roles are "user" and "assistant" (or its synonym "model"),
+    alternating and starting with "user". Content is stripped of surrounding whitespace (the template's `trim`).
+
+    Gemma has no system role and the released template raises on one. gemmatune instead folds a leading system
+    message into the first user turn as `system_text + "\\n\\n" + user_text`, which is common practice.
+    """
+    turns = _turns(messages)
+    text = "".join(f"<start_of_turn>{role}\n{content.strip()}<end_of_turn>\n" for role, content in turns)
+    return text + "<start_of_turn>model\n" if add_generation_prompt else text
+
+
+def _turns(messages: Sequence[Mapping[str, object]]) -> list[tuple[str, str]]:
+    """Validated (template role, content) pairs with a leading system message folded into the first user turn."""
+    if len(messages) == 0:
+        raise GemmatuneError("messages: the conversation is empty; it needs at least one user message")
+    checked: list[tuple[str, str]] = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
+            raise GemmatuneError(f"messages[{i}]: expected a mapping with 'role' and 'content', got {message!r}")
+        role, content = message["role"], message["content"]
+        if role not in ("system", *_ROLES):  # a tuple, so an unhashable role is reported rather than a TypeError
+            raise GemmatuneError(
+                f"messages[{i}]: unknown role {role!r}; use 'user', 'assistant' (or 'model'), or a first 'system'"
+            )
+        if not isinstance(content, str):
+            raise GemmatuneError(
+                f"messages[{i}] (role {role!r}): content must be a string, got {type(content).__name__}"
+            )
+        if role == "system" and i > 0:
+            raise GemmatuneError(
+                f"messages[{i}]: a 'system' message is only allowed as the first message (role {role!r})"
+            )
+        checked.append((role, content))
+
+    first = 1 if checked[0][0] == "system" else 0
+    if first and len(checked) == 1:
+        raise GemmatuneError(
+            "messages[0] (role 'system'): a system message must be followed by a 'user' message to fold it into"
+        )
+    turns: list[tuple[str, str]] = []
+    for i in range(first, len(checked)):
+        role, content = checked[i]
+        expected = "user" if (i - first) % 2 == 0 else "model"
+        if _ROLES[role] != expected:
+            raise GemmatuneError(
+                f"messages[{i}]: expected a {expected!r} message, got role {role!r}; roles must alternate "
+                "user/assistant starting with user (after an optional first system message)"
+            )
+        turns.append((expected, content))
+    if first:
+        turns[0] = ("user", checked[0][1] + "\n\n" + turns[0][1])
+    return turns
