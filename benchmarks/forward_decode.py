@@ -59,21 +59,25 @@ def main() -> None:
     with torch.no_grad():
         hf_fwd = best_of(lambda: hf(torch.from_numpy(tokens)), a.repeats)
 
-    prompt = tokens[:, :a.prompt]
-    # stop_ids=() and an eos the model never reaches on the transformers side: both decode exactly `new` tokens.
-    ours_dec = best_of(lambda: generate(params, cfg, prompt.tolist(), max_new_tokens=a.new), a.repeats)
-    with torch.no_grad():
-        hf_dec = best_of(lambda: hf.generate(torch.from_numpy(prompt), max_new_tokens=a.new, min_new_tokens=a.new,
-                                             do_sample=False, eos_token_id=None, pad_token_id=0), a.repeats)
+    layers = M.unstack(params)  # decoding's layout, as `gemmatune generate` loads it
+    decode = {}
+    for b in sorted({1, a.batch}):
+        prompt = tokens[:b, :a.prompt]
+        # No stop ids here and no eos for transformers: both decode exactly `new` tokens.
+        ours = best_of(lambda: generate(layers, cfg, prompt.tolist(), max_new_tokens=a.new), a.repeats)
+        with torch.no_grad():
+            ref = best_of(lambda: hf.generate(torch.from_numpy(prompt), max_new_tokens=a.new, min_new_tokens=a.new,
+                                              do_sample=False, eos_token_id=None, pad_token_id=0), a.repeats)
+        decode[b] = (b * a.new / ours, b * a.new / ref)
 
-    n_fwd, n_dec = a.batch * a.seq, a.batch * a.new
-    print(f"{a.preset}: vocab {cfg.vocab_size}, {cfg.num_layers} layers, hidden {cfg.hidden_size}; "
-          f"forward batch {a.batch} x seq {a.seq}; decode batch {a.batch}, prompt {a.prompt}, {a.new} new tokens; "
+    n_fwd = a.batch * a.seq
+    print(f"{a.preset}: vocab {cfg.vocab_size}, {cfg.num_layers} layers, hidden {cfg.hidden_size}; forward batch "
+          f"{a.batch} x seq {a.seq}; decode prompt {a.prompt} + {a.new} new tokens (prefill included); "
           f"{os.cpu_count()} CPU threads; float32")
-    print(f"{'':10}{'gemmatune':>12}{'transformers':>14}{'ratio':>8}")
-    print(f"{'forward':10}{n_fwd / ours_fwd:12.0f}{n_fwd / hf_fwd:14.0f}{hf_fwd / ours_fwd:8.2f}x  tokens/s")
-    print(f"{'decode':10}{n_dec / ours_dec:12.0f}{n_dec / hf_dec:14.0f}{hf_dec / ours_dec:8.2f}x  tokens/s "
-          "(prefill included)")
+    print(f"{'':16}{'gemmatune':>12}{'transformers':>14}{'ratio':>8}")
+    print(f"{'forward':16}{n_fwd / ours_fwd:12.0f}{n_fwd / hf_fwd:14.0f}{hf_fwd / ours_fwd:8.2f}x  tokens/s")
+    for b, (ours, ref) in decode.items():
+        print(f"{f'decode batch {b}':16}{ours:12.1f}{ref:14.1f}{ours / ref:8.2f}x  tokens/s")
 
 
 if __name__ == "__main__":

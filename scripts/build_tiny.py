@@ -205,9 +205,27 @@ def build_tokenizer(out_dir: Path) -> None:
     verify(out_dir, sp_model)
 
 
+def build_model(out_dir: Path, tokenizer_dir: Path) -> None:
+    """The tiny preset with random bfloat16 weights, saved with the tokenizer as a Hugging Face checkpoint
+    (the same path a user's checkpoint takes). Replaces out_dir atomically."""
+    import jax
+
+    from gemmatune.config import PRESETS
+    from gemmatune.convert.hf import save_hf
+    from gemmatune.model import init_params
+
+    cfg = PRESETS["tiny"]
+    _require(load_tokenizer(tokenizer_dir).vocab_size == cfg.vocab_size,
+             f"the tokenizer's vocabulary is not the tiny preset's {cfg.vocab_size} rows")
+    params = init_params(cfg, jax.random.key(0), post_norm_mean=1.0)  # post-norms > 0: less repetitive text
+    save_hf(out_dir, cfg, params, dtype="bfloat16", tokenizer_dir=tokenizer_dir, force=True)
+
+
 def main() -> None:
-    build_tokenizer(ASSETS)
-    print(f"wrote and verified the tokenizer in {ASSETS}")
+    with tempfile.TemporaryDirectory() as tmp:
+        build_tokenizer(Path(tmp))
+        build_model(ASSETS, Path(tmp))
+    print(f"wrote and verified the tiny model and tokenizer in {ASSETS}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from gemmatune.config import DEFAULT_MODEL
 from gemmatune.errors import GemmatuneError
@@ -19,6 +20,10 @@ def _generate(args: argparse.Namespace) -> None:
     from gemmatune.generate import generate
     from gemmatune.tokenizer import StreamDecoder, load_tokenizer
 
+    if not Path(args.model).is_dir():
+        raise GemmatuneError(f"--model {args.model}: no such directory. Pass a Gemma 2 checkpoint directory in "
+                             "Hugging Face layout (config.json, *.safetensors, tokenizer files), or leave --model "
+                             "out to use the embedded tiny model.")
     t0 = time.perf_counter()
     tok = load_tokenizer(args.model)
     cfg, params = load_hf(args.model, dtype=args.dtype, stacked=False)
@@ -28,8 +33,10 @@ def _generate(args: argparse.Namespace) -> None:
     else:
         prompt = [tok.bos_id] + tok.encode(args.prompt)
     stream = StreamDecoder(tok)
+    first: list[float] = []
 
     def show(new: np.ndarray) -> None:  # new: [1] token id of this step, -1 once the row has stopped
+        first or first.append(time.perf_counter())
         if new[0] >= 0:
             sys.stdout.write(stream.feed(int(new[0])))
             sys.stdout.flush()
@@ -39,8 +46,10 @@ def _generate(args: argparse.Namespace) -> None:
                      top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                      stop_ids=(tok.eos_id, tok.end_of_turn_id), on_tokens=show)
     sys.stdout.write(stream.flush() + "\n")
-    dt = time.perf_counter() - t0
-    print(f"{len(out)} tokens in {dt:.2f}s ({len(out) / dt:.1f} tokens/s)", file=sys.stderr)
+    end = time.perf_counter()
+    # The first token's time includes compilation; the rate after it is the decoding speed.
+    rate = f", then {(len(out) - 1) / (end - first[0]):.1f} tokens/s" if len(out) > 1 else ""
+    print(f"{len(out)} tokens; first after {first[0] - t0:.2f}s{rate}", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
