@@ -49,7 +49,7 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     cfg = PRESETS[a.preset]
     # Weights that keep greedy decoding diverse, so neither side stops early or repeats one token.
-    params = M.init_params(cfg, jax.random.key(0), jnp.float32, norm_mean=0.5, post_norm_mean=3.0)
+    params = M.init_params(cfg, jax.random.key(0), jnp.float32, norm_mean=0.5, post_norm_mean=5.0)
     hf = hf_model(cfg, params)
     rng = np.random.RandomState(0)
     tokens = rng.randint(3, cfg.vocab_size, (a.batch, a.seq))

@@ -4,6 +4,7 @@ and the same weights loaded into transformers' Gemma2ForCausalLM (the reference 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -21,7 +22,7 @@ def strong_params(cfg: ModelConfig, seed: int = 0) -> dict:
     final norm so the logits reach the final soft-cap."""
     from gemmatune.model import init_params
 
-    params = init_params(cfg, jax.random.key(seed), norm_mean=0.5, post_norm_mean=3.0)
+    params = init_params(cfg, jax.random.key(seed), jnp.float32, norm_mean=0.5, post_norm_mean=5.0)
     return {**params, "final_norm": params["final_norm"] + 4.0}
 
 

@@ -48,9 +48,10 @@ def param_shapes(cfg: ModelConfig) -> Params:
     }
 
 
-def init_params(cfg: ModelConfig, key: jax.Array, dtype: Any = jnp.float32, *,
+def init_params(cfg: ModelConfig, key: jax.Array, dtype: Any = jnp.bfloat16, *,
                 norm_mean: float = 0.0, post_norm_mean: float = 0.0) -> Params:
-    """Random weights. Defaults are small (training from scratch); tests pass larger norm means so that a missing
+    """Random weights, bfloat16 unless asked (the compute dtype follows the weights). Defaults are small
+    (training from scratch); tests pass larger norm means so that a missing
     (1 + w) or a swapped norm changes the output, and greedy decoding of random weights does not collapse."""
     shapes = param_shapes(cfg)
     leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda s: isinstance(s, tuple))
@@ -119,6 +120,7 @@ def block(x: jax.Array, p: Params, cfg: ModelConfig, positions: jax.Array,
           attend: Any) -> tuple[jax.Array, Any]:
     """One decoder layer. `attend(q, k, v) -> (out, cache_update)` supplies the keys in view and the mask, so the
     training path and the KV-cache path share everything else."""
+    p = jax.tree.map(lambda a: a.astype(x.dtype), p)  # compute in x's dtype whatever the weights' (no-op if equal)
     h = rms_norm(x, p["input_norm"], cfg.rms_norm_eps)
     q = jnp.einsum("btd,dhe->bthe", h, p["q_proj"])
     k = jnp.einsum("btd,dke->btke", h, p["k_proj"])
