@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from gemmatune.config import DEFAULT_MODEL
+from gemmatune.config import DEFAULT_MODEL, FORMATS, PLAIN_TEMPLATE, DataConfig
 from gemmatune.errors import GemmatuneError
 
 
@@ -52,6 +52,78 @@ def _generate(args: argparse.Namespace) -> None:
     print(f"{len(out)} tokens; first after {first[0] - t0:.2f}s{rate}", file=sys.stderr)
 
 
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    """The data options, shared by every command that reads a dataset."""
+    p.add_argument("--data", nargs="+", required=True, metavar="PATH",
+                   help="JSONL/JSON/CSV/TSV/Parquet files, globs, a datasets save_to_disk directory or a Hub name")
+    p.add_argument("--val-data", nargs="+", default=[], metavar="PATH", help="validation files (else --val-fraction)")
+    p.add_argument("--val-fraction", type=float, default=0.0, help="hold out this fraction for validation")
+    p.add_argument("--format", choices=FORMATS, default="auto", help="default: detected from the columns")
+    p.add_argument("--columns", default="", metavar="FIELD=COLUMN,...",
+                   help="instruction columns, e.g. instruction=question,input=context,response=answer")
+    p.add_argument("--template", default="chat",
+                   help="instruction rows: 'chat' (Gemma chat template), 'plain' (Instruction:/Response:) or a "
+                        "template string with {instruction} and {response}")
+    p.add_argument("--train-on", choices=["model", "all"], default="model",
+                   help="model: only model turns (with <end_of_turn>) and the final <eos>; all: every token")
+    p.add_argument("--max-seq-len", type=int, default=1024)
+    p.add_argument("--overflow", choices=["truncate", "drop"], default="truncate",
+                   help="too-long examples: keep their start, or drop them")
+    p.add_argument("--packing", choices=["pack", "pad"], default="pack")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-bad-rows", action="store_true", help="skip and count bad rows instead of stopping")
+
+
+def data_config(args: argparse.Namespace) -> DataConfig:
+    columns = []
+    for pair in filter(None, args.columns.split(",")):
+        field, eq, column = pair.partition("=")
+        if not eq or not field.strip() or not column.strip():
+            raise GemmatuneError(f"--columns: {pair!r} is not FIELD=COLUMN (e.g. instruction=question).")
+        columns.append((field.strip(), column.strip()))
+    return DataConfig(paths=tuple(args.data), val_paths=tuple(args.val_data), val_fraction=args.val_fraction,
+                      format=args.format, columns=tuple(columns),
+                      template=PLAIN_TEMPLATE if args.template == "plain" else args.template,
+                      train_on=args.train_on, max_seq_len=args.max_seq_len, overflow=args.overflow,
+                      packing=args.packing, seed=args.seed, skip_bad_rows=args.skip_bad_rows)
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    import json
+    import tempfile
+
+    from gemmatune.data.inspect import TRAINED_CLOSE, TRAINED_OPEN, summarize
+    from gemmatune.data.pipeline import describe, prepare
+    from gemmatune.tokenizer import load_tokenizer
+
+    cfg = data_config(args)
+    tok = load_tokenizer(args.model)
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = prepare(cfg, tok, tmp)
+        s = summarize(prepared, cfg, tok)
+    if args.json:
+        print(json.dumps(s, indent=2))
+        return
+    t, p, h = s["tokens"], s["packing"], s["histogram"]
+    layout = ", ".join(f"{k}={v}" for k, v in s["format"].items() if v)
+    print(f"format: {layout}")
+    print(f"rows: {describe(prepared.train.report)}")
+    for reason, where in s["rows"]["first_bad"].items():
+        print(f"  first {reason}: {where}")
+    if s["validation_examples"]:
+        print(f"validation: {s['validation_examples']} examples")
+    print(f"tokens: {t['total']} in {t['examples']} examples, {t['trained']} trained; per example min {t['min']}, "
+          f"mean {t['mean']:.1f}, median {t['median']:.0f}, p95 {t['p95']:.0f}, max {t['max']}")
+    print("length histogram (tokens):")
+    top = max(h["counts"]) or 1
+    for lo, hi, n in zip(h["edges"], h["edges"][1:], h["counts"]):
+        print(f"  {lo:>6}-{hi:<6} {n:>8}  {'#' * round(40 * n / top)}")
+    print(f"packing at max_seq_len {p['max_seq_len']}: packed rows {100 * p['packed_fill']:.1f}% full, one example "
+          f"per padded row {100 * p['padded_fill']:.1f}% (training uses: {p['mode']})")
+    print(f"example (trained tokens between {TRAINED_OPEN} and {TRAINED_CLOSE}):")
+    print(s["example"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemmatune", description="LoRA fine-tuning of Gemma 2 in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -70,6 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="compute dtype; auto means the checkpoint's")
     g.set_defaults(run=_generate)
+
+    data = sub.add_parser("data", help="check a dataset before training").add_subparsers(dest="data_command",
+                                                                                         required=True)
+    i = data.add_parser("inspect", help="formats, counts, lengths, packing and a rendered example",
+                        description="Read, format and pack a dataset exactly as training would, and report on it.")
+    add_data_args(i)
+    i.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint directory whose tokenizer to use")
+    i.add_argument("--json", action="store_true", help="the same figures as JSON")
+    i.set_defaults(run=_inspect)
     return parser
 
 

@@ -199,3 +199,57 @@ def load_config(path: str | Path) -> ModelConfig:
 # The embedded tiny Gemma 2 (config, weights, tokenizer) that every command defaults to; built by
 # scripts/build_tiny.py so that a fresh install works without downloads.
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "tiny"
+
+
+FORMATS = ("auto", "text", "instruction", "chat")
+PLAIN_TEMPLATE = "Instruction:\n{instruction}\n\nResponse:\n{response}"  # the original notebooks' template
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """How a user's files become training batches. Every field is validated in __post_init__ with a message that
+    names the field."""
+
+    paths: tuple[str, ...] = ()  # files, globs, a `datasets` save_to_disk directory, or a Hub dataset name
+    format: str = "auto"  # auto (from the columns), text, instruction, chat
+    # Instruction rows: our field name -> the user's column name, e.g. (("instruction", "question"),
+    # ("response", "answer")); fields are instruction, input, response. Known layouts need none.
+    columns: tuple[tuple[str, str], ...] = ()
+    template: str = "chat"  # "chat" (the Gemma chat template) or a plain template with {instruction}, {response}
+    train_on: str = "model"  # "model": model turns, their <end_of_turn> and the final <eos>; "all": every token
+    max_seq_len: int = 1024  # input positions per row; an example of up to max_seq_len + 1 tokens fits
+    overflow: str = "truncate"  # truncate (keep the start) or drop
+    packing: str = "pack"  # pack (several examples per row) or pad (one example per row)
+    shuffle_buffer: int = 4096  # examples shuffled and packed together
+    seed: int = 0
+    val_fraction: float = 0.0  # held out from paths for validation, unless val_paths is given
+    val_paths: tuple[str, ...] = ()
+    split: str = "train"  # for Hub datasets
+    skip_bad_rows: bool = False  # skip (and count) bad rows instead of stopping at the first
+
+    def __post_init__(self) -> None:
+        def bad(field: str, value: Any, want: str) -> GemmatuneError:
+            return GemmatuneError(f"data.{field}: {value!r} is not valid; expected {want}.")
+
+        if self.format not in FORMATS:
+            raise bad("format", self.format, " or ".join(FORMATS))
+        head, _, tail = self.template.partition("{response}")
+        if self.template != "chat" and (tail or "{instruction}" not in head):
+            # The response is the trained part, after the prompt: it must come last, once.
+            raise bad("template", self.template, '"chat" or a template with {instruction} that ends with {response}')
+        if self.train_on not in ("model", "all"):
+            raise bad("train_on", self.train_on, "model or all")
+        if self.overflow not in ("truncate", "drop"):
+            raise bad("overflow", self.overflow, "truncate or drop")
+        if self.packing not in ("pack", "pad"):
+            raise bad("packing", self.packing, "pack or pad")
+        if self.max_seq_len < 2:
+            raise bad("max_seq_len", self.max_seq_len, "an integer of at least 2")
+        if self.shuffle_buffer < 1:
+            raise bad("shuffle_buffer", self.shuffle_buffer, "a positive integer")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise bad("val_fraction", self.val_fraction, "a fraction in [0, 1)")
+        known = {"instruction", "input", "response"}
+        for ours, _ in self.columns:
+            if ours not in known:
+                raise bad("columns", ours, f"a mapping whose keys are among {', '.join(sorted(known))}")

@@ -205,13 +205,14 @@ def render_chat(messages: Sequence[Mapping[str, object]], add_generation_prompt:
     Gemma has no system role and the released template raises on one. gemmatune instead folds a leading system
     message into the first user turn as `system_text + "\\n\\n" + user_text`, which is common practice.
     """
-    turns = _turns(messages)
+    turns = chat_turns(messages)
     text = "".join(f"<start_of_turn>{role}\n{content.strip()}<end_of_turn>\n" for role, content in turns)
     return text + "<start_of_turn>model\n" if add_generation_prompt else text
 
 
-def _turns(messages: Sequence[Mapping[str, object]]) -> list[tuple[str, str]]:
-    """Validated (template role, content) pairs with a leading system message folded into the first user turn."""
+def chat_turns(messages: Sequence[Mapping[str, object]]) -> list[tuple[str, str]]:
+    """Validated (template role "user" | "model", content as given) pairs, a leading system message folded into
+    the first user turn; render_chat writes them out, and the data pipeline tokenises them part by part."""
     if len(messages) == 0:
         raise GemmatuneError("messages: the conversation is empty; it needs at least one user message")
     checked: list[tuple[str, str]] = []

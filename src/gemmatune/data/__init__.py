@@ -1,0 +1,1 @@
+"""The data pipeline: user files -> packed, masked training batches."""

@@ -1,0 +1,305 @@
+"""Rows -> tokens + loss mask: detect the layout of the user's rows from their columns, encode each row as one
+Example, and fit examples to the sequence length.
+
+Layouts (detected from the columns; `data.format` and `data.columns` override):
+  text               {"text"}                                    every token but <bos> trained
+  instruction        Dolly {instruction, context, response}, Alpaca {instruction, input, output},
+                     {prompt, completion}, or any columns mapped with data.columns
+  chat               {"messages": [{"role", "content"}]} or ShareGPT {"conversations": [{"from", "value"}]}
+
+Instruction rows use the Gemma chat template by default (one user turn, one model turn, contents trimmed as the
+template does) or a plain template string ending with {response} (user text kept as written). Gemma has no system role: a leading system message is folded into the first user turn as
+`system + "\\n\\n" + user` (tokenizer.render_chat) and is never trained.
+
+With train_on "model" the trained tokens are, for every model turn, its content and its <end_of_turn>, plus the
+final <eos>: without them the model never learns to stop (axolotl #3754). Every example has exactly one <bos>, added
+here; nothing else adds one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from gemmatune.config import DataConfig
+from gemmatune.data.records import Example, RowError
+from gemmatune.errors import GemmatuneError
+from gemmatune.tokenizer import Tokenizer, chat_turns
+
+TEXT, INSTRUCTION, CHAT = "text", "instruction", "chat"
+MESSAGES, SHAREGPT = "messages", "sharegpt"
+
+# RowError reasons: short fixed categories, used to count skipped rows.
+MISSING_FIELD = "missing field"
+WRONG_TYPE = "wrong type"
+EMPTY_TEXT = "empty text"
+EMPTY_RESPONSE = "empty response"
+EMPTY_MODEL_TURN = "empty model turn"
+EMPTY_CONVERSATION = "empty conversation"
+UNKNOWN_ROLE = "unknown role"
+ROLES_OUT_OF_ORDER = "roles out of order"
+ENDS_ON_USER_TURN = "ends on a user turn"
+BOS_IN_TEXT = "<bos> in text"
+INVALID_TEXT = "invalid Unicode"
+# fit() reasons for dropping an example.
+TOO_LONG = "too long"
+NO_TRAINED_TOKENS = "no trained tokens"
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How rows are read. For instruction rows, the user's column holding each of our fields (input None: no input
+    column); for chat rows, the flavour (MESSAGES or SHAREGPT). Only str/None fields, so it prints and serialises."""
+
+    kind: str  # TEXT, INSTRUCTION or CHAT
+    name: str  # the known layout it is ("Dolly", "ShareGPT", ...) or "mapped columns"; shown to users
+    instruction: str | None = None
+    input: str | None = None
+    response: str | None = None
+    flavour: str | None = None
+
+    @property
+    def required(self) -> tuple[str, ...]:
+        """The columns a row must have. The input column is optional: a row without it has an empty input."""
+        if self.kind == TEXT:
+            return ("text",)
+        if self.kind == CHAT:
+            return (_FLAVOURS[self.flavour].column,)
+        return (self.instruction, self.response)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Flavour:
+    column: str
+    role_key: str
+    content_key: str
+    roles: dict[str, str]  # the row's role -> user | model | system
+
+
+_FLAVOURS = {
+    MESSAGES: _Flavour("messages", "role", "content",
+                       {"system": "system", "user": "user", "assistant": "model", "model": "model"}),
+    SHAREGPT: _Flavour("conversations", "from", "value",
+                       {"system": "system", "human": "user", "user": "user",
+                        "gpt": "model", "assistant": "model", "model": "model"}),
+}
+
+KNOWN_LAYOUTS = (
+    Layout(TEXT, "plain text"),
+    Layout(INSTRUCTION, "Dolly", instruction="instruction", input="context", response="response"),
+    Layout(INSTRUCTION, "Alpaca", instruction="instruction", input="input", response="output"),
+    Layout(INSTRUCTION, "prompt/completion", instruction="prompt", response="completion"),
+    Layout(CHAT, "chat messages", flavour=MESSAGES),
+    Layout(CHAT, "ShareGPT", flavour=SHAREGPT),
+)
+
+_FIELDS = ("instruction", "input", "response")
+_HOW_TO_SET = ("Set data.format to text, instruction or chat; for instruction rows under other column names, map "
+               "them with data.columns (e.g. instruction=question, input=context, response=answer; input is "
+               "optional).")
+
+
+def _describe(layout: Layout) -> str:
+    if layout.kind == CHAT:
+        f = _FLAVOURS[layout.flavour]
+        columns = f"{f.column}: [{{{f.role_key}, {f.content_key}}}]"
+    elif layout.kind == INSTRUCTION:
+        optional = [f"{layout.input} (optional)"] if layout.input else []
+        columns = ", ".join([layout.instruction, *optional, layout.response])
+    else:
+        columns = "text"
+    return f"{layout.name} (format {layout.kind}): {columns}"
+
+
+def detect_layout(columns: Collection[str], cfg: DataConfig) -> Layout:
+    """The layout of rows with these columns; extra columns are ignored. Raises GemmatuneError when no layout or
+    more than one matches, or when the forced data.format's columns are missing."""
+    found = set(columns)
+    listed = ", ".join(map(repr, sorted(found))) or "none"
+    if cfg.columns:
+        if cfg.format not in ("auto", INSTRUCTION):
+            raise GemmatuneError(f"data.columns maps instruction fields, but data.format is {cfg.format!r}; set "
+                                 "data.format to instruction (or auto), or remove data.columns.")
+        return _mapped_layout(found, cfg.columns, listed)
+    candidates = [layout for layout in KNOWN_LAYOUTS if cfg.format in ("auto", layout.kind)]
+    matches = [layout for layout in candidates if set(layout.required) <= found]
+    if len(matches) == 1:
+        return matches[0]
+    if cfg.format != "auto" and not matches:
+        missing = "; or ".join(
+            f"{', '.join(map(repr, [c for c in layout.required if c not in found]))} for {layout.name}"
+            for layout in candidates)
+        raise GemmatuneError(f"data.format is {cfg.format!r} but the rows lack the column(s) {missing} "
+                             f"(columns found: {listed}). {_HOW_TO_SET}")
+    what = ("match more than one known layout (" + ", ".join(m.name for m in matches) + ")" if matches
+            else "match no known layout")
+    known = "; ".join(_describe(layout) for layout in KNOWN_LAYOUTS)
+    raise GemmatuneError(f"cannot tell the data layout: the columns found ({listed}) {what}. "
+                         f"Known layouts: {known}. {_HOW_TO_SET}")
+
+
+def _mapped_layout(found: set[str], mapping: tuple[tuple[str, str], ...], listed: str) -> Layout:
+    """Instruction rows under the user's column names; unmapped fields default to their own names."""
+    fields = dict(mapping)
+    if len(fields) != len(mapping):
+        raise GemmatuneError(f"data.columns maps a field more than once: {mapping}.")
+    resolved = {f: fields.get(f, f) for f in _FIELDS}
+    if "input" not in fields and "input" not in found:
+        resolved["input"] = None  # no input column, and none asked for
+    missing = [f"{resolved[f]!r} (for {f})" for f in _FIELDS if resolved[f] is not None and resolved[f] not in found]
+    if missing:
+        raise GemmatuneError(f"data.columns: the rows lack the column(s) {', '.join(missing)} (columns found: "
+                             f"{listed}). Map instruction and response (and optionally input) to existing "
+                             "columns; unmapped fields default to their own names.")
+    return Layout(INSTRUCTION, "mapped columns", **resolved)
+
+
+class Formatter:
+    """Encodes rows of one layout as Examples (untruncated; see fit())."""
+
+    def __init__(self, cfg: DataConfig, tokenizer: Tokenizer, layout: Layout) -> None:
+        self._tok = tokenizer
+        self._layout = layout
+        self._train_all = cfg.train_on == "all"
+        self._prompt_template: str | None = None  # None: instruction rows use the chat template
+        if cfg.template != "chat":  # DataConfig checked that it ends with {response}
+            self._prompt_template = cfg.template.partition("{response}")[0]
+
+    def encode(self, data: Mapping[str, Any]) -> Example:
+        """The row as one Example; raises RowError for a row that cannot be used."""
+        kind = self._layout.kind
+        if kind == TEXT:
+            # Pre-rendered text often starts with <bos>; it would tokenise to a second <bos> after ours.
+            text = _get(data, "text", str).removeprefix("<bos>")
+            if not text.strip():
+                raise RowError(EMPTY_TEXT, "'text' is empty")
+            return self._example([(text, True)])
+        if kind == CHAT:
+            return self._chat(self._messages(data))
+        instruction, input_, response = self._instruction_fields(data)
+        if self._prompt_template is None:
+            user = instruction + "\n\n" + input_ if input_.strip() else instruction
+            return self._chat([{"role": "user", "content": user}, {"role": "model", "content": response}])
+        if input_.strip() and "{input}" not in self._prompt_template:
+            instruction += "\n\n" + input_
+        # One pass of plain replacement: user text may hold braces, even "{input}", and is never substituted into.
+        prompt = re.sub(r"\{(instruction|input)\}",
+                        lambda m: instruction if m[1] == "instruction" else input_, self._prompt_template)
+        return self._example([(prompt, False), (response, True)])
+
+    def _instruction_fields(self, data: Mapping[str, Any]) -> tuple[str, str, str]:
+        layout = self._layout
+        instruction = _get(data, layout.instruction, str)
+        input_ = _get(data, layout.input, str, optional=True) if layout.input else ""
+        response = _get(data, layout.response, str)
+        if not response.strip():
+            raise RowError(EMPTY_RESPONSE, f"{layout.response!r} is empty; there is nothing to learn")
+        return instruction, input_, response
+
+    def _messages(self, data: Mapping[str, Any]) -> list[dict[str, str]]:
+        """The row's conversation as render_chat messages with roles user / model / system."""
+        flavour = _FLAVOURS[self._layout.flavour]
+        conversation = _get(data, flavour.column, (list, tuple))
+        if not conversation:
+            raise RowError(EMPTY_CONVERSATION, f"{flavour.column!r} is an empty list")
+        messages = []
+        for i, message in enumerate(conversation):
+            where = f"{flavour.column}[{i}]"
+            if not isinstance(message, Mapping):
+                raise RowError(WRONG_TYPE, f"{where} must be an object, got {_type_name(message)}")
+            role = _get(message, flavour.role_key, str, where)
+            if role not in flavour.roles:
+                raise RowError(UNKNOWN_ROLE, f"{where}: unknown {flavour.role_key} {role!r}; accepted: "
+                               + ", ".join(map(repr, flavour.roles)))
+            content = _get(message, flavour.content_key, str, where)
+            if flavour.roles[role] == "model" and not content.strip():
+                raise RowError(EMPTY_MODEL_TURN, f"{where}: the model turn is empty; there is nothing to learn")
+            messages.append({"role": flavour.roles[role], "content": content})
+        return messages
+
+    def _chat(self, messages: list[dict[str, str]]) -> Example:
+        try:
+            turns = chat_turns(messages)  # checks the order of the roles and folds a system message
+        except GemmatuneError as e:
+            raise RowError(ROLES_OUT_OF_ORDER, str(e)) from None
+        if turns[-1][0] == "user":
+            raise RowError(ENDS_ON_USER_TURN, "the conversation ends on a user turn, so its last turn has no model "
+                           "reply to learn from; end it with a model/assistant message or remove the last user turn")
+        parts: list[tuple[str, bool]] = []
+        for role, content in turns:
+            content = content.strip()  # the template's trim
+            if role == "user":
+                parts.append((f"<start_of_turn>user\n{content}<end_of_turn>\n", False))
+            else:
+                parts += [("<start_of_turn>model\n", False), (content + "<end_of_turn>", True), ("\n", False)]
+        # Each part is tokenised on its own to know which tokens are trained. That equals tokenising `rendered`
+        # whole because every boundary falls at a special token or right after "\n", and contents are trimmed, so
+        # no token spans a boundary as long as "\n" never merges with the following non-space text (true of
+        # Gemma's vocabularies, where "\n" runs are separate pieces; tested for the embedded tokenizer).
+        return self._example(parts)
+
+    def _example(self, parts: Sequence[tuple[str, bool]]) -> Example:
+        """<bos> + the parts' tokens + <eos>; a part's tokens are trained if it is (or train_on is all)."""
+        tokens, mask = [self._tok.bos_id], [False]
+        for text, trained in parts:
+            try:  # JSON can escape a lone UTF-16 surrogate ("\\ud800"), which no tokenizer accepts
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise RowError(INVALID_TEXT, f"the row's text holds {text[e.start:e.end]!r}, a lone UTF-16 surrogate "
+                               "(from a JSON escape such as \\ud800) that is not a character; fix the escape") from None
+            ids = self._tok.encode(text)
+            if self._tok.bos_id in ids:  # the text spells "<bos>", which the tokenizer maps to the <bos> id
+                raise RowError(BOS_IN_TEXT, "the row's text contains '<bos>', which would put a second <bos> inside "
+                               "the example; remove it (gemmatune adds the one <bos> itself)")
+            tokens += ids
+            mask += [trained or self._train_all] * len(ids)
+        tokens.append(self._tok.eos_id)
+        mask.append(True)
+        return Example(np.array(tokens, np.int32), np.array(mask, bool))
+
+
+def _get(row: Mapping[str, Any], key: str, want: type | tuple[type, ...], where: str = "",
+         optional: bool = False) -> Any:
+    """row[key] checked to be a `want`; `where` names a nested object (e.g. "messages[2]"). An optional field
+    that is absent or null reads as ""."""
+    value = row.get(key)
+    if value is None and optional:
+        return ""
+    if key not in row:
+        keys = ", ".join(map(repr, row)) or "none"
+        raise RowError(MISSING_FIELD, f"{where or 'the row'} has no {key!r} field (its fields: {keys})")
+    if not isinstance(value, want):
+        name = _JSON_TYPES[want if isinstance(want, type) else want[0]]
+        raise RowError(WRONG_TYPE, f"{where + '.' if where else ''}{key} must be a {name}, "
+                       f"got {_type_name(value)}")
+    return value
+
+
+# JSON's names for the types, as users see their data.
+_JSON_TYPES = {str: "string", bool: "boolean", int: "number", float: "number", list: "list", tuple: "list",
+               dict: "object", type(None): "null"}
+
+
+def _type_name(value: Any) -> str:
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def fit(example: Example, max_seq_len: int, overflow: str) -> tuple[Example | None, str | None]:
+    """The example fitted to max_seq_len input positions, or (None, reason) when it is dropped.
+
+    Truncation keeps the first max_seq_len + 1 tokens: the prompt's start is kept and the <eos> is lost, so a cut
+    example never learns to stop where it was cut. An example left with no trained token is dropped (it would add
+    nothing but a zero to the loss's denominator)."""
+    assert overflow in ("truncate", "drop"), overflow
+    if example.slots > max_seq_len:
+        if overflow == "drop":
+            return None, TOO_LONG
+        n = max_seq_len + 1
+        example = Example(example.tokens[:n], example.mask[:n], truncated=True)
+    if example.trained == 0:
+        return None, NO_TRAINED_TOKENS
+    return example, None

@@ -1,0 +1,116 @@
+"""From the user's files to tokenised example stores: read rows, detect the layout, format, fit to length,
+and store, counting every skip, truncation and drop. Memory stays bounded: rows stream through, and examples go
+straight to an on-disk store that training reads a shuffle buffer at a time."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from gemmatune.config import DataConfig
+from gemmatune.data.formats import Formatter, Layout, detect_layout, fit
+from gemmatune.data.loader import ExampleStore, StoreWriter, split_indices
+from gemmatune.data.records import BadRow, DataError, Location, Report, RowError
+from gemmatune.data.sources import iter_rows
+from gemmatune.errors import GemmatuneError
+from gemmatune.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass
+class Split:
+    """One side of the data: the store holding its examples, which of them belong to it, and what happened to
+    the rows read for it."""
+
+    store: ExampleStore
+    indices: np.ndarray  # [n] int64, example indices into the store
+    report: Report
+
+
+@dataclasses.dataclass
+class Prepared:
+    layout: Layout
+    train: Split
+    val: Split | None
+
+
+def _tokenise(paths: Sequence[str], cfg: DataConfig, tokenizer: Tokenizer, out: Path,
+              layout: Layout | None) -> tuple[Layout, ExampleStore, Report]:
+    """Stream rows from paths into a store at out. The layout is detected from the first readable row unless
+    given (validation files must look like the training files)."""
+    report = Report()
+    formatter: Formatter | None = None
+
+    def bad(where: Location, reason: str, detail: str) -> None:
+        if not cfg.skip_bad_rows:
+            raise DataError(where, reason, detail)
+        report.skipped[reason] += 1
+        report.first_bad.setdefault(reason, str(where))
+
+    with StoreWriter(out) as writer:
+        for item in iter_rows(paths, split=cfg.split):
+            report.read += 1
+            if isinstance(item, BadRow):
+                bad(item.where, item.reason, item.detail)
+                continue
+            if formatter is None:
+                layout = layout or detect_layout(item.data.keys(), cfg)
+                formatter = Formatter(cfg, tokenizer, layout)
+            try:
+                example = formatter.encode(item.data)
+            except RowError as e:
+                bad(item.where, e.reason, e.detail)
+                continue
+            fitted, reason = fit(example, cfg.max_seq_len, cfg.overflow)
+            if fitted is None:
+                report.dropped[reason] += 1
+                report.first_bad.setdefault(reason, str(item.where))
+                continue
+            report.used += 1
+            report.truncated += fitted.truncated
+            report.tokens += len(fitted.tokens)
+            report.trained += fitted.trained
+            writer.append(fitted)
+    if report.used == 0:
+        raise GemmatuneError(f"{', '.join(paths)}: no usable rows ({describe(report)}). "
+                             + _hint(report))
+    assert layout is not None
+    return layout, ExampleStore(out), report
+
+
+def _hint(report: Report) -> str:
+    if report.read == 0:
+        return "The files hold no rows; check the paths."
+    if report.dropped:
+        return ("Every example was dropped; raise --max-seq-len, or use overflow 'truncate' to keep the start of "
+                "long examples.")
+    return "Every row was bad; the first of each kind: " + "; ".join(
+        f"{reason} at {where}" for reason, where in report.first_bad.items()) + "."
+
+
+def describe(report: Report) -> str:
+    """One line: read, used, skipped and dropped counts by reason, truncated."""
+    parts = [f"{report.read} read", f"{report.used} used"]
+    parts += [f"{n} skipped ({reason})" for reason, n in sorted(report.skipped.items())]
+    parts += [f"{n} dropped ({reason})" for reason, n in sorted(report.dropped.items())]
+    if report.truncated:
+        parts.append(f"{report.truncated} truncated")
+    return ", ".join(parts)
+
+
+def prepare(cfg: DataConfig, tokenizer: Tokenizer, workdir: str | Path) -> Prepared:
+    """Tokenise cfg.paths (and cfg.val_paths) into stores under workdir and split off validation examples."""
+    if not cfg.paths:
+        raise GemmatuneError("data.paths is empty: pass --data with a file, glob, directory or Hub dataset name.")
+    workdir = Path(workdir)
+    layout, store, report = _tokenise(cfg.paths, cfg, tokenizer, workdir / "train", None)
+    if cfg.val_paths:
+        _, val_store, val_report = _tokenise(cfg.val_paths, cfg, tokenizer, workdir / "val", layout)
+        val = Split(val_store, np.arange(len(val_store)), val_report)
+        return Prepared(layout, Split(store, np.arange(len(store)), report), val)
+    train_idx, val_idx = split_indices(len(store), cfg.val_fraction, cfg.seed)
+    val = Split(store, val_idx, Report()) if len(val_idx) else None
+    return Prepared(layout, Split(store, train_idx, report), val)
+
