@@ -74,3 +74,17 @@ def test_console_script_runs_in_a_fresh_process():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.endswith("\n") and "loaded" in r.stderr
+
+
+def test_os_errors_are_one_message(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import gemmatune.tokenizer
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x"))
+
+    monkeypatch.setattr(gemmatune.tokenizer, "load_tokenizer", full)
+    assert main(["generate"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: No space left on device") and str(tmp_path) in err and "Traceback" not in err

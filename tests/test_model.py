@@ -90,10 +90,11 @@ def test_cached_chunks_equal_full_forward(small_params):
     full = M.forward(small_params, tokens, SMALL)
     cache = M.init_cache(SMALL, 2, 48, jnp.float32)
     layers = M.unstack(small_params)
+    cached = jax.jit(lambda p, t, c: M.forward_cached(p, t, c, SMALL))
     outs = []
     # chunks longer than the ring, shorter than it, and single tokens (the write-then-attend path)
     for lo, hi in [(0, 13), (13, 14), (14, 19), (19, 20), (20, 21), (21, 35), (35, 45)]:
-        logits, cache = M.forward_cached(layers, tokens[:, lo:hi], cache, SMALL)
+        logits, cache = cached(layers, tokens[:, lo:hi], cache)
         outs.append(logits)
     np.testing.assert_allclose(np.concatenate(outs, 1), full, atol=TOL, rtol=0)
 

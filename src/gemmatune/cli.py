@@ -161,6 +161,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GemmatuneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, a permission, a vanished file: the system's words and the path
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}. Free disk space or fix the permissions, then run again.",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
