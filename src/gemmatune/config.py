@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -253,3 +254,89 @@ class DataConfig:
         for ours, _ in self.columns:
             if ours not in known:
                 raise bad("columns", ours, f"a mapping whose keys are among {', '.join(sorted(known))}")
+
+
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = LORA_TARGETS  # any of q, k, v, o (attention), gate, up, down (feed-forward)
+    rslora: bool = False  # scale by alpha / sqrt(rank) instead of alpha / rank
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise GemmatuneError(f"lora.rank: {self.rank!r} is not valid; expected a positive integer.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise GemmatuneError(f"lora.dropout: {self.dropout!r} is not valid; expected a fraction in [0, 1).")
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        if unknown or not self.targets or len(set(self.targets)) != len(self.targets):
+            raise GemmatuneError(f"lora.targets: {list(self.targets)!r} is not valid; expected distinct names "
+                                 f"among {', '.join(LORA_TARGETS)}.")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything `gemmatune train` does; YAML sections `data:` and `lora:` fill the nested configs."""
+
+    model: str = str(DEFAULT_MODEL)  # a Hugging Face Gemma 2 checkpoint directory
+    output: str = "runs/gemmatune"
+    data: DataConfig = DataConfig()
+    lora: LoraConfig = LoraConfig()
+    method: str = "lora"  # lora, or full (every weight trained; the optimizer then holds two model-size buffers)
+    dtype: str = "bfloat16"  # base weights and compute: bfloat16 or float32; adapters and optimizer are float32
+    max_steps: int = 0  # 0: run `epochs` epochs
+    epochs: float = 1.0
+    batch_size: int = 8  # packed rows per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 2e-4
+    schedule: str = "cosine"  # cosine, linear or constant, after warmup
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # the schedule's end, as a fraction of lr
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0  # 0 disables clipping
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-8
+    remat: str = "block"  # none, block (recompute each layer in the backward pass) or full
+    loss_chunk: int = 256  # sequence positions per chunk of the loss; full [batch, seq, vocab] logits never exist
+    seed: int = 0
+    log_every: int = 1
+    eval_every: int = 0  # 0: only at the end (when there is validation data)
+    eval_prompts: tuple[str, ...] = ()  # chat prompts answered at each evaluation, logged
+    eval_max_new_tokens: int = 64
+    save_every: int = 0  # 0: only at the end
+    keep: int = 3  # checkpoints kept
+    resume: bool = False
+    overwrite: bool = False  # replace an output directory that holds another run
+    nonfinite: str = "stop"  # stop, or skip (the step's update is dropped and counted)
+
+    def __post_init__(self) -> None:
+        choices = {"method": ("lora", "full"), "dtype": ("bfloat16", "float32"),
+                   "schedule": ("cosine", "linear", "constant"), "remat": ("none", "block", "full"),
+                   "nonfinite": ("stop", "skip")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise GemmatuneError(f"{name}: {getattr(self, name)!r} is not valid; expected one of "
+                                     f"{', '.join(allowed)}.")
+        positive = ("batch_size", "grad_accum", "loss_chunk", "log_every", "keep", "eval_max_new_tokens")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise GemmatuneError(f"{name}: {getattr(self, name)!r} is not valid; expected a positive integer.")
+        for name in ("max_steps", "warmup_steps", "eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                raise GemmatuneError(f"{name}: {getattr(self, name)!r} is not valid; expected 0 or more.")
+        if self.max_steps == 0 and self.epochs <= 0:
+            raise GemmatuneError(f"epochs: {self.epochs!r} is not valid; expected a positive number "
+                                 "(or set max_steps).")
+        if self.lr <= 0 or not 0.0 <= self.min_lr_ratio <= 1.0 or self.weight_decay < 0 or self.clip_norm < 0:
+            raise GemmatuneError("lr must be positive, min_lr_ratio in [0, 1], weight_decay and clip_norm >= 0 "
+                                 f"(got lr={self.lr}, min_lr_ratio={self.min_lr_ratio}, "
+                                 f"weight_decay={self.weight_decay}, clip_norm={self.clip_norm}).")

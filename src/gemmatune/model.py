@@ -24,6 +24,18 @@ Cache = dict[str, Any]
 
 NEG_INF = -2.3819763e38  # finite, so a fully masked row (padding) gives a uniform softmax instead of NaN
 
+# Every projection as an einsum (one layer's weights). LoRA rewrites each into x -> A -> B from the same equation.
+PROJECTIONS = {
+    "q_proj": "btd,dhe->bthe",
+    "k_proj": "btd,dke->btke",
+    "v_proj": "btd,dke->btke",
+    "o_proj": "bthe,hed->btd",
+    "gate_proj": "btd,df->btf",
+    "up_proj": "btd,df->btf",
+    "down_proj": "btf,fd->btd",
+}
+REMAT = ("none", "block", "full")
+
 
 def param_shapes(cfg: ModelConfig) -> Params:
     """Every parameter's shape; the one place the layout is written down."""
@@ -110,28 +122,54 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, cap: fl
     return out.reshape(B, T, H, E)
 
 
-def mlp(x: jax.Array, p: Params) -> jax.Array:
-    gate = jnp.einsum("btd,df->btf", x, p["gate_proj"])
-    up = jnp.einsum("btd,df->btf", x, p["up_proj"])
-    return jnp.einsum("btf,fd->btd", jax.nn.gelu(gate, approximate=True) * up, p["down_proj"])
+def weight_axes(name: str) -> tuple[str, str, str]:
+    """A projection's weight axes, and which of them it contracts with x (input) and which it produces (output):
+    "o_proj" ("bthe,hed->btd") gives ("hed", "he", "d")."""
+    x, w = PROJECTIONS[name].split("->")[0].split(",")
+    return w, "".join(c for c in w if c in x), "".join(c for c in w if c not in x)
 
 
-def block(x: jax.Array, p: Params, cfg: ModelConfig, positions: jax.Array,
-          attend: Any) -> tuple[jax.Array, Any]:
+def lora_equations(name: str) -> tuple[str, str]:
+    """The projection as two einsums through rank r: x -> [..., r] by A (input axes + r), then -> y by B
+    (r + output axes). "o_proj" gives ("bthe,her->btr", "btr,rd->btd")."""
+    (x, _), out = PROJECTIONS[name].split("->")[0].split(","), PROJECTIONS[name].split("->")[1]
+    _, w_in, w_out = weight_axes(name)
+    batch = "".join(c for c in x if c not in w_in)
+    return f"{x},{w_in}r->{batch}r", f"{batch}r,r{w_out}->{out}"
+
+
+def project(x: jax.Array, p: Params, name: str, adapter: Any = None, key: jax.Array | None = None) -> jax.Array:
+    """x through the projection `name`, plus its LoRA update scale * (dropout(x) A) B when p["lora"] has one."""
+    y = jnp.einsum(PROJECTIONS[name], x, p[name])
+    lora = p.get("lora", {}).get(name)
+    if lora is None:
+        return y
+    if adapter.dropout > 0 and key is not None:
+        keep = jax.random.bernoulli(jax.random.fold_in(key, list(PROJECTIONS).index(name)), 1 - adapter.dropout,
+                                    x.shape)
+        x = jnp.where(keep, x / (1 - adapter.dropout), 0).astype(x.dtype)
+    to_r, from_r = lora_equations(name)
+    return y + adapter.scale * jnp.einsum(from_r, jnp.einsum(to_r, x, lora["a"]), lora["b"])
+
+
+def block(x: jax.Array, p: Params, cfg: ModelConfig, positions: jax.Array, attend: Any, adapter: Any = None,
+          key: jax.Array | None = None) -> tuple[jax.Array, Any]:
     """One decoder layer. `attend(q, k, v) -> (out, cache_update)` supplies the keys in view and the mask, so the
-    training path and the KV-cache path share everything else."""
+    training path and the KV-cache path share everything else. `adapter` (a LoraConfig) scales p["lora"];
+    `key` draws its dropout."""
     p = jax.tree.map(lambda a: a.astype(x.dtype), p)  # compute in x's dtype whatever the weights' (no-op if equal)
+
+    def proj(h: jax.Array, name: str) -> jax.Array:
+        return project(h, p, name, adapter, key)
+
     h = rms_norm(x, p["input_norm"], cfg.rms_norm_eps)
-    q = jnp.einsum("btd,dhe->bthe", h, p["q_proj"])
-    k = jnp.einsum("btd,dke->btke", h, p["k_proj"])
-    v = jnp.einsum("btd,dke->btke", h, p["v_proj"])
-    q = rope(q, positions, cfg.rope_theta) * jnp.asarray(cfg.query_pre_attn_scalar ** -0.5, q.dtype)
-    k = rope(k, positions, cfg.rope_theta)
-    a, update = attend(q, k, v)
-    a = jnp.einsum("bthe,hed->btd", a, p["o_proj"])
-    x = x + rms_norm(a, p["post_attn_norm"], cfg.rms_norm_eps)
+    q = rope(proj(h, "q_proj"), positions, cfg.rope_theta) * jnp.asarray(cfg.query_pre_attn_scalar ** -0.5, x.dtype)
+    k = rope(proj(h, "k_proj"), positions, cfg.rope_theta)
+    a, update = attend(q, k, proj(h, "v_proj"))
+    x = x + rms_norm(proj(a, "o_proj"), p["post_attn_norm"], cfg.rms_norm_eps)
     h = rms_norm(x, p["pre_ffw_norm"], cfg.rms_norm_eps)
-    x = x + rms_norm(mlp(h, p), p["post_ffw_norm"], cfg.rms_norm_eps)
+    h = jax.nn.gelu(proj(h, "gate_proj"), approximate=True) * proj(h, "up_proj")  # GeGLU, tanh GELU
+    x = x + rms_norm(proj(h, "down_proj"), p["post_ffw_norm"], cfg.rms_norm_eps)
     return x, update
 
 
@@ -157,9 +195,15 @@ def logits_from_hidden(params: Params, h: jax.Array, cfg: ModelConfig) -> jax.Ar
 # --- full-sequence forward (training, scoring) -----------------------------------------------------------------
 
 def hidden_states(params: Params, tokens: jax.Array, cfg: ModelConfig, *, positions: jax.Array | None = None,
-                  segment_ids: jax.Array | None = None, dtype: Any = None) -> jax.Array:
+                  segment_ids: jax.Array | None = None, dtype: Any = None, adapter: Any = None,
+                  key: jax.Array | None = None, remat: str = "none") -> jax.Array:
     """tokens: [B, T] int. segment_ids: [B, T] int, 0 marks padding; tokens attend only within their segment
-    (packed examples). positions: [B, T], restarting at 0 per segment. Returns [B, T, D] before the final norm."""
+    (packed examples). positions: [B, T], restarting at 0 per segment. Returns [B, T, D] before the final norm.
+
+    adapter: the LoraConfig of params["layers"]["lora"] (its scale and dropout); key: the dropout randomness.
+    remat: what the backward pass keeps of each layer: "none" everything; "block" only the matrix products
+    (norms, activations, softmax recomputed: little extra work); "full" only the layer's input (the layer is
+    recomputed: least memory, about one more forward pass of work)."""
     B, T = tokens.shape
     dtype = dtype or params["embed"].dtype
     if segment_ids is None:
@@ -172,14 +216,24 @@ def hidden_states(params: Params, tokens: jax.Array, cfg: ModelConfig, *, positi
     masks = {kind: same & causal & ((idx[:, None] - idx[None, :] < cfg.sliding_window) if kind == LOCAL else True)
              for kind in set(cfg.block_pattern)}  # [B, T, S] each
 
-    def group(x: jax.Array, p: Params) -> tuple[jax.Array, None]:
+    def group(x: jax.Array, pg: tuple[Params, jax.Array]) -> tuple[jax.Array, None]:
+        p, g = pg
         for j, kind in enumerate(cfg.block_pattern):
             pj = jax.tree.map(lambda a: a[j], p)
+            layer_key = None if key is None else jax.random.fold_in(key, g * len(cfg.block_pattern) + j)
             x, _ = block(x, pj, cfg, positions,
-                         lambda q, k, v: (attention(q, k, v, masks[kind], cfg.attn_logit_softcap), None))
+                         lambda q, k, v: (attention(q, k, v, masks[kind], cfg.attn_logit_softcap), None),
+                         adapter, layer_key)
         return x, None
 
-    x, _ = jax.lax.scan(group, embed(params, tokens, dtype), _grouped(params["layers"], cfg))
+    if remat == "block":
+        group = jax.checkpoint(group, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    elif remat == "full":
+        group = jax.checkpoint(group, policy=jax.checkpoint_policies.nothing_saveable)
+    elif remat != "none":
+        raise ValueError(f"remat must be one of {REMAT}, got {remat!r}")
+    groups = cfg.num_layers // len(cfg.block_pattern)
+    x, _ = jax.lax.scan(group, embed(params, tokens, dtype), (_grouped(params["layers"], cfg), jnp.arange(groups)))
     return x
 
 

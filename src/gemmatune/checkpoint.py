@@ -1,0 +1,411 @@
+"""Train-state checkpoints, adapter files and the output-directory guard.
+
+Layout of a run directory (`--output`):
+    run.json                        {"config_digest": ...}: which configuration this run belongs to
+    checkpoints/step-00000100/      state.safetensors (every train-state leaf, keyed by its tree path) + meta.json
+    adapter/                        adapter.safetensors + adapter_config.json
+    metrics.jsonl, tensorboard/, config.yaml, loss.png, summary.json   (written by the trainer)
+
+Every directory that must appear whole (a checkpoint, an adapter) is staged in a hidden sibling
+`.NAME.partial-PID`, fsynced, and renamed into place. A rename is atomic, so whenever the writer is killed a reader
+sees the previous directory or the new one, never half of one. Directories are removed the same way in reverse
+(renamed to `.NAME.old-PID`, then deleted), and the next writer deletes whatever a killed one left behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from gemmatune.config import LoraConfig, ModelConfig
+from gemmatune.errors import GemmatuneError
+from gemmatune.safetensors_io import SafetensorsReader, write_safetensors
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "state.safetensors"
+META_FILE = "meta.json"
+STATE_FORMAT = "gemmatune-train-state"
+ADAPTER_FILE = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_FORMAT = "gemmatune-lora"
+ADAPTER_VERSION = 1
+RUN_FILE = "run.json"
+# What a run writes into its directory: the only names --overwrite may delete.
+RUN_OUTPUTS = frozenset({CHECKPOINTS, RUN_FILE, "metrics.jsonl", "tensorboard", "adapter", "config.yaml",
+                         "loss.png", "summary.json"})
+# The numbers that fix the shapes of an adapter's tensors; an adapter only fits a base that agrees on all of them.
+BASE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+               "head_dim")
+# TrainConfig fields that do not change the run's math: changing them must not stop a resume (more steps, another
+# logging or saving cadence).
+NOT_IN_DIGEST = frozenset({"resume", "overwrite", "output", "log_every", "save_every", "keep", "eval_every",
+                           "eval_prompts", "eval_max_new_tokens", "max_steps", "epochs"})
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(partial|old)-\d+$")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Atomic files and directories
+
+
+def _aside(final: Path, kind: str) -> Path:
+    """The hidden sibling where `final` is staged ("partial") or parked before deletion ("old")."""
+    return final.parent / f".{final.name}.{kind}-{os.getpid()}"
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)  # a read-only descriptor suffices for fsync, and also opens directories
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Replace `path` atomically: a killed writer leaves the old file, never a truncated one."""
+    staged = _aside(path, "partial")
+    with open(staged, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(staged, path)
+
+
+def _remove_dir(path: Path) -> None:
+    """Delete a directory so that a kill midway never leaves a partial one under its own name."""
+    parked = _aside(path, "old")
+    os.replace(path, parked)
+    shutil.rmtree(parked)
+
+
+def _remove_leftovers(parent: Path, name: str | None = None) -> None:
+    """Delete what killed writers left in `parent` (of `name` only, when given)."""
+    for entry in parent.iterdir():
+        m = _LEFTOVER.match(entry.name)
+        if m and name in (None, m["name"]):
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+
+
+def _publish(staged: Path, final: Path) -> None:
+    """Move a fully written staging directory to `final`, replacing what is there."""
+    for f in staged.iterdir():
+        _fsync(f)
+    _fsync(staged)
+    parked = _aside(final, "old")
+    if final.exists():
+        os.replace(final, parked)  # a directory cannot be renamed over a non-empty one
+    os.replace(staged, final)
+    _fsync(final.parent)  # makes the rename itself durable
+    if parked.exists():
+        shutil.rmtree(parked)
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise GemmatuneError(f"{path}: missing; {what}.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GemmatuneError(f"{path}: not valid JSON ({e}); {what}.") from None
+    if not isinstance(d, dict):
+        raise GemmatuneError(f"{path}: expected a JSON object; {what}.")
+    return d
+
+
+def _tree_key(path: tuple[Any, ...], separator: str) -> str:
+    # "opt_state/1/0/mu/q_proj/a": readable, and unique because a tree's paths are.
+    return jax.tree_util.keystr(path, simple=True, separator=separator)
+
+
+def _some(names: list[str], n: int = 5) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Train-state checkpoints
+
+
+def _is_prng_key(leaf: Any) -> bool:
+    return hasattr(leaf, "dtype") and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+
+
+def _stored_spec(leaf: Any) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of a leaf as stored: PRNG keys as their raw key data. Works on abstract leaves too."""
+    if _is_prng_key(leaf):
+        leaf = jax.eval_shape(jax.random.key_data, leaf)
+    elif not hasattr(leaf, "dtype"):
+        leaf = np.asarray(leaf)  # Python scalars
+    return tuple(leaf.shape), np.dtype(leaf.dtype)
+
+
+def _write_state(path: Path, state: Any) -> None:
+    flat = [(_tree_key(p, "/"), leaf) for p, leaf in jax.tree_util.tree_flatten_with_path(state)[0]]
+    # The PRNG implementation is not visible in the raw key data, and an abstract template cannot name it.
+    impls = {name: str(jax.random.key_impl(leaf)) for name, leaf in flat if _is_prng_key(leaf)}
+    layout = [(name, *_stored_spec(leaf)) for name, leaf in flat]
+    # A generator, so that only one leaf at a time is copied to host memory.
+    host = ((name, np.asarray(jax.random.key_data(leaf) if name in impls else leaf)) for name, leaf in flat)
+    write_safetensors(path, layout, host, {"format": STATE_FORMAT, "prng_keys": json.dumps(impls)})
+
+
+def _checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first. Only complete ones carry a step-N name: see the module docstring."""
+    ckpt_dir = run_dir / CHECKPOINTS
+    if not ckpt_dir.is_dir():
+        return []
+    found = [(int(m[1]), p) for p in ckpt_dir.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = _checkpoints(Path(run_dir))
+    return found[-1] if found else None
+
+
+def save_checkpoint(run_dir: str | Path, step: int, state: Any, meta: dict[str, Any], keep: int) -> Path:
+    """Write `state` (any pytree of arrays, PRNG keys and scalars) and `meta` (JSON) as RUN/checkpoints/step-N,
+    then keep only the newest `keep` checkpoints.
+
+    A checkpoint of a step that already exists is left as it is: the state at a step of one run is the same state,
+    and replacing a directory cannot be atomic (for a moment neither the old nor the new one would exist)."""
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1, got {keep}")
+    ckpt_dir = Path(run_dir) / CHECKPOINTS
+    final = ckpt_dir / f"step-{step:08d}"
+    meta_text = json.dumps({"format": STATE_FORMAT, "step": step, "meta": meta}, indent=2)  # fails before writing
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(ckpt_dir)  # before writing: a killed save's partial state may hold as much disk as this one
+    if not final.exists():
+        staged = _aside(final, "partial")
+        staged.mkdir()
+        _write_state(staged / STATE_FILE, state)
+        _write_text(staged / META_FILE, meta_text)
+        _publish(staged, final)
+    for old in _checkpoints(Path(run_dir))[:-keep]:
+        _remove_dir(old)
+    return final
+
+
+def _describe(shape: tuple[int, ...], dtype: np.dtype, prng_key: bool) -> str:
+    return f"{'PRNG key data' if prng_key else 'an array'} of shape {shape} and dtype {dtype}"
+
+
+def _different_config(path: Path, detail: str) -> GemmatuneError:
+    return GemmatuneError(
+        f"{path}: {detail}. The checkpoint was written by a different configuration (e.g. another LoRA rank or "
+        "targets, another method or dtype) and cannot continue this one: start a new --output directory or pass "
+        "--overwrite to replace that run.")
+
+
+def load_checkpoint(path: str | Path, template: Any) -> tuple[Any, dict[str, Any]]:
+    """Restore a checkpoint into the structure of `template` (the state as freshly built by the trainer, or its
+    `jax.eval_shape`): every leaf must be stored with the template's path, shape and dtype. Restored leaves take the
+    template's sharding (numpy leaves stay numpy). Returns (state, the meta given to save_checkpoint)."""
+    path = Path(path)
+    what = "the checkpoint is incomplete or was modified; resume from another one or start with --overwrite"
+    saved = _read_json(path / META_FILE, what)
+    if "meta" not in saved:
+        raise GemmatuneError(f"{path / META_FILE}: no 'meta' field; {what}.")
+    flat, treedef = jax.tree_util.tree_flatten_with_path(template)
+    names = [_tree_key(p, "/") for p, _ in flat]
+    with SafetensorsReader(path / STATE_FILE) as reader:
+        missing = [n for n in names if n not in reader.tensors]
+        if missing:
+            raise _different_config(path, f"key(s) {_some(missing)} missing")
+        extra = sorted(set(reader.tensors) - set(names))
+        if extra:
+            raise _different_config(path, f"unexpected key(s) {_some(extra)}")
+        impls = json.loads(reader.metadata.get("prng_keys", "{}"))
+        leaves = []
+        for name, (_, leaf) in zip(names, flat):
+            info = reader.tensors[name]
+            stored, wanted = (*_stored_spec(info), name in impls), (*_stored_spec(leaf), _is_prng_key(leaf))
+            if stored != wanted:
+                raise _different_config(path, f"key {name!r} holds {_describe(*stored)}, this run expects "
+                                               f"{_describe(*wanted)}")
+            value = reader.read(name)
+            if name in impls:
+                value = jax.random.wrap_key_data(value, impl=impls[name])
+                if value.dtype != leaf.dtype:
+                    raise _different_config(path, f"key {name!r} is a {impls[name]} PRNG key, this run uses "
+                                                  f"{leaf.dtype}")
+            if isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct)):
+                value = jax.device_put(value, leaf.sharding)
+            leaves.append(value)
+    return jax.tree_util.tree_unflatten(treedef, leaves), saved["meta"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Adapter files
+
+
+def adapter_shapes(lora_cfg: LoraConfig, model_cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """"q_proj.a" -> shape, for each target: A maps the projection's input to rank r, B rank r to its output."""
+    L, D, F, r = model_cfg.num_layers, model_cfg.hidden_size, model_cfg.intermediate_size, lora_cfg.rank
+    H, K, E = model_cfg.num_heads, model_cfg.num_kv_heads, model_cfg.head_dim
+    io = {"q": ((D,), (H, E)), "k": ((D,), (K, E)), "v": ((D,), (K, E)), "o": ((H, E), (D,)),
+          "gate": ((D,), (F,)), "up": ((D,), (F,)), "down": ((F,), (D,))}
+    shapes = {}
+    for t in lora_cfg.targets:
+        inputs, outputs = io[t]
+        shapes[f"{t}_proj.a"] = (L, *inputs, r)
+        shapes[f"{t}_proj.b"] = (L, r, *outputs)
+    return shapes
+
+
+def _check_adapter_shapes(source: Path, shapes: Mapping[str, tuple[int, ...]], lora_cfg: LoraConfig,
+                          model_cfg: ModelConfig) -> None:
+    want = adapter_shapes(lora_cfg, model_cfg)
+    why = (f"rank {lora_cfg.rank} and targets {', '.join(lora_cfg.targets)} on this base need "
+           f"{_some(list(want))}")
+    missing, extra = [k for k in want if k not in shapes], sorted(set(shapes) - set(want))
+    if missing or extra:
+        found = f"missing {_some(missing)}" if missing else f"unexpected {_some(extra)}"
+        raise GemmatuneError(f"{source}: adapter tensors do not match its configuration: {found} ({why}).")
+    for k, shape in want.items():
+        if tuple(shapes[k]) != shape:
+            raise GemmatuneError(f"{source}: adapter tensor {k!r} has shape {tuple(shapes[k])}, but rank "
+                                 f"{lora_cfg.rank} on this base needs {shape}.")
+
+
+def save_adapter(out_dir: str | Path, lora_params: Any, lora_cfg: LoraConfig, model_cfg: ModelConfig,
+                 base_model: str, *, force: bool = False) -> Path:
+    """Write adapter.safetensors (tensors as given, keys like "q_proj.a") and adapter_config.json into `out_dir`,
+    atomically. An existing non-empty `out_dir` is replaced only with force=True."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise GemmatuneError(f"{out}: exists and is not a directory; choose another adapter directory.")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise GemmatuneError(f"{out}: already exists and is not empty; pass --overwrite to replace it, or choose "
+                             "another directory.")
+    tensors = {_tree_key(p, "."): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(lora_params)[0]}
+    _check_adapter_shapes(out, {k: np.shape(v) for k, v in tensors.items()}, lora_cfg, model_cfg)
+    config = {"format": ADAPTER_FORMAT, "version": ADAPTER_VERSION, "rank": lora_cfg.rank, "alpha": lora_cfg.alpha,
+              "dropout": lora_cfg.dropout, "targets": list(lora_cfg.targets), "rslora": lora_cfg.rslora,
+              "scale": lora_cfg.scale, "base_model": base_model,
+              "base_config": {k: getattr(model_cfg, k) for k in BASE_FIELDS}}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(out.parent, out.name)
+    staged = _aside(out, "partial")
+    staged.mkdir()
+    arrays = {k: np.asarray(v) for k, v in tensors.items()}  # adapters are small: all on the host at once is fine
+    write_safetensors(staged / ADAPTER_FILE, [(k, a.shape, a.dtype) for k, a in arrays.items()], arrays.items(),
+                      {"format": ADAPTER_FORMAT})
+    _write_text(staged / ADAPTER_CONFIG, json.dumps(config, indent=2))
+    _publish(staged, out)
+    return out
+
+
+def load_adapter(adapter_dir: str | Path, model_cfg: ModelConfig) -> tuple[dict[str, dict[str, np.ndarray]],
+                                                                           LoraConfig]:
+    """Read an adapter written by save_adapter, refusing one that does not fit `model_cfg`."""
+    d = Path(adapter_dir)
+    if not d.is_dir():
+        raise GemmatuneError(f"{d}: no such adapter directory (expected {ADAPTER_FILE} and {ADAPTER_CONFIG}).")
+    cfg_path = d / ADAPTER_CONFIG
+    cfg = _read_json(cfg_path, "re-export the adapter (gemmatune writes it at the end of training)")
+    if cfg.get("format") != ADAPTER_FORMAT:
+        what = "a PEFT adapter" if "peft_type" in cfg else f"format {cfg.get('format')!r}"
+        raise GemmatuneError(f"{cfg_path}: this is {what}, not a gemmatune adapter (format {ADAPTER_FORMAT!r}).")
+    if cfg.get("version") != ADAPTER_VERSION:
+        raise GemmatuneError(f"{cfg_path}: adapter format version {cfg.get('version')!r}; this gemmatune reads "
+                             f"version {ADAPTER_VERSION}. Use the gemmatune version that wrote it.")
+    try:
+        lora_cfg = LoraConfig(rank=int(cfg["rank"]), alpha=float(cfg["alpha"]), dropout=float(cfg["dropout"]),
+                              targets=tuple(cfg["targets"]), rslora=bool(cfg["rslora"]))
+        base = {k: cfg["base_config"][k] for k in BASE_FIELDS}
+    except KeyError as e:
+        raise GemmatuneError(f"{cfg_path}: missing field {e.args[0]!r}; re-export the adapter.") from None
+    except (TypeError, ValueError) as e:
+        raise GemmatuneError(f"{cfg_path}: a field has the wrong type ({e}); re-export the adapter.") from None
+    except GemmatuneError as e:
+        raise GemmatuneError(f"{cfg_path}: {e}") from None
+    differ = [f"{k} {base[k]}, this model has {getattr(model_cfg, k)}" for k in BASE_FIELDS
+              if base[k] != getattr(model_cfg, k)]
+    if differ:
+        raise GemmatuneError(f"{d}: adapter was trained on a base with {'; '.join(differ)}. Use it with the base "
+                             f"it was trained on ({cfg.get('base_model')}).")
+    params: dict[str, dict[str, np.ndarray]] = {}
+    with SafetensorsReader(d / ADAPTER_FILE) as reader:
+        _check_adapter_shapes(reader.path, {k: i.shape for k, i in reader.tensors.items()}, lora_cfg, model_cfg)
+        for key in reader.tensors:
+            target, part = key.split(".")
+            params.setdefault(target, {})[part] = reader.read(key)
+    return params, lora_cfg
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output directory guard
+
+
+def config_digest(cfg: Mapping[str, Any]) -> str:
+    """A stable hash of the resolved config (as JSON data), over the fields that change what the run computes."""
+    kept = {k: v for k, v in cfg.items() if k not in NOT_IN_DIGEST}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def _is_run_output(name: str) -> bool:
+    m = _LEFTOVER.match(name)
+    return (m["name"] if m else name) in RUN_OUTPUTS
+
+
+def prepare_run_dir(run_dir: str | Path, config_digest: str, *, resume: bool, overwrite: bool) -> Path | None:
+    """Make `run_dir` ready for a run of the configuration `config_digest`; returns the checkpoint to resume from,
+    or None for a fresh start. Never deletes a file gemmatune did not write."""
+    d = Path(run_dir)
+    if resume and overwrite:
+        raise GemmatuneError(f"--resume continues the run in {d} and --overwrite replaces it: pass only one.")
+    if d.exists() and not d.is_dir():
+        raise GemmatuneError(f"--output {d}: exists and is not a directory; choose another --output.")
+    entries = sorted(p.name for p in d.iterdir()) if d.exists() else []
+    is_run = RUN_FILE in entries or CHECKPOINTS in entries
+    if entries and not is_run:
+        raise GemmatuneError(f"--output {d}: not empty ({_some(entries)}) and not a gemmatune run; gemmatune never "
+                             "deletes files it did not write, even with --overwrite. Choose a new or empty --output.")
+    if resume:
+        if not is_run:
+            raise GemmatuneError(f"nothing to resume in {d}: it holds no run. Start without --resume.")
+        old = _read_json(d / RUN_FILE, "cannot tell which configuration this run used; start a new --output "
+                                       "or pass --overwrite").get("config_digest")
+        if old != config_digest:
+            raise GemmatuneError(
+                f"cannot resume the run in {d}: its configuration (digest {old}) differs from this one ({config_digest})"
+                ". A setting that changes training (model, data, LoRA, optimizer, ...) changed since that run, so "
+                "resuming would not continue the same run. Restore the original settings to resume it, or start "
+                "afresh with --overwrite or another --output.")
+        found = latest_checkpoint(d)
+        if found is None:
+            raise GemmatuneError(f"nothing to resume in {d}: no complete checkpoint (the run stopped before its "
+                                 "first save). Start it again with --overwrite.")
+        return found
+    if is_run:
+        if not overwrite:
+            raise GemmatuneError(f"--output {d} holds a previous run: pass --resume to continue it or --overwrite "
+                                 "to replace it, or choose another --output.")
+        foreign = [n for n in entries if not _is_run_output(n)]
+        if foreign:
+            raise GemmatuneError(f"--output {d} holds files gemmatune did not write ({_some(foreign)}); --overwrite "
+                                 "replaces only a run's own files. Move them away or choose another --output.")
+        # run.json stays until it is replaced below, so a kill midway leaves a directory still seen as a run.
+        for name in entries:
+            if name != RUN_FILE:
+                if (d / name).is_dir():
+                    _remove_dir(d / name)
+                else:
+                    (d / name).unlink()
+    d.mkdir(parents=True, exist_ok=True)
+    _write_text(d / RUN_FILE, json.dumps({"config_digest": config_digest}))
+    return None
