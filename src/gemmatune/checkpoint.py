@@ -4,7 +4,7 @@ Layout of a run directory (`--output`):
     run.json                        {"config_digest": ...}: which configuration this run belongs to
     checkpoints/step-00000100/      state.safetensors (every train-state leaf, keyed by its tree path) + meta.json
     adapter/                        adapter.safetensors + adapter_config.json
-    metrics.jsonl, tensorboard/, config.yaml, loss.png, summary.json   (written by the trainer)
+    metrics.jsonl, tensorboard/, config.yaml, loss.png, summary.txt, data/   (written by the trainer)
 
 Every directory that must appear whole (a checkpoint, an adapter) is staged in a hidden sibling
 `.NAME.partial-PID`, fsynced, and renamed into place. A rename is atomic, so whenever the writer is killed a reader
@@ -28,6 +28,7 @@ import numpy as np
 
 from gemmatune.config import LoraConfig, ModelConfig
 from gemmatune.errors import GemmatuneError
+from gemmatune.lora import adapter_shapes
 from gemmatune.safetensors_io import SafetensorsReader, write_safetensors
 
 CHECKPOINTS = "checkpoints"
@@ -41,7 +42,7 @@ ADAPTER_VERSION = 1
 RUN_FILE = "run.json"
 # What a run writes into its directory: the only names --overwrite may delete.
 RUN_OUTPUTS = frozenset({CHECKPOINTS, RUN_FILE, "metrics.jsonl", "tensorboard", "adapter", "config.yaml",
-                         "loss.png", "summary.json"})
+                         "loss.png", "summary.txt", "data"})
 # The numbers that fix the shapes of an adapter's tensors; an adapter only fits a base that agrees on all of them.
 BASE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                "head_dim")
@@ -252,23 +253,10 @@ def load_checkpoint(path: str | Path, template: Any) -> tuple[Any, dict[str, Any
 # Adapter files
 
 
-def adapter_shapes(lora_cfg: LoraConfig, model_cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """"q_proj.a" -> shape, for each target: A maps the projection's input to rank r, B rank r to its output."""
-    L, D, F, r = model_cfg.num_layers, model_cfg.hidden_size, model_cfg.intermediate_size, lora_cfg.rank
-    H, K, E = model_cfg.num_heads, model_cfg.num_kv_heads, model_cfg.head_dim
-    io = {"q": ((D,), (H, E)), "k": ((D,), (K, E)), "v": ((D,), (K, E)), "o": ((H, E), (D,)),
-          "gate": ((D,), (F,)), "up": ((D,), (F,)), "down": ((F,), (D,))}
-    shapes = {}
-    for t in lora_cfg.targets:
-        inputs, outputs = io[t]
-        shapes[f"{t}_proj.a"] = (L, *inputs, r)
-        shapes[f"{t}_proj.b"] = (L, r, *outputs)
-    return shapes
-
-
 def _check_adapter_shapes(source: Path, shapes: Mapping[str, tuple[int, ...]], lora_cfg: LoraConfig,
                           model_cfg: ModelConfig) -> None:
-    want = adapter_shapes(lora_cfg, model_cfg)
+    want = {f"{name}.{part}": shape for name, parts in adapter_shapes(model_cfg, lora_cfg).items()
+            for part, shape in parts.items()}
     why = (f"rank {lora_cfg.rank} and targets {', '.join(lora_cfg.targets)} on this base need "
            f"{_some(list(want))}")
     missing, extra = [k for k in want if k not in shapes], sorted(set(shapes) - set(want))
@@ -382,8 +370,8 @@ def prepare_run_dir(run_dir: str | Path, config_digest: str, *, resume: bool, ov
                                        "or pass --overwrite").get("config_digest")
         if old != config_digest:
             raise GemmatuneError(
-                f"cannot resume the run in {d}: its configuration (digest {old}) differs from this one ({config_digest})"
-                ". A setting that changes training (model, data, LoRA, optimizer, ...) changed since that run, so "
+                f"cannot resume the run in {d}: its configuration (digest {old}) differs from this one "
+                f"({config_digest}). A setting that changes training (model, data, LoRA, optimizer, ...) changed since that run, so "
                 "resuming would not continue the same run. Restore the original settings to resume it, or start "
                 "afresh with --overwrite or another --output.")
         found = latest_checkpoint(d)

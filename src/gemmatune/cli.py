@@ -9,25 +9,47 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from gemmatune.config import DEFAULT_MODEL, FORMATS, PLAIN_TEMPLATE, DataConfig
+from gemmatune.config import DEFAULT_MODEL
 from gemmatune.errors import GemmatuneError
+from gemmatune.settings import add_data_args, add_train_args
+
+SAMPLE = Path(__file__).parent / "assets" / "sample"  # the embedded default job: train.yaml and its data
 
 
-def _generate(args: argparse.Namespace) -> None:
+def _model_dir(path: str) -> str:
+    if not Path(path).is_dir():
+        raise GemmatuneError(f"--model {path}: no such directory. Pass a Gemma 2 checkpoint directory in Hugging "
+                             "Face layout (config.json, *.safetensors, tokenizer files), or leave --model out to use "
+                             "the embedded tiny model.")
+    return path
+
+
+def _load_merged(model: str, adapter: str | None, dtype: str, stacked: bool) -> tuple:
+    """(config, parameters) of the base checkpoint, with a gemmatune adapter folded in when given."""
+    from gemmatune.checkpoint import load_adapter
+    from gemmatune.convert.hf import load_hf
+    from gemmatune.lora import merge
+    from gemmatune.model import unstack
+
+    if adapter is None:
+        return load_hf(_model_dir(model), dtype=dtype, stacked=stacked)
+    cfg, params = load_hf(_model_dir(model), dtype=dtype)  # merging works on the stacked layers
+    adapters, lora_cfg = load_adapter(adapter, cfg)
+    params = merge(params, adapters, lora_cfg)
+    return cfg, params if stacked else unstack(params)
+
+
+def _generate(args: argparse.Namespace, extra: Sequence[str]) -> None:
     import numpy as np
 
-    from gemmatune.convert.hf import load_hf
     from gemmatune.generate import generate
     from gemmatune.tokenizer import StreamDecoder, load_tokenizer
 
-    if not Path(args.model).is_dir():
-        raise GemmatuneError(f"--model {args.model}: no such directory. Pass a Gemma 2 checkpoint directory in "
-                             "Hugging Face layout (config.json, *.safetensors, tokenizer files), or leave --model "
-                             "out to use the embedded tiny model.")
     t0 = time.perf_counter()
-    tok = load_tokenizer(args.model)
-    cfg, params = load_hf(args.model, dtype=args.dtype, stacked=False)
-    print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    tok = load_tokenizer(_model_dir(args.model))
+    cfg, params = _load_merged(args.model, args.adapter, args.dtype, stacked=False)
+    print(f"loaded {args.model}{' + ' + args.adapter if args.adapter else ''} in {time.perf_counter() - t0:.1f}s",
+          file=sys.stderr)
     if args.chat:
         prompt = tok.encode_chat([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
     else:
@@ -52,51 +74,16 @@ def _generate(args: argparse.Namespace) -> None:
     print(f"{len(out)} tokens; first after {first[0] - t0:.2f}s{rate}", file=sys.stderr)
 
 
-def add_data_args(p: argparse.ArgumentParser) -> None:
-    """The data options, shared by every command that reads a dataset."""
-    p.add_argument("--data", nargs="+", required=True, metavar="PATH",
-                   help="JSONL/JSON/CSV/TSV/Parquet files, globs, a datasets save_to_disk directory or a Hub name")
-    p.add_argument("--val-data", nargs="+", default=[], metavar="PATH", help="validation files (else --val-fraction)")
-    p.add_argument("--val-fraction", type=float, default=0.0, help="hold out this fraction for validation")
-    p.add_argument("--format", choices=FORMATS, default="auto", help="default: detected from the columns")
-    p.add_argument("--columns", default="", metavar="FIELD=COLUMN,...",
-                   help="instruction columns, e.g. instruction=question,input=context,response=answer")
-    p.add_argument("--template", default="chat",
-                   help="instruction rows: 'chat' (Gemma chat template), 'plain' (Instruction:/Response:) or a "
-                        "template string with {instruction} and {response}")
-    p.add_argument("--train-on", choices=["model", "all"], default="model",
-                   help="model: only model turns (with <end_of_turn>) and the final <eos>; all: every token")
-    p.add_argument("--max-seq-len", type=int, default=1024)
-    p.add_argument("--overflow", choices=["truncate", "drop"], default="truncate",
-                   help="too-long examples: keep their start, or drop them")
-    p.add_argument("--packing", choices=["pack", "pad"], default="pack")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip-bad-rows", action="store_true", help="skip and count bad rows instead of stopping")
-
-
-def data_config(args: argparse.Namespace) -> DataConfig:
-    columns = []
-    for pair in filter(None, args.columns.split(",")):
-        field, eq, column = pair.partition("=")
-        if not eq or not field.strip() or not column.strip():
-            raise GemmatuneError(f"--columns: {pair!r} is not FIELD=COLUMN (e.g. instruction=question).")
-        columns.append((field.strip(), column.strip()))
-    return DataConfig(paths=tuple(args.data), val_paths=tuple(args.val_data), val_fraction=args.val_fraction,
-                      format=args.format, columns=tuple(columns),
-                      template=PLAIN_TEMPLATE if args.template == "plain" else args.template,
-                      train_on=args.train_on, max_seq_len=args.max_seq_len, overflow=args.overflow,
-                      packing=args.packing, seed=args.seed, skip_bad_rows=args.skip_bad_rows)
-
-
-def _inspect(args: argparse.Namespace) -> None:
+def _inspect(args: argparse.Namespace, extra: Sequence[str]) -> None:
     import json
     import tempfile
 
     from gemmatune.data.inspect import TRAINED_CLOSE, TRAINED_OPEN, summarize
     from gemmatune.data.pipeline import describe, prepare
+    from gemmatune.settings import data_config_from_args
     from gemmatune.tokenizer import load_tokenizer
 
-    cfg = data_config(args)
+    cfg = data_config_from_args(args, extra)
     tok = load_tokenizer(args.model)
     with tempfile.TemporaryDirectory() as tmp:
         prepared = prepare(cfg, tok, tmp)
@@ -124,6 +111,35 @@ def _inspect(args: argparse.Namespace) -> None:
     print(s["example"])
 
 
+def _train(args: argparse.Namespace, extra: Sequence[str]) -> None:
+    import dataclasses
+
+    from gemmatune.settings import train_config_from_args
+    from gemmatune.train import run
+
+    sample = getattr(args, "config", None) is None and not hasattr(args, "data") and not any(
+        e.startswith("--data.paths") for e in extra)
+    if sample:  # no config and no data: the embedded default job
+        args.config = str(SAMPLE / "train.yaml")
+    cfg = train_config_from_args(args, extra)
+    if sample:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+            cfg.data, paths=tuple(str(SAMPLE / p) for p in cfg.data.paths)))
+        print(f"no --data or --config given: fine-tuning the embedded tiny model on {SAMPLE / 'chat.jsonl'}",
+              file=sys.stderr)
+    result = run(cfg)
+    for prompt, text in result.answers:  # what the model now answers: the point of the run
+        print(f"> {prompt}\n{text}")
+
+
+def _merge(args: argparse.Namespace, extra: Sequence[str]) -> None:
+    from gemmatune.convert.hf import save_hf
+
+    cfg, params = _load_merged(args.model, args.adapter, args.dtype, stacked=True)
+    save_hf(args.output, cfg, params, tokenizer_dir=args.model, force=args.force)
+    print(f"wrote the merged model to {args.output}", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemmatune", description="LoRA fine-tuning of Gemma 2 in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -132,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate text; only the generated text is written to stdout, streamed.")
     g.add_argument("--model", default=str(DEFAULT_MODEL),
                    help="Gemma 2 checkpoint directory in Hugging Face layout (default: the embedded tiny model)")
+    g.add_argument("--adapter", default=None, help="a gemmatune adapter directory (OUTPUT/adapter) to apply")
     g.add_argument("--prompt", default="The quick brown fox", help="prompt text")
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
     g.add_argument("--max-new-tokens", type=int, default=64)
@@ -143,11 +160,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype; auto means the checkpoint's")
     g.set_defaults(run=_generate)
 
+    t = sub.add_parser("train", help="fine-tune with LoRA (no arguments: the embedded tiny model on sample data)",
+                       description="Fine-tune a Gemma 2 checkpoint on your data. Every setting can also be given as "
+                                   "--section.key VALUE (e.g. --lora.rank 16, --data.max_seq_len 512).",
+                       allow_abbrev=False)
+    add_train_args(t)
+    t.set_defaults(run=_train, extra_ok=True)
+
+    m = sub.add_parser("merge", help="fold an adapter into the base weights (a Hugging Face checkpoint)")
+    m.add_argument("--model", default=str(DEFAULT_MODEL), help="the base checkpoint directory")
+    m.add_argument("--adapter", required=True, help="the adapter directory (OUTPUT/adapter)")
+    m.add_argument("--output", required=True, help="directory for the merged checkpoint")
+    m.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    m.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    m.set_defaults(run=_merge)
+
     data = sub.add_parser("data", help="check a dataset before training").add_subparsers(dest="data_command",
                                                                                          required=True)
     i = data.add_parser("inspect", help="formats, counts, lengths, packing and a rendered example",
-                        description="Read, format and pack a dataset exactly as training would, and report on it.")
+                        description="Read, format and pack a dataset exactly as training would, and report on it.",
+                        allow_abbrev=False)
     add_data_args(i)
+    i.set_defaults(extra_ok=True)
     i.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint directory whose tokenizer to use")
     i.add_argument("--json", action="store_true", help="the same figures as JSON")
     i.set_defaults(run=_inspect)
@@ -155,9 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "extra_ok", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        args.run(args)
+        args.run(args, extra)
     except GemmatuneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

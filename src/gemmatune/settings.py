@@ -98,8 +98,9 @@ def _convert(value: Any, tp: Any, label: str, text: bool) -> Any:
             value = list(value.items())  # `columns: {instruction: question}` for a tuple of pairs
         if not isinstance(value, (list, tuple)) or not variadic and len(value) != len(args):
             raise bad()
+        kinds = [args[0]] * len(value) if variadic else args
         try:
-            return tuple(_convert(v, t, label, text) for v, t in zip(value, [args[0]] * len(value) if variadic else args))
+            return tuple(_convert(v, t, label, text) for v, t in zip(value, kinds))
         except GemmatuneError:  # report the whole value against the field's type, not one element
             raise bad() from None
     if text and isinstance(value, str) and tp is not str:
@@ -201,10 +202,16 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> Iterator[_Mar
         data.lines[key] = key_node.start_mark.line + 1
 
 
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
 _Loader.add_constructor("tag:yaml.org,2002:map", _construct_mapping)
-# YAML 1.1 reads `1e-4` (no dot, or no exponent sign) as a string; every learning rate is written like that.
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-                              list("-+0123456789"))
+# YAML 1.1 reads `1e-4` (no dot, or no exponent sign) as a string; every learning rate is written like that. The
+# dumper knows it too, so it quotes a string such as "1e5" that load_yaml would otherwise read back as a number.
+for _cls in (_Loader, _Dumper):
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float",
+                               re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -236,7 +243,7 @@ def _yaml_items(d: Mapping[str, Any], cls: type, source: str, prefix: str = "") 
     lines = getattr(d, "lines", {})
     for key, value in d.items():
         path, line = f"{prefix}{key}", lines.get(key)
-        where = f"{source}:{line}" if line else source
+        where = f"{source}:{line}" if source and line else source
         section = fields.get(key)
         if not dataclasses.is_dataclass(section):
             yield _Item(path, value, path, where, False)
@@ -265,8 +272,10 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def dump_yaml(cfg: Any) -> str:
-    """The resolved settings as YAML, in field order; `config_from_dict(yaml.safe_load(...))` gives `cfg` back."""
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+    """The resolved settings as YAML, in field order; `config_from_dict` of it (read by load_yaml or
+    yaml.safe_load) gives `cfg` back."""
+    # Not allow_unicode: PyYAML would write characters such as U+0085 raw, and read them back as line breaks.
+    return yaml.dump(to_dict(cfg), Dumper=_Dumper, sort_keys=False)
 
 
 # ---------------------------------------------------------------------------------------------- command line

@@ -9,17 +9,23 @@ effective batch: k micro-batches give the update of one batch k times the size.
 from __future__ import annotations
 
 import dataclasses
+import math
+import sys
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from gemmatune import lora
 from gemmatune.config import ModelConfig, TrainConfig
+from gemmatune.errors import GemmatuneError
 from gemmatune.loss import chunked_loss
-from gemmatune.model import Params, hidden_states
+from gemmatune.model import Params, hidden_states, unstack
 
 State = dict[str, Any]  # {"params": trainable tree, "opt_state", "step": int32, "rng": PRNG key}
 BATCH_KEYS = ("inputs", "targets", "weights", "segment_ids", "positions")
@@ -130,3 +136,141 @@ class Shapes:
         """[k * B, T] rows from the data iterator -> [k, B, T] device arrays, batch keys only."""
         return {k: jnp.asarray(rows[k]).reshape(self.grad_accum, self.batch_size, self.seq_len)
                 for k in BATCH_KEYS}
+
+
+# --- the loop --------------------------------------------------------------------------------------------------
+
+NONFINITE_HELP = ("Likely causes: a learning rate too high for this model (lower --lr or add warmup), float16 "
+                  "weights (Gemma 2 overflows in float16: use bfloat16 or float32), or corrupt data or weights. "
+                  "Pass --nonfinite skip to drop such steps and count them instead.")
+
+
+def answer(params: Params, cfg: ModelConfig, tokenizer: Any, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy chat answers to prompts from (stacked, merged) parameters."""
+    from gemmatune.generate import generate
+
+    ids = [tokenizer.encode_chat([{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts]
+    out = generate(unstack(params), cfg, ids, max_new_tokens=max_new_tokens,
+                   stop_ids=(tokenizer.eos_id, tokenizer.end_of_turn_id))
+    return [tokenizer.decode(o) for o in out]
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    summary: dict[str, Any]  # as written to OUTPUT/summary.txt
+    answers: list[tuple[str, str]]  # (prompt, answer) for each eval prompt, from the final weights
+
+
+def run(tcfg: TrainConfig) -> Result:
+    """Train as tcfg says (the Python API behind `gemmatune train`)."""
+    from gemmatune.checkpoint import (config_digest, latest_checkpoint, load_checkpoint, prepare_run_dir,
+                                      save_adapter, save_checkpoint)
+    from gemmatune.convert.hf import load_hf
+    from gemmatune.data.loader import BatchIterator
+    from gemmatune.data.pipeline import describe, prepare
+    from gemmatune.metrics import MetricsLog, Progress, format_summary, plot_losses
+    from gemmatune.settings import dump_yaml, to_dict
+    from gemmatune.tokenizer import load_tokenizer
+
+    t_start = time.perf_counter()
+    run_dir = Path(tcfg.output)
+    resume_from = prepare_run_dir(run_dir, config_digest(to_dict(tcfg)), resume=tcfg.resume,
+                                  overwrite=tcfg.overwrite)
+    (run_dir / "config.yaml").write_text(dump_yaml(tcfg), encoding="utf-8")
+    tokenizer = load_tokenizer(tcfg.model)
+    cfg, base = load_hf(tcfg.model, dtype=tcfg.dtype)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise GemmatuneError(f"{tcfg.model}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                             f"{cfg.vocab_size} embedding rows; the tokenizer files belong to another model.")
+    data = prepare(tcfg.data, tokenizer, run_dir / "data")
+    print(f"data: {describe(data.train.report)}", file=sys.stderr)
+    seq_len, rows_per_step = tcfg.data.max_seq_len, tcfg.batch_size * tcfg.grad_accum
+
+    def batches(split: Any, batch_size: int, shuffle: bool) -> BatchIterator:
+        return BatchIterator(split.store, split.indices, seq_len=seq_len, batch_size=batch_size,
+                             pad_id=tokenizer.pad_id, packing=tcfg.data.packing,
+                             shuffle_buffer=tcfg.data.shuffle_buffer, seed=tcfg.data.seed, shuffle=shuffle)
+
+    train_it = batches(data.train, rows_per_step, True)
+    total = tcfg.max_steps or max(1, math.ceil(tcfg.epochs * train_it.epoch_rows() / rows_per_step))
+    opt, lr_at = optimizer(tcfg, total), schedule(tcfg, total)
+    init_key, train_key = jax.random.split(jax.random.key(tcfg.seed))
+    trainable, frozen = split_trainable(base, cfg, tcfg, init_key)
+    state = init_state(trainable, opt, train_key)
+    start, skipped, tokens_seen = 0, 0, 0
+    if resume_from is not None:
+        state, meta = load_checkpoint(resume_from, state)
+        train_it.restore(meta["data"])
+        start, skipped, tokens_seen = meta["step"], meta["skipped"], meta["tokens_seen"]
+        print(f"resumed from step {start} ({resume_from})", file=sys.stderr)
+    if start >= total:
+        raise GemmatuneError(f"{run_dir}: the run already reached step {start} of {total}; raise --max-steps or "
+                             "--epochs to train further, or choose another --output.")
+    train_step, eval_step = make_train_step(cfg, tcfg, opt), make_eval_step(cfg, tcfg)
+    shapes = Shapes(tcfg.grad_accum, tcfg.batch_size, seq_len)
+
+    def evaluate(step: int) -> tuple[float | None, list[tuple[str, str]]]:
+        """Validation loss (logged with perplexity) and the answers to the evaluation prompts (logged)."""
+        val_loss = None
+        if data.val is not None:
+            total_loss = count = 0.0
+            for rows in batches(data.val, tcfg.batch_size, False):
+                s, c = eval_step(state["params"], frozen, {k: jnp.asarray(rows[k]) for k in BATCH_KEYS})
+                total_loss, count = total_loss + float(s), count + float(c)
+            val_loss = total_loss / max(count, 1.0)
+            log.log(step, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
+        answers = []
+        if tcfg.eval_prompts:
+            params = state["params"] if tcfg.method == "full" else lora.merge(frozen, state["params"], tcfg.lora)
+            texts = answer(params, cfg, tokenizer, list(tcfg.eval_prompts), tcfg.eval_max_new_tokens)
+            answers = list(zip(tcfg.eval_prompts, texts))
+            for prompt, text in answers:
+                log.log_text(step, prompt, text)
+        return val_loss, answers
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(run_dir, step, state, {"step": step, "skipped": skipped, "tokens_seen": tokens_seen,
+                                               "data": train_it.state()}, tcfg.keep)
+
+    val_loss = loss = None
+    answers: list[tuple[str, str]] = []
+    with MetricsLog(run_dir, start_step=start) as log, Progress(total, start_step=start) as progress:
+        t_log, tokens_at_log = time.perf_counter(), tokens_seen
+        for step in range(start + 1, total + 1):
+            rows = next(train_it)
+            state, m = train_step(state, frozen, shapes.stack(rows))
+            m = jax.device_get(m)
+            tokens_seen += int(np.count_nonzero(rows["segment_ids"]))
+            if not m["finite"]:
+                if tcfg.nonfinite == "stop":
+                    last = latest_checkpoint(run_dir)
+                    raise GemmatuneError(f"step {step}: the loss or gradients are not finite (NaN or inf); training "
+                                         f"stopped. {NONFINITE_HELP} Last good checkpoint: {last or 'none yet'}.")
+                skipped += 1
+            else:
+                loss = float(m["loss"])
+            if step % tcfg.log_every == 0 or step == total:
+                now = time.perf_counter()
+                rate = (tokens_seen - tokens_at_log) / (now - t_log)
+                t_log, tokens_at_log = now, tokens_seen
+                log.log(step, loss=float(m["loss"]), lr=float(lr_at(step - 1)), tokens_per_s=rate,
+                        grad_norm=float(m["grad_norm"]), trained_tokens=float(m["tokens"]), skipped=skipped)
+                progress.update(step, loss=float(m["loss"]), lr=float(lr_at(step - 1)), tokens_per_s=rate)
+            if (tcfg.eval_every and step % tcfg.eval_every == 0) or step == total:
+                val_loss, answers = evaluate(step)
+            if (tcfg.save_every and step % tcfg.save_every == 0) or step == total:
+                checkpoint(step)
+    adapter_dir = run_dir / "adapter"
+    if tcfg.method == "lora":
+        save_adapter(adapter_dir, jax.device_get(state["params"]), tcfg.lora, cfg, tcfg.model, force=True)
+    plot = plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
+    wall = time.perf_counter() - t_start
+    summary = {"tokens_seen": tokens_seen, "steps": total, "wall_time_s": wall, "tokens_per_s": tokens_seen / wall,
+               "train_loss": loss, "val_loss": val_loss, "skipped_steps": skipped,
+               "adapter": str(adapter_dir) if tcfg.method == "lora" else str(latest_checkpoint(run_dir)),
+               "metrics": str(run_dir / "metrics.jsonl"), "tensorboard": str(run_dir / "tensorboard"),
+               "plot": str(plot)}
+    summary = {k: v for k, v in summary.items() if v is not None}
+    (run_dir / "summary.txt").write_text(format_summary(summary) + "\n", encoding="utf-8")
+    print(format_summary(summary), file=sys.stderr)
+    return Result(summary, answers)
