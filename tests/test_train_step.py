@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SMALL, hf_model, strong_params
+from conftest import SMALL
 from gemmatune import lora
 from gemmatune import model as M
 from gemmatune.config import LoraConfig, ModelConfig, TrainConfig

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from gemmatune.atomic import LEFTOVER, refuse_to_replace, remove_dir, remove_leftovers, staged_dir, write_text
 from gemmatune.config import LoraConfig, ModelConfig
 from gemmatune.errors import GemmatuneError
 from gemmatune.lora import adapter_shapes
@@ -52,66 +51,6 @@ NOT_IN_DIGEST = frozenset({"resume", "overwrite", "output", "log_every", "save_e
                            "eval_prompts", "eval_max_new_tokens", "max_steps", "epochs"})
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(partial|old)-\d+$")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Atomic files and directories
-
-
-def _aside(final: Path, kind: str) -> Path:
-    """The hidden sibling where `final` is staged ("partial") or parked before deletion ("old")."""
-    return final.parent / f".{final.name}.{kind}-{os.getpid()}"
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)  # a read-only descriptor suffices for fsync, and also opens directories
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Replace `path` atomically: a killed writer leaves the old file, never a truncated one."""
-    staged = _aside(path, "partial")
-    with open(staged, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(staged, path)
-
-
-def _remove_dir(path: Path) -> None:
-    """Delete a directory so that a kill midway never leaves a partial one under its own name."""
-    parked = _aside(path, "old")
-    os.replace(path, parked)
-    shutil.rmtree(parked)
-
-
-def _remove_leftovers(parent: Path, name: str | None = None) -> None:
-    """Delete what killed writers left in `parent` (of `name` only, when given)."""
-    for entry in parent.iterdir():
-        m = _LEFTOVER.match(entry.name)
-        if m and name in (None, m["name"]):
-            if entry.is_dir():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
-
-
-def _publish(staged: Path, final: Path) -> None:
-    """Move a fully written staging directory to `final`, replacing what is there."""
-    for f in staged.iterdir():
-        _fsync(f)
-    _fsync(staged)
-    parked = _aside(final, "old")
-    if final.exists():
-        os.replace(final, parked)  # a directory cannot be renamed over a non-empty one
-    os.replace(staged, final)
-    _fsync(final.parent)  # makes the rename itself durable
-    if parked.exists():
-        shutil.rmtree(parked)
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
@@ -188,15 +127,13 @@ def save_checkpoint(run_dir: str | Path, step: int, state: Any, meta: dict[str, 
     final = ckpt_dir / f"step-{step:08d}"
     meta_text = json.dumps({"format": STATE_FORMAT, "step": step, "meta": meta}, indent=2)  # fails before writing
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(ckpt_dir)  # before writing: a killed save's partial state may hold as much disk as this one
+    remove_leftovers(ckpt_dir)  # before writing: a killed save's partial state may hold as much disk as this one
     if not final.exists():
-        staged = _aside(final, "partial")
-        staged.mkdir()
-        _write_state(staged / STATE_FILE, state)
-        _write_text(staged / META_FILE, meta_text)
-        _publish(staged, final)
+        with staged_dir(final) as staged:
+            _write_state(staged / STATE_FILE, state)
+            write_text(staged / META_FILE, meta_text)
     for old in _checkpoints(Path(run_dir))[:-keep]:
-        _remove_dir(old)
+        remove_dir(old)
     return final
 
 
@@ -274,26 +211,18 @@ def save_adapter(out_dir: str | Path, lora_params: Any, lora_cfg: LoraConfig, mo
     """Write adapter.safetensors (tensors as given, keys like "q_proj.a") and adapter_config.json into `out_dir`,
     atomically. An existing non-empty `out_dir` is replaced only with force=True."""
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise GemmatuneError(f"{out}: exists and is not a directory; choose another adapter directory.")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise GemmatuneError(f"{out}: already exists and is not empty; pass --overwrite to replace it, or choose "
-                             "another directory.")
+    refuse_to_replace(out, force, "adapter")
     tensors = {_tree_key(p, "."): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(lora_params)[0]}
     _check_adapter_shapes(out, {k: np.shape(v) for k, v in tensors.items()}, lora_cfg, model_cfg)
     config = {"format": ADAPTER_FORMAT, "version": ADAPTER_VERSION, "rank": lora_cfg.rank, "alpha": lora_cfg.alpha,
               "dropout": lora_cfg.dropout, "targets": list(lora_cfg.targets), "rslora": lora_cfg.rslora,
               "scale": lora_cfg.scale, "base_model": base_model,
               "base_config": {k: getattr(model_cfg, k) for k in BASE_FIELDS}}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(out.parent, out.name)
-    staged = _aside(out, "partial")
-    staged.mkdir()
     arrays = {k: np.asarray(v) for k, v in tensors.items()}  # adapters are small: all on the host at once is fine
-    write_safetensors(staged / ADAPTER_FILE, [(k, a.shape, a.dtype) for k, a in arrays.items()], arrays.items(),
-                      {"format": ADAPTER_FORMAT})
-    _write_text(staged / ADAPTER_CONFIG, json.dumps(config, indent=2))
-    _publish(staged, out)
+    with staged_dir(out) as staged:
+        write_safetensors(staged / ADAPTER_FILE, [(k, a.shape, a.dtype) for k, a in arrays.items()],
+                          arrays.items(), {"format": ADAPTER_FORMAT})
+        write_text(staged / ADAPTER_CONFIG, json.dumps(config, indent=2))
     return out
 
 
@@ -346,7 +275,7 @@ def config_digest(cfg: Mapping[str, Any]) -> str:
 
 
 def _is_run_output(name: str) -> bool:
-    m = _LEFTOVER.match(name)
+    m = LEFTOVER.match(name)
     return (m["name"] if m else name) in RUN_OUTPUTS
 
 
@@ -391,9 +320,9 @@ def prepare_run_dir(run_dir: str | Path, config_digest: str, *, resume: bool, ov
         for name in entries:
             if name != RUN_FILE:
                 if (d / name).is_dir():
-                    _remove_dir(d / name)
+                    remove_dir(d / name)
                 else:
                     (d / name).unlink()
     d.mkdir(parents=True, exist_ok=True)
-    _write_text(d / RUN_FILE, json.dumps({"config_digest": config_digest}))
+    write_text(d / RUN_FILE, json.dumps({"config_digest": config_digest}))
     return None

@@ -11,9 +11,7 @@ import contextlib
 import functools
 import itertools
 import json
-import os
 import re
-import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +22,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from gemmatune.atomic import refuse_to_replace, staged_dir
 from gemmatune.config import ModelConfig, load_config
 from gemmatune.errors import GemmatuneError
 from gemmatune.model import Params, param_shapes
@@ -336,11 +335,7 @@ def save_hf(out_dir: str | Path, cfg: ModelConfig, params: Params, *, dtype: str
     Atomic: everything is written into a temporary sibling directory that is renamed into place at the end,
     so an interrupted save leaves out_dir as it was."""
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise GemmatuneError(f"{out}: exists and is not a directory; choose another output directory.")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise GemmatuneError(f"{out}: directory exists and is not empty; pass force=True (--force) to replace "
-                             "it, or choose another output directory.")
+    refuse_to_replace(out, force, "output")
     name = _DTYPE_NAMES.get(np.dtype(params["embed"].dtype)) if dtype is None else dtype
     if name not in WEIGHT_DTYPES:
         raise GemmatuneError(f"cannot save weights as {dtype or params['embed'].dtype}: choose one of "
@@ -353,27 +348,5 @@ def save_hf(out_dir: str | Path, cfg: ModelConfig, params: Params, *, dtype: str
         if not tokenizer_files:
             raise GemmatuneError(f"{tokenizer_dir}: holds none of the tokenizer files {', '.join(TOKENIZER_FILES)}; "
                                  "point tokenizer_dir at the base model's directory.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    try:
-        _write_checkpoint(tmp, cfg, params, WEIGHT_DTYPES[name], max_shard_bytes, tokenizer_files)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _replace_dir(new: Path, dest: Path) -> None:
-    """Rename new to dest; an existing dest is moved aside first and deleted only once new is in place."""
-    old = dest.parent / f".{dest.name}.old-{secrets.token_hex(4)}" if dest.exists() else None
-    if old:
-        os.rename(dest, old)
-    try:
-        os.rename(new, dest)
-    except BaseException:
-        if old:
-            os.rename(old, dest)
-        raise
-    if old:
-        shutil.rmtree(old)
+    with staged_dir(out) as staged:
+        _write_checkpoint(staged, cfg, params, WEIGHT_DTYPES[name], max_shard_bytes, tokenizer_files)
