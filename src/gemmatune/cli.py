@@ -117,7 +117,8 @@ def _train(args: argparse.Namespace, extra: Sequence[str]) -> None:
     from gemmatune.settings import train_config_from_args
     from gemmatune.train import run
 
-    sample = getattr(args, "config", None) is None and not hasattr(args, "data") and not any(
+    # argparse stores --data under its field path, "data.paths" (see settings._add_flags), not "data".
+    sample = getattr(args, "config", None) is None and not hasattr(args, "data.paths") and not any(
         e.startswith("--data.paths") for e in extra)
     if sample:  # no config and no data: the embedded default job
         args.config = str(SAMPLE / "train.yaml")
