@@ -171,6 +171,17 @@ def test_other_architectures_are_refused_by_name(model_type, named):
     assert "ckpt/config.json" in str(e.value) and "Gemma 2" in str(e.value)
 
 
+def test_config_written_back_loads_in_transformers():
+    """A config read from config.json and written again is accepted by transformers' strict Gemma2Config."""
+    from transformers import Gemma2Config
+
+    for cfg in (*PRESETS.values(), SMALL):
+        d = from_hf_dict(cfg.to_hf_dict()).to_hf_dict()
+        assert isinstance(d["query_pre_attn_scalar"], int)
+        assert Gemma2Config(**{k: v for k, v in d.items() if k != "architectures"}).query_pre_attn_scalar == \
+            cfg.query_pre_attn_scalar
+
+
 def test_config_reads_rope_parameters_and_rejects_bad_values():
     d = SMALL.to_hf_dict()
     del d["rope_theta"]

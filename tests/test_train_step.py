@@ -15,7 +15,7 @@ from gemmatune import lora
 from gemmatune import model as M
 from gemmatune.config import LoraConfig, ModelConfig, TrainConfig
 from gemmatune.loss import chunked_loss
-from gemmatune.train import Shapes, init_state, make_train_step, optimizer, split_trainable
+from gemmatune.trainer import Shapes, init_state, make_train_step, optimizer, split_trainable
 
 TCFG = TrainConfig(dtype="float32", lora=LoraConfig(rank=4, alpha=8.0), lr=1e-2, remat="none", loss_chunk=24,
                    clip_norm=0.0)
@@ -185,3 +185,47 @@ def test_loss_memory_stays_far_below_full_logits():
     temp = compiled.memory_analysis().temp_size_in_bytes
     full_logits = B * T * cfg.vocab_size * 4
     assert temp < 0.3 * full_logits, (temp, full_logits)
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_fresh_adapters_leave_the_base_model_exactly(small_params, rslora):
+    """B starts at zero: step 0 of LoRA training is the base model, bit for bit, whatever A is."""
+    cfg = LoraConfig(rank=4, alpha=8.0, rslora=rslora)
+    adapters = lora.init_adapters(SMALL, cfg, jax.random.key(7))
+    assert all(float(jnp.abs(ab["a"]).max()) > 0 and not jnp.any(ab["b"]) for ab in adapters.values())
+    tokens = jnp.asarray(rng.randint(0, SMALL.vocab_size, (2, 24)))
+    base = M.forward(small_params, tokens, SMALL)
+    np.testing.assert_array_equal(np.asarray(M.forward(lora.attach(small_params, adapters), tokens, SMALL,
+                                                       adapter=cfg)), np.asarray(base))
+
+
+def test_training_continues_from_a_peft_adapter(small_params, tmp_path):
+    """--adapter DIR starts from that adapter (here in PEFT's format) instead of fresh ones; other LoRA settings
+    than the adapter's are refused by name."""
+    from gemmatune.convert.peft import save_peft
+    from gemmatune.errors import GemmatuneError
+
+    cfg = LoraConfig(rank=4, alpha=8.0, targets=("q", "v", "down"))
+    adapters = jax.tree.map(lambda a: a + 0.02 * jax.random.normal(jax.random.key(5), a.shape),
+                            lora.init_adapters(SMALL, cfg, jax.random.key(4)))
+    save_peft(tmp_path / "peft", adapters, cfg, SMALL, "base")
+    tcfg = dataclasses.replace(TCFG, lora=LoraConfig(rank=4, alpha=8.0, targets=("down", "q", "v"), dropout=0.1),
+                               adapter=str(tmp_path / "peft"))
+    trainable, frozen = split_trainable(small_params, SMALL, tcfg, jax.random.key(1))
+    assert frozen is small_params
+    for x, y in zip(jax.tree.leaves(trainable), jax.tree.leaves(adapters)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6)
+    with pytest.raises(GemmatuneError, match="rank 4.*set the same lora"):
+        split_trainable(small_params, SMALL, dataclasses.replace(tcfg, lora=LoraConfig(rank=8)), jax.random.key(1))
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
+def test_schedules_warm_up_then_decay_to_the_floor(kind):
+    from gemmatune.trainer import schedule
+
+    tcfg = dataclasses.replace(TCFG, lr=1e-3, schedule=kind, warmup_steps=10, min_lr_ratio=0.1)
+    lr = schedule(tcfg, 110)
+    np.testing.assert_allclose([float(lr(0)), float(lr(5)), float(lr(10))], [0.0, 5e-4, 1e-3], rtol=1e-6)
+    mid, end = float(lr(60)), float(lr(110))
+    want = {"cosine": (5.5e-4, 1e-4), "linear": (5.5e-4, 1e-4), "constant": (1e-3, 1e-3)}[kind]
+    np.testing.assert_allclose([mid, end], want, rtol=1e-5)

@@ -1,7 +1,23 @@
 """gemmatune: LoRA fine-tuning of Gemma 2 in JAX."""
 
-from gemmatune.config import PRESETS, ModelConfig, load_config
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from gemmatune.config import PRESETS, DataConfig, LoraConfig, ModelConfig, TrainConfig, load_config
 from gemmatune.errors import GemmatuneError
 
+if TYPE_CHECKING:
+    from gemmatune.trainer import Result
+
 __version__ = "0.1.0"
-__all__ = ["PRESETS", "GemmatuneError", "ModelConfig", "load_config", "__version__"]
+__all__ = ["PRESETS", "DataConfig", "GemmatuneError", "LoraConfig", "ModelConfig", "TrainConfig", "load_config",
+           "train", "__version__"]
+
+
+def train(config: TrainConfig) -> Result:
+    """Fine-tune as `gemmatune train` does: `gemmatune.train(TrainConfig(data=DataConfig(paths=("my.jsonl",))))`.
+    Imported lazily, so `import gemmatune` stays light."""
+    from gemmatune.trainer import run
+
+    return run(config)

@@ -89,3 +89,24 @@ def staged_dir(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def staged_file(path: Path, force: bool) -> Iterator[Path]:
+    """Yield a hidden sibling to write; it replaces `path` only when the block ends normally, so an interrupted
+    write leaves whatever was there. An existing file is replaced only with force."""
+    if path.is_dir():
+        raise GemmatuneError(f"{path}: is a directory; give a file path (e.g. {path / 'model.gguf'}).")
+    if path.exists() and not force:
+        raise GemmatuneError(f"{path}: file exists; pass --force to replace it, or choose another path.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(path.parent, path.name)
+    staged = aside(path, "partial")
+    try:
+        yield staged
+        fsync(staged)
+        os.replace(staged, path)
+        fsync(path.parent)
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise

@@ -40,8 +40,8 @@ ADAPTER_FORMAT = "gemmatune-lora"
 ADAPTER_VERSION = 1
 RUN_FILE = "run.json"
 # What a run writes into its directory: the only names --overwrite may delete.
-RUN_OUTPUTS = frozenset({CHECKPOINTS, RUN_FILE, "metrics.jsonl", "tensorboard", "adapter", "config.yaml",
-                         "loss.png", "summary.txt", "data"})
+RUN_OUTPUTS = frozenset({CHECKPOINTS, RUN_FILE, "metrics.jsonl", "samples.jsonl", "tensorboard", "adapter",
+                         "config.yaml", "loss.png", "summary.txt", "data"})
 # The numbers that fix the shapes of an adapter's tensors; an adapter only fits a base that agrees on all of them.
 BASE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                "head_dim")
@@ -53,7 +53,7 @@ NOT_IN_DIGEST = frozenset({"resume", "overwrite", "output", "log_every", "save_e
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
+def read_json(path: Path, what: str) -> dict[str, Any]:
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -154,7 +154,7 @@ def load_checkpoint(path: str | Path, template: Any) -> tuple[Any, dict[str, Any
     template's sharding (numpy leaves stay numpy). Returns (state, the meta given to save_checkpoint)."""
     path = Path(path)
     what = "the checkpoint is incomplete or was modified; resume from another one or start with --overwrite"
-    saved = _read_json(path / META_FILE, what)
+    saved = read_json(path / META_FILE, what)
     if "meta" not in saved:
         raise GemmatuneError(f"{path / META_FILE}: no 'meta' field; {what}.")
     flat, treedef = jax.tree_util.tree_flatten_with_path(template)
@@ -190,7 +190,7 @@ def load_checkpoint(path: str | Path, template: Any) -> tuple[Any, dict[str, Any
 # Adapter files
 
 
-def _check_adapter_shapes(source: Path, shapes: Mapping[str, tuple[int, ...]], lora_cfg: LoraConfig,
+def check_adapter_shapes(source: Path, shapes: Mapping[str, tuple[int, ...]], lora_cfg: LoraConfig,
                           model_cfg: ModelConfig) -> None:
     want = {f"{name}.{part}": shape for name, parts in adapter_shapes(model_cfg, lora_cfg).items()
             for part, shape in parts.items()}
@@ -213,7 +213,7 @@ def save_adapter(out_dir: str | Path, lora_params: Any, lora_cfg: LoraConfig, mo
     out = Path(out_dir)
     refuse_to_replace(out, force, "adapter")
     tensors = {_tree_key(p, "."): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(lora_params)[0]}
-    _check_adapter_shapes(out, {k: np.shape(v) for k, v in tensors.items()}, lora_cfg, model_cfg)
+    check_adapter_shapes(out, {k: np.shape(v) for k, v in tensors.items()}, lora_cfg, model_cfg)
     config = {"format": ADAPTER_FORMAT, "version": ADAPTER_VERSION, "rank": lora_cfg.rank, "alpha": lora_cfg.alpha,
               "dropout": lora_cfg.dropout, "targets": list(lora_cfg.targets), "rslora": lora_cfg.rslora,
               "scale": lora_cfg.scale, "base_model": base_model,
@@ -233,7 +233,7 @@ def load_adapter(adapter_dir: str | Path, model_cfg: ModelConfig) -> tuple[dict[
     if not d.is_dir():
         raise GemmatuneError(f"{d}: no such adapter directory (expected {ADAPTER_FILE} and {ADAPTER_CONFIG}).")
     cfg_path = d / ADAPTER_CONFIG
-    cfg = _read_json(cfg_path, "re-export the adapter (gemmatune writes it at the end of training)")
+    cfg = read_json(cfg_path, "re-export the adapter (gemmatune writes it at the end of training)")
     if cfg.get("format") != ADAPTER_FORMAT:
         what = "a PEFT adapter" if "peft_type" in cfg else f"format {cfg.get('format')!r}"
         raise GemmatuneError(f"{cfg_path}: this is {what}, not a gemmatune adapter (format {ADAPTER_FORMAT!r}).")
@@ -257,7 +257,7 @@ def load_adapter(adapter_dir: str | Path, model_cfg: ModelConfig) -> tuple[dict[
                              f"it was trained on ({cfg.get('base_model')}).")
     params: dict[str, dict[str, np.ndarray]] = {}
     with SafetensorsReader(d / ADAPTER_FILE) as reader:
-        _check_adapter_shapes(reader.path, {k: i.shape for k, i in reader.tensors.items()}, lora_cfg, model_cfg)
+        check_adapter_shapes(reader.path, {k: i.shape for k, i in reader.tensors.items()}, lora_cfg, model_cfg)
         for key in reader.tensors:
             target, part = key.split(".")
             params.setdefault(target, {})[part] = reader.read(key)
@@ -295,7 +295,7 @@ def prepare_run_dir(run_dir: str | Path, config_digest: str, *, resume: bool, ov
     if resume:
         if not is_run:
             raise GemmatuneError(f"nothing to resume in {d}: it holds no run. Start without --resume.")
-        old = _read_json(d / RUN_FILE, "cannot tell which configuration this run used; start a new --output "
+        old = read_json(d / RUN_FILE, "cannot tell which configuration this run used; start a new --output "
                                        "or pass --overwrite").get("config_digest")
         if old != config_digest:
             raise GemmatuneError(

@@ -25,16 +25,16 @@ def _model_dir(path: str) -> str:
 
 
 def _load_merged(model: str, adapter: str | None, dtype: str, stacked: bool) -> tuple:
-    """(config, parameters) of the base checkpoint, with a gemmatune adapter folded in when given."""
-    from gemmatune.checkpoint import load_adapter
+    """(config, parameters) of the base checkpoint, with an adapter (gemmatune's or PEFT's) folded in."""
     from gemmatune.convert.hf import load_hf
+    from gemmatune.convert.peft import load_any_adapter
     from gemmatune.lora import merge
     from gemmatune.model import unstack
 
     if adapter is None:
         return load_hf(_model_dir(model), dtype=dtype, stacked=stacked)
     cfg, params = load_hf(_model_dir(model), dtype=dtype)  # merging works on the stacked layers
-    adapters, lora_cfg = load_adapter(adapter, cfg)
+    adapters, lora_cfg = load_any_adapter(adapter, cfg)
     params = merge(params, adapters, lora_cfg)
     return cfg, params if stacked else unstack(params)
 
@@ -115,7 +115,7 @@ def _train(args: argparse.Namespace, extra: Sequence[str]) -> None:
     import dataclasses
 
     from gemmatune.settings import train_config_from_args
-    from gemmatune.train import run
+    from gemmatune.trainer import run
 
     # argparse stores --data under its field path, "data.paths" (see settings._add_flags), not "data".
     sample = getattr(args, "config", None) is None and not hasattr(args, "data.paths") and not any(
@@ -133,12 +133,12 @@ def _train(args: argparse.Namespace, extra: Sequence[str]) -> None:
         print(f"> {prompt}\n{text}")
 
 
-def _merge(args: argparse.Namespace, extra: Sequence[str]) -> None:
-    from gemmatune.convert.hf import save_hf
+def _export(args: argparse.Namespace, extra: Sequence[str]) -> None:
+    from gemmatune.export import export
 
-    cfg, params = _load_merged(args.model, args.adapter, args.dtype, stacked=True)
-    save_hf(args.output, cfg, params, tokenizer_dir=args.model, force=args.force)
-    print(f"wrote the merged model to {args.output}", file=sys.stderr)
+    fmt = getattr(args, "format", "hf")  # `merge` is `export --format hf`
+    out = export(_model_dir(args.model), args.adapter, fmt, args.output, dtype=args.dtype, force=args.force)
+    print(f"wrote {fmt} to {out}", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,13 +168,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_args(t)
     t.set_defaults(run=_train, extra_ok=True)
 
-    m = sub.add_parser("merge", help="fold an adapter into the base weights (a Hugging Face checkpoint)")
-    m.add_argument("--model", default=str(DEFAULT_MODEL), help="the base checkpoint directory")
-    m.add_argument("--adapter", required=True, help="the adapter directory (OUTPUT/adapter)")
-    m.add_argument("--output", required=True, help="directory for the merged checkpoint")
-    m.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
-    m.add_argument("--force", action="store_true", help="replace a non-empty output directory")
-    m.set_defaults(run=_merge)
+    for name, what in (("merge", "fold an adapter into the base weights: a Hugging Face checkpoint"),
+                       ("export", "write a merged Hugging Face model, a PEFT adapter or a GGUF file")):
+        e = sub.add_parser(name, help=what, description=what[0].upper() + what[1:] + ".")
+        e.add_argument("--model", default=str(DEFAULT_MODEL), help="the base checkpoint directory")
+        e.add_argument("--adapter", required=True, help="the adapter directory (OUTPUT/adapter, or a PEFT adapter)")
+        if name == "export":
+            e.add_argument("--format", choices=["hf", "peft", "gguf"], required=True)
+        e.add_argument("--output", required=True, help="output directory (a .gguf file path for --format gguf)")
+        e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "f32", "f16", "bf16", "q8_0"],
+                       help="weights: auto (the base's), float32/bfloat16; GGUF also f16 and q8_0")
+        e.add_argument("--force", action="store_true", help="replace an existing output")
+        e.set_defaults(run=_export)
 
     data = sub.add_parser("data", help="check a dataset before training").add_subparsers(dest="data_command",
                                                                                          required=True)

@@ -79,7 +79,9 @@ class ModelConfig:
             "num_attention_heads": self.num_heads,
             "num_key_value_heads": self.num_kv_heads,
             "head_dim": self.head_dim,
-            "query_pre_attn_scalar": self.query_pre_attn_scalar,
+            # transformers' config is strict: an integral scalar must be written as an int (256, not 256.0).
+            "query_pre_attn_scalar": (int(self.query_pre_attn_scalar) if float(self.query_pre_attn_scalar).is_integer()
+                                      else self.query_pre_attn_scalar),
             "sliding_window": self.sliding_window,
             "attn_logit_softcapping": self.attn_logit_softcap,
             "final_logit_softcapping": self.final_logit_softcap,
@@ -290,6 +292,7 @@ class TrainConfig:
     output: str = "runs/gemmatune"
     data: DataConfig = DataConfig()
     lora: LoraConfig = LoraConfig()
+    adapter: str = ""  # start from this adapter directory (gemmatune's or PEFT's) instead of a fresh one
     method: str = "lora"  # lora, or full (every weight trained; the optimizer then holds two model-size buffers)
     dtype: str = "bfloat16"  # base weights and compute: bfloat16 or float32; adapters and optimizer are float32
     max_steps: int = 0  # 0: run `epochs` epochs

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from gemmatune.atomic import staged_file, write_text
+
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -43,13 +45,6 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _replace_atomically(path: Path, text: str) -> None:
-    # A crash while rewriting must leave the old file or the new one, never half of either.
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _hms(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -72,11 +67,13 @@ class MetricsLog:
             path = self.run_dir / name
             if path.exists():
                 kept = [row for row in _read_jsonl(path) if row.get("step", math.inf) <= keep_through]
-                _replace_atomically(path, "".join(json.dumps(row) + "\n" for row in kept))
+                write_text(path, "".join(json.dumps(row) + "\n" for row in kept))
             self._files[name] = path.open("a")
         self._writer = None
         if tensorboard:
-            from tensorboardX import SummaryWriter  # imported here: it takes ~2 s and is not needed otherwise
+            from tensorboardX import (
+                SummaryWriter,  # imported here: it takes ~2 s and is not needed otherwise
+            )
 
             # purge_step writes a restart marker; TensorBoard then hides the interrupted run's events from that
             # step on, matching the truncated JSON lines.
@@ -151,9 +148,8 @@ def plot_losses(metrics_path: str | os.PathLike, out_png: str | os.PathLike) -> 
     axes[-1].set_xlabel("step")
 
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(out_png.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=110)  # written aside and renamed: a viewer never sees half a PNG
-    os.replace(tmp, out_png)
+    with staged_file(out_png, force=True) as tmp:  # written aside and renamed: a viewer never sees half a PNG
+        fig.savefig(tmp, format="png", dpi=110)
     return out_png
 
 
@@ -171,7 +167,12 @@ class Progress:
         self._bar = None
         if self.enabled:
             from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                TextColumn,
+                TimeElapsedColumn,
+            )
             from rich.progress import Progress as RichProgress
 
             self._bar = RichProgress(TextColumn("step"), MofNCompleteColumn(), BarColumn(),

@@ -53,11 +53,23 @@ def optimizer(tcfg: TrainConfig, total_steps: int) -> optax.GradientTransformati
 
 
 def split_trainable(base: Params, cfg: ModelConfig, tcfg: TrainConfig, key: jax.Array) -> tuple[Params, Params]:
-    """(trainable, frozen): fresh float32 adapters and the base as loaded, or for full fine-tuning the base in
-    float32 (the master copy the optimizer updates) and nothing frozen."""
+    """(trainable, frozen): float32 adapters (fresh, or tcfg.adapter's) and the base as loaded, or for full
+    fine-tuning the base in float32 (the master copy the optimizer updates) and nothing frozen."""
     if tcfg.method == "full":
         return jax.tree.map(lambda a: a.astype(jnp.float32), base), {}
-    return lora.init_adapters(cfg, tcfg.lora, key), base
+    if not tcfg.adapter:
+        return lora.init_adapters(cfg, tcfg.lora, key), base
+    from gemmatune.convert.peft import load_any_adapter
+
+    adapters, found = load_any_adapter(tcfg.adapter, cfg)
+    # Dropout is a training choice, free to change; the rest decides what the adapter computes.
+    if (found.rank, found.alpha, found.rslora, set(found.targets)) != (
+            tcfg.lora.rank, tcfg.lora.alpha, tcfg.lora.rslora, set(tcfg.lora.targets)):
+        raise GemmatuneError(f"{tcfg.adapter}: the adapter has rank {found.rank}, alpha {found.alpha}, targets "
+                             f"{','.join(found.targets)}, rslora {found.rslora}; set the same lora.* settings "
+                             f"(now rank {tcfg.lora.rank}, alpha {tcfg.lora.alpha}, targets "
+                             f"{','.join(tcfg.lora.targets)}, rslora {tcfg.lora.rslora}) to continue training it.")
+    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), adapters), base
 
 
 def model_params(trainable: Params, frozen: Params, tcfg: TrainConfig) -> Params:
@@ -203,14 +215,17 @@ def run(tcfg: TrainConfig) -> Result:
         train_it.restore(meta["data"])
         start, skipped, tokens_seen = meta["step"], meta["skipped"], meta["tokens_seen"]
         print(f"resumed from step {start} ({resume_from})", file=sys.stderr)
-    if start >= total:
+    tokens_at_start = tokens_seen
+    # start == total: killed after its last checkpoint but before the adapter and summary; finished below.
+    if start > total:
         raise GemmatuneError(f"{run_dir}: the run already reached step {start} of {total}; raise --max-steps or "
                              "--epochs to train further, or choose another --output.")
     train_step, eval_step = make_train_step(cfg, tcfg, opt), make_eval_step(cfg, tcfg)
     shapes = Shapes(tcfg.grad_accum, tcfg.batch_size, seq_len)
 
-    def evaluate(step: int) -> tuple[float | None, list[tuple[str, str]]]:
-        """Validation loss (logged with perplexity) and the answers to the evaluation prompts (logged)."""
+    def evaluate(step: int, record: bool = True) -> tuple[float | None, list[tuple[str, str]]]:
+        """Validation loss (logged with perplexity) and the answers to the evaluation prompts (logged), unless
+        record is False."""
         val_loss = None
         if data.val is not None:
             total_loss = count = 0.0
@@ -218,13 +233,14 @@ def run(tcfg: TrainConfig) -> Result:
                 s, c = eval_step(state["params"], frozen, {k: jnp.asarray(rows[k]) for k in BATCH_KEYS})
                 total_loss, count = total_loss + float(s), count + float(c)
             val_loss = total_loss / max(count, 1.0)
-            log.log(step, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
+            if record:
+                log.log(step, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
         answers = []
         if tcfg.eval_prompts:
             params = state["params"] if tcfg.method == "full" else lora.merge(frozen, state["params"], tcfg.lora)
             texts = answer(params, cfg, tokenizer, list(tcfg.eval_prompts), tcfg.eval_max_new_tokens)
             answers = list(zip(tcfg.eval_prompts, texts))
-            for prompt, text in answers:
+            for prompt, text in answers if record else []:
                 log.log_text(step, prompt, text)
         return val_loss, answers
 
@@ -236,6 +252,8 @@ def run(tcfg: TrainConfig) -> Result:
     answers: list[tuple[str, str]] = []
     with MetricsLog(run_dir, start_step=start) as log, Progress(total, start_step=start) as progress:
         t_log, tokens_at_log = time.perf_counter(), tokens_seen
+        if start == total:  # the final evaluation was logged before the final checkpoint: only recompute it
+            val_loss, answers = evaluate(total, record=False)
         for step in range(start + 1, total + 1):
             rows = next(train_it)
             state, m = train_step(state, frozen, shapes.stack(rows))
@@ -265,7 +283,8 @@ def run(tcfg: TrainConfig) -> Result:
         save_adapter(adapter_dir, jax.device_get(state["params"]), tcfg.lora, cfg, tcfg.model, force=True)
     plot = plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
     wall = time.perf_counter() - t_start
-    summary = {"tokens_seen": tokens_seen, "steps": total, "wall_time_s": wall, "tokens_per_s": tokens_seen / wall,
+    summary = {"tokens_seen": tokens_seen, "steps": total, "wall_time_s": wall,
+               "tokens_per_s": (tokens_seen - tokens_at_start) / wall,  # this process's work, after a resume too
                "train_loss": loss, "val_loss": val_loss, "skipped_steps": skipped,
                "adapter": str(adapter_dir) if tcfg.method == "lora" else str(latest_checkpoint(run_dir)),
                "metrics": str(run_dir / "metrics.jsonl"), "tensorboard": str(run_dir / "tensorboard"),

@@ -1,0 +1,112 @@
+"""`gemmatune export`: a base checkpoint and an adapter (gemmatune's or PEFT's) -> another tool's format.
+
+    hf    the adapter merged into the weights: a Hugging Face Gemma 2 checkpoint (tied head, no lm_head), with the
+          base's tokenizer and the chat template in tokenizer_config.json
+    peft  the adapter alone, as a PEFT LoRA adapter for transformers + peft
+    gguf  the merged weights as one GGUF file for llama.cpp and Ollama (convert/gguf.py, when importable)
+
+The adapter is checked against the base's config.json before any weight is read, and every output is written
+atomically (an interrupted export leaves the output as it was).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+
+from gemmatune.atomic import refuse_to_replace
+from gemmatune.checkpoint import read_json
+from gemmatune.config import load_config
+from gemmatune.convert.hf import TOKENIZER_FILES, WEIGHT_DTYPES, load_hf, save_hf
+from gemmatune.convert.peft import load_any_adapter, save_peft
+from gemmatune.errors import GemmatuneError
+from gemmatune.lora import merge
+from gemmatune.tokenizer import GEMMA2_CHAT_TEMPLATE, TOKENIZER_JSON, TOKENIZER_MODEL
+
+FORMATS = ("hf", "peft", "gguf")
+TOKENIZER_CONFIG = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers 5 saves the template instead of tokenizer_config
+GGUF_DTYPES = {"float32": "f32", "bfloat16": "bf16"}  # merged weights' dtype -> the GGUF writer's name for it
+
+
+def export(model_dir: str | Path, adapter_dir: str | Path, fmt: str, output: str | Path, *, dtype: str = "auto",
+           force: bool = False) -> Path:
+    """Export `adapter_dir` on the base `model_dir` as `fmt` (hf, peft or gguf) to `output` (a directory; a file
+    for gguf). dtype: the merged weights', "auto" (the base's), "float32" or "bfloat16"; for gguf also the GGUF
+    writer's own types (f32, f16, bf16, q8_0). The PEFT adapter stays float32. An existing non-empty output is
+    replaced only with force=True."""
+    model_dir, adapter_dir, output = Path(model_dir), Path(adapter_dir), Path(output)
+    if fmt not in FORMATS:
+        raise GemmatuneError(f"export format {fmt!r} is not one of {', '.join(FORMATS)}.")
+    gguf = _gguf_module() if fmt == "gguf" else None  # an unavailable format fails before anything is read
+    choices = ("auto", *WEIGHT_DTYPES, *(gguf.DTYPES if gguf else ()))
+    if dtype not in choices:
+        raise GemmatuneError(f"dtype {dtype!r} is not one of {', '.join(choices)} for {fmt} export.")
+    if output.resolve() in (model_dir.resolve(), adapter_dir.resolve()):
+        raise GemmatuneError(f"--output {output} is the model or adapter directory itself; choose another output "
+                             "path.")
+    _refuse_existing(output, fmt, force)  # before the (possibly long) loading; the writers check again
+    cfg = load_config(model_dir / "config.json")  # a path, never a preset name
+    adapters, lora_cfg = load_any_adapter(adapter_dir, cfg)  # refuses an adapter of another base, before the weights
+    if fmt == "peft":
+        return save_peft(output, adapters, lora_cfg, cfg, str(model_dir.resolve()), force=force)
+    cfg, params = load_hf(model_dir, dtype if dtype in WEIGHT_DTYPES else "auto")
+    params = merge(params, adapters, lora_cfg)
+    if gguf is not None:  # the GGUF writer reads tokenizer.model and writes the Gemma 2 chat template itself
+        gguf_dtype = dtype if dtype in gguf.DTYPES else GGUF_DTYPES[str(np.dtype(params["embed"].dtype))]
+        gguf.save_gguf(output, cfg, params, model_dir, dtype=gguf_dtype, force=force)
+    else:
+        with _tokenizer_with_template(model_dir) as tokenizer_dir:
+            save_hf(output, cfg, params, tokenizer_dir=tokenizer_dir, force=force)
+    return output
+
+
+def _refuse_existing(output: Path, fmt: str, force: bool) -> None:
+    if fmt != "gguf":
+        refuse_to_replace(output, force, "output")
+    elif output.is_dir():
+        raise GemmatuneError(f"{output}: is a directory; gguf export writes one file: name it (e.g. "
+                             f"{output / 'model.gguf'}).")
+    elif output.exists() and not force:
+        raise GemmatuneError(f"{output}: file exists; pass --force to replace it, or choose another output file.")
+
+
+def _gguf_module() -> ModuleType:
+    """convert/gguf.py, which needs the `gguf` and `sentencepiece` packages."""
+    try:
+        return importlib.import_module("gemmatune.convert.gguf")
+    except ImportError as e:
+        raise GemmatuneError(f"gguf export is not available ({e}); export --format hf and convert the result with "
+                             "llama.cpp's convert_hf_to_gguf.py.") from None
+
+
+@contextlib.contextmanager
+def _tokenizer_with_template(model_dir: Path) -> Iterator[Path]:
+    """A directory with the base's tokenizer files whose tokenizer_config.json holds a chat template: the base's
+    own directory when it does, else a temporary copy with the template added (from chat_template.jinja if the
+    base has one, else the Gemma 2 instruct template gemmatune trains with), so that the export stays atomic."""
+    if not ((model_dir / TOKENIZER_JSON).is_file() or (model_dir / TOKENIZER_MODEL).is_file()):
+        raise GemmatuneError(f"{model_dir}: no {TOKENIZER_JSON} or {TOKENIZER_MODEL}; an exported model needs the "
+                             "base's tokenizer: copy the tokenizer files into the base model directory.")
+    config_path = model_dir / TOKENIZER_CONFIG
+    config = read_json(config_path, "re-download the base model's tokenizer files") if config_path.is_file() else {}
+    if config.get("chat_template"):
+        yield model_dir
+        return
+    jinja = model_dir / CHAT_TEMPLATE_FILE
+    template = jinja.read_text(encoding="utf-8") if jinja.is_file() else GEMMA2_CHAT_TEMPLATE
+    with tempfile.TemporaryDirectory(prefix="gemmatune-tokenizer-") as tmp:
+        for name in TOKENIZER_FILES:
+            if name != TOKENIZER_CONFIG and (model_dir / name).is_file():
+                shutil.copyfile(model_dir / name, Path(tmp) / name)
+        (Path(tmp) / TOKENIZER_CONFIG).write_text(json.dumps({**config, "chat_template": template}, indent=2),
+                                                  encoding="utf-8")
+        yield Path(tmp)
