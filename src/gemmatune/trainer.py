@@ -175,6 +175,7 @@ class Result:
 
 def run(tcfg: TrainConfig) -> Result:
     """Train as tcfg says (the Python API behind `gemmatune train`)."""
+    from gemmatune.atomic import write_text
     from gemmatune.checkpoint import (config_digest, latest_checkpoint, load_checkpoint, prepare_run_dir,
                                       save_adapter, save_checkpoint)
     from gemmatune.convert.hf import load_hf
@@ -188,7 +189,7 @@ def run(tcfg: TrainConfig) -> Result:
     run_dir = Path(tcfg.output)
     resume_from = prepare_run_dir(run_dir, config_digest(to_dict(tcfg)), resume=tcfg.resume,
                                   overwrite=tcfg.overwrite)
-    (run_dir / "config.yaml").write_text(dump_yaml(tcfg), encoding="utf-8")
+    write_text(run_dir / "config.yaml", dump_yaml(tcfg))
     tokenizer = load_tokenizer(tcfg.model)
     cfg, base = load_hf(tcfg.model, dtype=tcfg.dtype)
     if tokenizer.vocab_size > cfg.vocab_size:
@@ -290,6 +291,6 @@ def run(tcfg: TrainConfig) -> Result:
                "metrics": str(run_dir / "metrics.jsonl"), "tensorboard": str(run_dir / "tensorboard"),
                "plot": str(plot)}
     summary = {k: v for k, v in summary.items() if v is not None}
-    (run_dir / "summary.txt").write_text(format_summary(summary) + "\n", encoding="utf-8")
+    write_text(run_dir / "summary.txt", format_summary(summary) + "\n")
     print(format_summary(summary), file=sys.stderr)
     return Result(summary, answers)
