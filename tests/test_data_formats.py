@@ -13,7 +13,15 @@ from transformers import AutoTokenizer
 
 from gemmatune.config import DEFAULT_MODEL, PLAIN_TEMPLATE, DataConfig
 from gemmatune.data import formats as F
-from gemmatune.data.formats import CHAT, INSTRUCTION, TEXT, Formatter, Layout, detect_layout, fit
+from gemmatune.data.formats import (
+    CHAT,
+    INSTRUCTION,
+    TEXT,
+    Formatter,
+    Layout,
+    detect_layout,
+    fit,
+)
 from gemmatune.data.records import Example, RowError
 from gemmatune.errors import GemmatuneError
 from gemmatune.tokenizer import Tokenizer, load_tokenizer, render_chat

@@ -18,7 +18,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gemmatune.data.loader import BatchIterator, ExampleStore, StoreWriter, split_indices
+from gemmatune.data.loader import (
+    BatchIterator,
+    ExampleStore,
+    StoreWriter,
+    split_indices,
+)
 from gemmatune.data.records import Example
 from gemmatune.errors import GemmatuneError
 

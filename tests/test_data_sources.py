@@ -22,9 +22,19 @@ from hypothesis import strategies as st
 
 from gemmatune.data import sources
 from gemmatune.data.records import BadRow, DataError, Location, Row
-from gemmatune.data.sources import (BAD_HEADER, EMPTY_FILE, INVALID_ARROW, INVALID_PARQUET, INVALID_UTF8,
-                                    MALFORMED_CSV, MALFORMED_JSON, NOT_AN_OBJECT, UNREADABLE, WRONG_COLUMNS,
-                                    iter_rows)
+from gemmatune.data.sources import (
+    BAD_HEADER,
+    EMPTY_FILE,
+    INVALID_ARROW,
+    INVALID_PARQUET,
+    INVALID_UTF8,
+    MALFORMED_CSV,
+    MALFORMED_JSON,
+    NOT_AN_OBJECT,
+    UNREADABLE,
+    WRONG_COLUMNS,
+    iter_rows,
+)
 from gemmatune.errors import GemmatuneError
 
 ROWS = [{"q": "héllo", "a": "wörld"}, {"q": "2", "a": "multi\nline, \"quoted\""}, {"q": "", "a": "日本"}]

@@ -12,10 +12,24 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gemmatune.config import LORA_TARGETS, PLAIN_TEMPLATE, DataConfig, LoraConfig, TrainConfig
+from gemmatune.config import (
+    LORA_TARGETS,
+    PLAIN_TEMPLATE,
+    DataConfig,
+    LoraConfig,
+    TrainConfig,
+)
 from gemmatune.errors import GemmatuneError
-from gemmatune.settings import (add_data_args, add_train_args, config_from_dict, data_config_from_args,
-                                dump_yaml, load_yaml, to_dict, train_config_from_args)
+from gemmatune.settings import (
+    add_data_args,
+    add_train_args,
+    config_from_dict,
+    data_config_from_args,
+    dump_yaml,
+    load_yaml,
+    to_dict,
+    train_config_from_args,
+)
 
 
 def write(tmp_path: Path, text: str) -> Path:

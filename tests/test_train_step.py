@@ -9,13 +9,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
 from conftest import SMALL
+
 from gemmatune import lora
 from gemmatune import model as M
 from gemmatune.config import LoraConfig, ModelConfig, TrainConfig
 from gemmatune.loss import chunked_loss
-from gemmatune.trainer import Shapes, init_state, make_train_step, optimizer, split_trainable
+from gemmatune.trainer import (
+    Shapes,
+    init_state,
+    make_train_step,
+    optimizer,
+    split_trainable,
+)
 
 TCFG = TrainConfig(dtype="float32", lora=LoraConfig(rank=4, alpha=8.0), lr=1e-2, remat="none", loss_chunk=24,
                    clip_norm=0.0)

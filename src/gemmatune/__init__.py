@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from gemmatune.config import PRESETS, DataConfig, LoraConfig, ModelConfig, TrainConfig, load_config
+from gemmatune.config import (
+    PRESETS,
+    DataConfig,
+    LoraConfig,
+    ModelConfig,
+    TrainConfig,
+    load_config,
+)
 from gemmatune.errors import GemmatuneError
 
 if TYPE_CHECKING:

@@ -24,7 +24,14 @@ from typing import Any
 import jax
 import numpy as np
 
-from gemmatune.atomic import LEFTOVER, refuse_to_replace, remove_dir, remove_leftovers, staged_dir, write_text
+from gemmatune.atomic import (
+    LEFTOVER,
+    refuse_to_replace,
+    remove_dir,
+    remove_leftovers,
+    staged_dir,
+    write_text,
+)
 from gemmatune.config import LoraConfig, ModelConfig
 from gemmatune.errors import GemmatuneError
 from gemmatune.lora import adapter_shapes

@@ -19,21 +19,21 @@ SAMPLE = Path(__file__).parent / "assets" / "sample"  # the embedded default job
 def _model_dir(path: str) -> str:
     if not Path(path).is_dir():
         raise GemmatuneError(f"--model {path}: no such directory. Pass a Gemma 2 checkpoint directory in Hugging "
-                             "Face layout (config.json, *.safetensors, tokenizer files), or leave --model out to use "
-                             "the embedded tiny model.")
+                             "Face layout (config.json, *.safetensors, tokenizer files) or a KerasHub preset, or "
+                             "leave --model out to use the embedded tiny model.")
     return path
 
 
 def _load_merged(model: str, adapter: str | None, dtype: str, stacked: bool) -> tuple:
     """(config, parameters) of the base checkpoint, with an adapter (gemmatune's or PEFT's) folded in."""
-    from gemmatune.convert.hf import load_hf
+    from gemmatune.convert import load_model
     from gemmatune.convert.peft import load_any_adapter
     from gemmatune.lora import merge
     from gemmatune.model import unstack
 
     if adapter is None:
-        return load_hf(_model_dir(model), dtype=dtype, stacked=stacked)
-    cfg, params = load_hf(_model_dir(model), dtype=dtype)  # merging works on the stacked layers
+        return load_model(_model_dir(model), dtype=dtype, stacked=stacked)
+    cfg, params = load_model(_model_dir(model), dtype=dtype)  # merging works on the stacked layers
     adapters, lora_cfg = load_any_adapter(adapter, cfg)
     params = merge(params, adapters, lora_cfg)
     return cfg, params if stacked else unstack(params)

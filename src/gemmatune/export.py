@@ -26,6 +26,7 @@ from gemmatune.atomic import refuse_to_replace
 from gemmatune.checkpoint import read_json
 from gemmatune.config import load_config
 from gemmatune.convert.hf import TOKENIZER_FILES, WEIGHT_DTYPES, load_hf, save_hf
+from gemmatune.convert.kerashub import is_kerashub_preset
 from gemmatune.convert.peft import load_any_adapter, save_peft
 from gemmatune.errors import GemmatuneError
 from gemmatune.lora import merge
@@ -54,6 +55,10 @@ def export(model_dir: str | Path, adapter_dir: str | Path, fmt: str, output: str
         raise GemmatuneError(f"--output {output} is the model or adapter directory itself; choose another output "
                              "path.")
     _refuse_existing(output, fmt, force)  # before the (possibly long) loading; the writers check again
+    if is_kerashub_preset(model_dir):
+        raise GemmatuneError(f"--model {model_dir} is a KerasHub preset: training and generating from it work, but "
+                             "exporting needs the base in Hugging Face layout (its tokenizer files are not "
+                             "carried over yet); export from the Hugging Face checkpoint of the same model.")
     cfg = load_config(model_dir / "config.json")  # a path, never a preset name
     adapters, lora_cfg = load_any_adapter(adapter_dir, cfg)  # refuses an adapter of another base, before the weights
     if fmt == "peft":

@@ -127,8 +127,12 @@ class StreamDecoder:
 
 
 def load_tokenizer(model_dir: str | Path) -> Tokenizer:
-    """Load `model_dir`/tokenizer.json (preferred) or `model_dir`/tokenizer.model."""
+    """Load `model_dir`/tokenizer.json (preferred) or `model_dir`/tokenizer.model, or a KerasHub preset's
+    assets/tokenizer/vocabulary.spm (a SentencePiece model)."""
     model_dir = Path(model_dir)
+    keras_spm = model_dir / "assets" / "tokenizer" / "vocabulary.spm"
+    if keras_spm.is_file():  # a KerasHub preset: its tokenizer.json is a Keras layer config, not a tokenizer
+        return _load_sentencepiece(keras_spm)
     if (model_dir / TOKENIZER_JSON).is_file():
         return _load_tokenizer_json(model_dir / TOKENIZER_JSON)
     if (model_dir / TOKENIZER_MODEL).is_file():

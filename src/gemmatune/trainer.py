@@ -176,9 +176,15 @@ class Result:
 def run(tcfg: TrainConfig) -> Result:
     """Train as tcfg says (the Python API behind `gemmatune train`)."""
     from gemmatune.atomic import write_text
-    from gemmatune.checkpoint import (config_digest, latest_checkpoint, load_checkpoint, prepare_run_dir,
-                                      save_adapter, save_checkpoint)
-    from gemmatune.convert.hf import load_hf
+    from gemmatune.checkpoint import (
+        config_digest,
+        latest_checkpoint,
+        load_checkpoint,
+        prepare_run_dir,
+        save_adapter,
+        save_checkpoint,
+    )
+    from gemmatune.convert import load_model
     from gemmatune.data.loader import BatchIterator
     from gemmatune.data.pipeline import describe, prepare
     from gemmatune.metrics import MetricsLog, Progress, format_summary, plot_losses
@@ -191,7 +197,7 @@ def run(tcfg: TrainConfig) -> Result:
                                   overwrite=tcfg.overwrite)
     write_text(run_dir / "config.yaml", dump_yaml(tcfg))
     tokenizer = load_tokenizer(tcfg.model)
-    cfg, base = load_hf(tcfg.model, dtype=tcfg.dtype)
+    cfg, base = load_model(tcfg.model, dtype=tcfg.dtype)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise GemmatuneError(f"{tcfg.model}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                              f"{cfg.vocab_size} embedding rows; the tokenizer files belong to another model.")

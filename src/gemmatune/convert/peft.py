@@ -17,8 +17,14 @@ from typing import Any
 import numpy as np
 
 from gemmatune.atomic import refuse_to_replace, staged_dir, write_text
-from gemmatune.checkpoint import (ADAPTER_CONFIG, ADAPTER_FILE, ADAPTER_FORMAT, check_adapter_shapes, read_json,
-                                  load_adapter)
+from gemmatune.checkpoint import (
+    ADAPTER_CONFIG,
+    ADAPTER_FILE,
+    ADAPTER_FORMAT,
+    check_adapter_shapes,
+    load_adapter,
+    read_json,
+)
 from gemmatune.config import LoraConfig, ModelConfig
 from gemmatune.convert.hf import LAYER_KEYS, hf_shape
 from gemmatune.errors import GemmatuneError
