@@ -21,10 +21,10 @@ from gemmatune.config import GLOBAL, LOCAL
 from gemmatune.convert.kerashub import (
     is_kerashub_preset,
     load_kerashub,
-    load_kerashub_tokenizer,
 )
 from gemmatune.errors import GemmatuneError
 from gemmatune.model import forward
+from gemmatune.tokenizer import load_tokenizer
 
 TOKENIZER = Path(__file__).parents[1] / "src" / "gemmatune" / "assets" / "tiny" / "tokenizer.model"
 # hidden // heads = 24 differs from head_dim = 16, so a wrong query scale shows; window 8 with 40 tokens spans
@@ -96,7 +96,7 @@ def test_dtype_and_tokenizer(preset: tuple[Path, keras.Model]) -> None:
     import sentencepiece as spm
 
     text = "Hello world, how are you? Fine-tuning Gemma 2."
-    assert load_kerashub_tokenizer(path).encode(text) == spm.SentencePieceProcessor(model_file=str(TOKENIZER)).encode(text)
+    assert load_tokenizer(path).encode(text) == spm.SentencePieceProcessor(model_file=str(TOKENIZER)).encode(text)
 
 
 def test_bfloat16_preset(tmp_path: Path) -> None:

@@ -33,14 +33,12 @@ from gemmatune.config import GLOBAL, ModelConfig
 from gemmatune.convert.hf import WEIGHT_DTYPES, _set_layer, _zeros
 from gemmatune.errors import GemmatuneError
 from gemmatune.model import Params, param_shapes
-from gemmatune.tokenizer import Tokenizer, _load_sentencepiece
 
 if TYPE_CHECKING:
     import h5py
 
 CONFIG = "config.json"
 WEIGHTS = "model.weights.h5"
-VOCABULARY = Path("assets", "tokenizer", "vocabulary.spm")
 
 # gemmatune per-layer name -> path inside a decoder block's group, and the axes permutation into our layout.
 LAYER_KEYS: dict[str, tuple[str, tuple[int, ...] | None]] = {
@@ -190,18 +188,4 @@ def load_kerashub(model_dir: str | Path, dtype: str = "auto") -> tuple[ModelConf
             params["layers"] = jax.block_until_ready(_set_layer(params["layers"], layer, i))
             del layer
     return cfg, params
-
-
-def kerashub_tokenizer_path(model_dir: str | Path) -> Path:
-    """The preset's SentencePiece model. It is Gemma's tokenizer.model under another name; the preset's
-    tokenizer.json is a Keras layer config, so `load_tokenizer` must not read it as a Hugging Face tokenizer."""
-    path = Path(model_dir) / VOCABULARY
-    if not path.is_file():
-        raise GemmatuneError(f"{path}: no such file; a KerasHub Gemma preset keeps its SentencePiece model there. "
-                             "Re-download the preset.")
-    return path
-
-
-def load_kerashub_tokenizer(model_dir: str | Path) -> Tokenizer:
-    return _load_sentencepiece(kerashub_tokenizer_path(model_dir))
 
