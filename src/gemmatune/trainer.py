@@ -21,11 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gemmatune import lora
+from gemmatune import lora, sharding
 from gemmatune.config import ModelConfig, TrainConfig
 from gemmatune.errors import GemmatuneError
 from gemmatune.loss import chunked_loss
-from gemmatune.model import Params, hidden_states, unstack
+from gemmatune.model import Params, hidden_states, param_shapes, unstack
 
 State = dict[str, Any]  # {"params": trainable tree, "opt_state", "step": int32, "rng": PRNG key}
 BATCH_KEYS = ("inputs", "targets", "weights", "segment_ids", "positions")
@@ -91,14 +91,55 @@ def loss_sums(trainable: Params, frozen: Params, batch: dict[str, jax.Array], ke
                         tcfg.loss_chunk)
 
 
-def make_train_step(cfg: ModelConfig, tcfg: TrainConfig, opt: optax.GradientTransformation
+@dataclasses.dataclass(frozen=True)
+class StepShardings:
+    """Where the train step's arguments live on a mesh: the train state (adapters, and the optimizer moments laid
+    out like them), the frozen base, and the [k, B, T] micro-batches (rows over data and fsdp)."""
+
+    state: State
+    frozen: Params
+    batches: dict[str, Any]
+    rows: dict[str, Any]  # one [B, T] batch (evaluation)
+
+
+def _trainable_shapes(cfg: ModelConfig, tcfg: TrainConfig) -> Params:
+    return param_shapes(cfg) if tcfg.method == "full" else lora.adapter_shapes(cfg, tcfg.lora)
+
+
+def _abstract(shapes: Params, dtype: Any) -> Params:
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, dtype), shapes, is_leaf=lambda s: isinstance(s, tuple))
+
+
+def step_shardings(cfg: ModelConfig, tcfg: TrainConfig, mesh: jax.sharding.Mesh,
+                   opt: optax.GradientTransformation) -> StepShardings:
+    """Every argument's sharding from sharding.RULES: the trained tree split like the weights it adapts (rank
+    replicated), optimizer moments like their parameter, counters and the PRNG key replicated."""
+    shapes = _trainable_shapes(cfg, tcfg)
+    params = sharding.tree_shardings(mesh, sharding.trainable_axes(cfg, tcfg.method, tcfg.lora), shapes)
+    rep = sharding.replicated(mesh)
+    opt_state = optax.tree_map_params(opt, lambda _, s: s, jax.eval_shape(opt.init, _abstract(shapes, jnp.float32)),
+                                      params, transform_non_params=lambda _: rep)
+    frozen = {} if tcfg.method == "full" else sharding.param_shardings(cfg, mesh)
+    rows = jax.sharding.NamedSharding(mesh, sharding.spec(sharding.BATCH, (tcfg.batch_size, 1), mesh.shape))
+    micro = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *rows.spec))
+    return StepShardings({"params": params, "opt_state": opt_state, "step": rep, "rng": rep}, frozen,
+                         dict.fromkeys(BATCH_KEYS, micro), dict.fromkeys(BATCH_KEYS, rows))
+
+
+def make_train_step(cfg: ModelConfig, tcfg: TrainConfig, opt: optax.GradientTransformation,
+                    mesh: jax.sharding.Mesh | None = None
                     ) -> Callable[[State, Params, dict[str, jax.Array]], tuple[State, dict[str, jax.Array]]]:
     """step(state, frozen, batches) with batches [k, B, T] (k = grad_accum micro-batches) -> (state, metrics).
-    A step whose loss or gradients are not finite leaves the state unchanged, with metrics["finite"] False."""
+    A step whose loss or gradients are not finite leaves the state unchanged, with metrics["finite"] False.
+    With a mesh, the arguments are taken and the state returned as `step_shardings` lays them out."""
     grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
     use_dropout = tcfg.method == "lora" and tcfg.lora.dropout > 0
 
     def step(state: State, frozen: Params, batches: dict[str, jax.Array]) -> tuple[State, dict[str, jax.Array]]:
+        with sharding.active(mesh):
+            return _step(state, frozen, batches)
+
+    def _step(state: State, frozen: Params, batches: dict[str, jax.Array]) -> tuple[State, dict[str, jax.Array]]:
         rng, step_key = jax.random.split(state["rng"])
 
         def micro(acc: tuple[Params, jax.Array, jax.Array], xs: tuple[dict[str, jax.Array], jax.Array]
@@ -125,15 +166,50 @@ def make_train_step(cfg: ModelConfig, tcfg: TrainConfig, opt: optax.GradientTran
         new = {**new, **jax.tree.map(lambda n, o: jnp.where(finite, n, o),
                                      {"params": params, "opt_state": opt_state},
                                      {"params": state["params"], "opt_state": state["opt_state"]})}
-        return new, {"loss": loss, "tokens": count, "grad_norm": grad_norm, "finite": finite}
+        # "seen": every non-padding input position, counted here because each process holds only its own rows.
+        return new, {"loss": loss, "tokens": count, "grad_norm": grad_norm, "finite": finite,
+                     "seen": jnp.count_nonzero(batches["segment_ids"])}
 
-    return jax.jit(step, donate_argnums=0)
+    if mesh is None:
+        return jax.jit(step, donate_argnums=0)
+    sh = step_shardings(cfg, tcfg, mesh, opt)
+    return jax.jit(step, donate_argnums=0, in_shardings=(sh.state, sh.frozen, sh.batches),
+                   out_shardings=(sh.state, sharding.replicated(mesh)))
 
 
-def make_eval_step(cfg: ModelConfig, tcfg: TrainConfig
+def make_eval_step(cfg: ModelConfig, tcfg: TrainConfig, mesh: jax.sharding.Mesh | None = None
                    ) -> Callable[[Params, Params, dict[str, jax.Array]], tuple[jax.Array, jax.Array]]:
     """eval(trainable, frozen, batch [B, T]) -> (loss sum, count), no dropout."""
-    return jax.jit(lambda trainable, frozen, batch: loss_sums(trainable, frozen, batch, None, cfg, tcfg))
+    def evaluate(trainable: Params, frozen: Params, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        with sharding.active(mesh):
+            return loss_sums(trainable, frozen, batch, None, cfg, tcfg)
+
+    if mesh is None:
+        return jax.jit(evaluate)
+    sh = step_shardings(cfg, tcfg, mesh, optax.identity())
+    return jax.jit(evaluate, in_shardings=(sh.state["params"], sh.frozen, sh.rows),
+                   out_shardings=sharding.replicated(mesh))
+
+
+def abstract_step(cfg: ModelConfig, tcfg: TrainConfig, mesh: jax.sharding.Mesh, shapes: Shapes
+                  ) -> tuple[Callable[..., Any], tuple[State, Params, dict[str, jax.ShapeDtypeStruct]]]:
+    """The train step `run` would compile for this configuration on `mesh`, and its arguments as
+    jax.ShapeDtypeStructs carrying their shardings; no weights are read or allocated. For planning:
+    `step.lower(*args).compile().memory_analysis()` gives the per-device memory of the real step."""
+    opt = optimizer(tcfg, max(tcfg.max_steps, 1))
+    sh = step_shardings(cfg, tcfg, mesh, opt)
+    params = _abstract(_trainable_shapes(cfg, tcfg), jnp.float32)
+    state = {"params": params, "opt_state": jax.eval_shape(opt.init, params),
+             "step": jax.ShapeDtypeStruct((), jnp.int32), "rng": jax.eval_shape(jax.random.key, 0)}
+    frozen = {} if tcfg.method == "full" else _abstract(param_shapes(cfg), jnp.dtype(tcfg.dtype))
+    batch = (shapes.grad_accum, shapes.batch_size, shapes.seq_len)
+    batches = {k: jax.ShapeDtypeStruct(batch, jnp.float32 if k == "weights" else jnp.int32) for k in BATCH_KEYS}
+
+    def with_sharding(a: jax.ShapeDtypeStruct, s: jax.sharding.Sharding) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+
+    args = jax.tree.map(with_sharding, (state, frozen, batches), (sh.state, sh.frozen, sh.batches))
+    return make_train_step(cfg, tcfg, opt, mesh), args
 
 
 @dataclasses.dataclass(frozen=True)
