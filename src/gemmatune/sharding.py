@@ -236,14 +236,33 @@ def check_batch(mesh: Mesh, batch_size: int) -> None:
 
 # --- placing host arrays ----------------------------------------------------------------------------------------
 
-def place(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
+def place(host: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
     """A host array -> a global array with `sharding`: each of this process's devices receives only its slice,
     so the host never holds more than `host` itself (and every process passes the same `host`)."""
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
-def place_tree(tree: Params, shardings: Params) -> Params:
-    return jax.tree.map(lambda a, s: place(np.asarray(a), s), tree, shardings)
+def put(tree: Any, shardings: Any) -> Any:
+    """Every array of `tree` with its sharding: arrays already laid out so are kept as they are, others (host
+    arrays, or arrays on one device) are placed slice by slice."""
+    def one(a: Any, s: NamedSharding) -> jax.Array:
+        if isinstance(a, jax.Array) and a.sharding.is_equivalent_to(s, a.ndim):
+            return a
+        return place(np.asarray(a), s)
+
+    return jax.tree.map(one, tree, shardings)
+
+
+def process_rows(sharding: NamedSharding, shape: Sequence[int], axis: int) -> range:
+    """The indices along `axis` of an array of `shape` that this process's devices hold (a contiguous run: the mesh
+    puts a process's devices next to each other), i.e. the rows of a batch this process must supply."""
+    spans = {(i[axis].start or 0, shape[axis] if i[axis].stop is None else i[axis].stop)
+             for i in sharding.addressable_devices_indices_map(tuple(shape)).values()}
+    lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+    if sum(b - a for a, b in spans) != hi - lo:
+        raise GemmatuneError(f"this process's devices hold rows {sorted(spans)} of the batch, not one contiguous "
+                             "run; order the mesh so that each process's devices are adjacent on the data axes.")
+    return range(lo, hi)
 
 
 def to_host(tree: Any) -> Any:

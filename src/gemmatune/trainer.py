@@ -8,9 +8,12 @@ effective batch: k micro-batches give the update of one batch k times the size.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import math
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gemmatune import lora, sharding
+from gemmatune import distributed, lora, sharding
 from gemmatune.config import ModelConfig, TrainConfig
 from gemmatune.errors import GemmatuneError
 from gemmatune.loss import chunked_loss
@@ -76,8 +79,14 @@ def model_params(trainable: Params, frozen: Params, tcfg: TrainConfig) -> Params
     return trainable if tcfg.method == "full" else lora.attach(frozen, trainable)
 
 
-def init_state(trainable: Params, opt: optax.GradientTransformation, key: jax.Array) -> State:
-    return {"params": trainable, "opt_state": opt.init(trainable), "step": jnp.zeros((), jnp.int32), "rng": key}
+def init_state(trainable: Params, opt: optax.GradientTransformation, key: jax.Array,
+               shardings: State | None = None) -> State:
+    """A fresh train state; with shardings (StepShardings.state), built on their mesh from a copy of trainable."""
+    if shardings is None:
+        return {"params": trainable, "opt_state": opt.init(trainable), "step": jnp.zeros((), jnp.int32), "rng": key}
+    # The key enters as raw data, a host array that every process passes alike.
+    build = jax.jit(lambda t, k: init_state(t, opt, jax.random.wrap_key_data(k)), out_shardings=shardings)
+    return build(sharding.put(trainable, shardings["params"]), np.asarray(jax.random.key_data(key)))
 
 
 def loss_sums(trainable: Params, frozen: Params, batch: dict[str, jax.Array], key: jax.Array | None,
@@ -225,6 +234,17 @@ class Shapes:
         return {k: jnp.asarray(rows[k]).reshape(self.grad_accum, self.batch_size, self.seq_len)
                 for k in BATCH_KEYS}
 
+    def take(self, rows: range) -> list[int]:
+        """Which of a step's k * B rows a process reads when it supplies rows `rows` of each micro-batch."""
+        return [i * self.batch_size + j for i in range(self.grad_accum) for j in rows]
+
+
+def global_batch(rows: dict[str, Any], shardings: dict[str, jax.sharding.NamedSharding],
+                 shape: tuple[int, ...]) -> dict[str, jax.Array]:
+    """This process's rows -> global arrays of `shape` ([k, B, T] or [B, T]); one process supplies them all."""
+    return {k: jax.make_array_from_process_local_data(
+        shardings[k], np.asarray(rows[k]).reshape(shape[:-2] + (-1, shape[-1])), shape) for k in BATCH_KEYS}
+
 
 # --- the loop --------------------------------------------------------------------------------------------------
 
@@ -241,6 +261,14 @@ def answer(params: Params, cfg: ModelConfig, tokenizer: Any, prompts: list[str],
     out = generate(unstack(params), cfg, ids, max_new_tokens=max_new_tokens,
                    stop_ids=(tokenizer.eos_id, tokenizer.end_of_turn_id))
     return [tokenizer.decode(o) for o in out]
+
+
+def _private_dir() -> Path:
+    """A directory of this process's own, removed at exit: what processes other than 0 write (their copy of the
+    prepared data, their logs) never lands in the shared run directory."""
+    path = Path(tempfile.mkdtemp(prefix=f"gemmatune-process{jax.process_index()}-"))
+    atexit.register(shutil.rmtree, path, True)
+    return path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,31 +295,49 @@ def run(tcfg: TrainConfig) -> Result:
     from gemmatune.settings import dump_yaml, to_dict
     from gemmatune.tokenizer import load_tokenizer
 
+    distributed.initialize(tcfg)  # before anything touches the devices
+    main = distributed.is_main()  # process 0 alone writes the run directory
     t_start = time.perf_counter()
     run_dir = Path(tcfg.output)
-    resume_from = prepare_run_dir(run_dir, config_digest(to_dict(tcfg)), resume=tcfg.resume,
-                                  overwrite=tcfg.overwrite)
-    write_text(run_dir / "config.yaml", dump_yaml(tcfg))
+    if main:
+        resume_from = prepare_run_dir(run_dir, config_digest(to_dict(tcfg)), resume=tcfg.resume,
+                                      overwrite=tcfg.overwrite)
+        write_text(run_dir / "config.yaml", dump_yaml(tcfg))
+    distributed.barrier("run_dir")
+    if not main:  # --output must be shared by all hosts for a resume: the others read process 0's checkpoint
+        resume_from = latest_checkpoint(run_dir) if tcfg.resume else None
+    mesh = sharding.make_mesh(tcfg.mesh)
+    sharding.check_batch(mesh, tcfg.batch_size)
+    print(f"mesh {sharding.describe(mesh)}: {jax.device_count()} {jax.devices()[0].platform} device(s) in "
+          f"{jax.process_count()} process(es)", file=sys.stderr)
     tokenizer = load_tokenizer(tcfg.model)
-    cfg, base = load_model(tcfg.model, dtype=tcfg.dtype)
+    cfg, base = load_model(tcfg.model, dtype=tcfg.dtype, mesh=mesh)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise GemmatuneError(f"{tcfg.model}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                              f"{cfg.vocab_size} embedding rows; the tokenizer files belong to another model.")
-    data = prepare(tcfg.data, tokenizer, run_dir / "data")
+    # Every process prepares the data (the same examples); the others into a private directory, so that hosts
+    # need not share a filesystem and never write the same files.
+    data = prepare(tcfg.data, tokenizer, run_dir / "data" if main else _private_dir())
     print(f"data: {describe(data.train.report)}", file=sys.stderr)
     seq_len, rows_per_step = tcfg.data.max_seq_len, tcfg.batch_size * tcfg.grad_accum
+    shapes = Shapes(tcfg.grad_accum, tcfg.batch_size, seq_len)
+    total = tcfg.max_steps  # (set from the data below when 0)
+    opt = optimizer(tcfg, max(total, 1))  # only its structure matters for the shardings
+    sh = step_shardings(cfg, tcfg, mesh, opt)
+    mine = sharding.process_rows(sh.rows["inputs"], (tcfg.batch_size, seq_len), 0)  # this process's rows
 
-    def batches(split: Any, batch_size: int, shuffle: bool) -> BatchIterator:
+    def batches(split: Any, batch_size: int, shuffle: bool, take: list[int]) -> BatchIterator:
         return BatchIterator(split.store, split.indices, seq_len=seq_len, batch_size=batch_size,
                              pad_id=tokenizer.pad_id, packing=tcfg.data.packing,
-                             shuffle_buffer=tcfg.data.shuffle_buffer, seed=tcfg.data.seed, shuffle=shuffle)
+                             shuffle_buffer=tcfg.data.shuffle_buffer, seed=tcfg.data.seed, shuffle=shuffle,
+                             take=take)
 
-    train_it = batches(data.train, rows_per_step, True)
+    train_it = batches(data.train, rows_per_step, True, shapes.take(mine))
     total = tcfg.max_steps or max(1, math.ceil(tcfg.epochs * train_it.epoch_rows() / rows_per_step))
     opt, lr_at = optimizer(tcfg, total), schedule(tcfg, total)
     init_key, train_key = jax.random.split(jax.random.key(tcfg.seed))
     trainable, frozen = split_trainable(base, cfg, tcfg, init_key)
-    state = init_state(trainable, opt, train_key)
+    state = init_state(trainable, opt, train_key, sh.state)
     start, skipped, tokens_seen = 0, 0, 0
     if resume_from is not None:
         state, meta = load_checkpoint(resume_from, state)
@@ -303,8 +349,7 @@ def run(tcfg: TrainConfig) -> Result:
     if start > total:
         raise GemmatuneError(f"{run_dir}: the run already reached step {start} of {total}; raise --max-steps or "
                              "--epochs to train further, or choose another --output.")
-    train_step, eval_step = make_train_step(cfg, tcfg, opt), make_eval_step(cfg, tcfg)
-    shapes = Shapes(tcfg.grad_accum, tcfg.batch_size, seq_len)
+    train_step, eval_step = make_train_step(cfg, tcfg, opt, mesh), make_eval_step(cfg, tcfg, mesh)
 
     def evaluate(step: int, record: bool = True) -> tuple[float | None, list[tuple[str, str]]]:
         """Validation loss (logged with perplexity) and the answers to the evaluation prompts (logged), unless
@@ -312,8 +357,8 @@ def run(tcfg: TrainConfig) -> Result:
         val_loss = None
         if data.val is not None:
             total_loss = count = 0.0
-            for rows in batches(data.val, tcfg.batch_size, False):
-                s, c = eval_step(state["params"], frozen, {k: jnp.asarray(rows[k]) for k in BATCH_KEYS})
+            for rows in batches(data.val, tcfg.batch_size, False, list(mine)):
+                s, c = eval_step(state["params"], frozen, global_batch(rows, sh.rows, (tcfg.batch_size, seq_len)))
                 total_loss, count = total_loss + float(s), count + float(c)
             val_loss = total_loss / max(count, 1.0)
             if record:
@@ -328,20 +373,26 @@ def run(tcfg: TrainConfig) -> Result:
         return val_loss, answers
 
     def checkpoint(step: int) -> None:
-        save_checkpoint(run_dir, step, state, {"step": step, "skipped": skipped, "tokens_seen": tokens_seen,
-                                               "data": train_it.state()}, tcfg.keep)
+        # Gathered by every process, written by process 0; nobody continues until the checkpoint is complete.
+        host = sharding.to_host(state)
+        if main:
+            save_checkpoint(run_dir, step, host, {"step": step, "skipped": skipped, "tokens_seen": tokens_seen,
+                                                  "data": train_it.state()}, tcfg.keep)
+        distributed.barrier(f"checkpoint-{step}")
 
     val_loss = loss = None
     answers: list[tuple[str, str]] = []
-    with MetricsLog(run_dir, start_step=start) as log, Progress(total, start_step=start) as progress:
+    log_dir = run_dir if main else _private_dir()  # the other processes' logs are their own, then discarded
+    with MetricsLog(log_dir, start_step=start) as log, Progress(total, start_step=start) as progress:
         t_log, tokens_at_log = time.perf_counter(), tokens_seen
         if start == total:  # the final evaluation was logged before the final checkpoint: only recompute it
             val_loss, answers = evaluate(total, record=False)
         for step in range(start + 1, total + 1):
             rows = next(train_it)
-            state, m = train_step(state, frozen, shapes.stack(rows))
-            m = jax.device_get(m)
-            tokens_seen += int(np.count_nonzero(rows["segment_ids"]))
+            state, m = train_step(state, frozen, global_batch(rows, sh.batches, (tcfg.grad_accum, tcfg.batch_size,
+                                                                                  seq_len)))
+            m = jax.device_get(sharding.to_host(m))
+            tokens_seen += int(m["seen"])
             if not m["finite"]:
                 if tcfg.nonfinite == "stop":
                     last = latest_checkpoint(run_dir)
@@ -362,9 +413,11 @@ def run(tcfg: TrainConfig) -> Result:
             if (tcfg.save_every and step % tcfg.save_every == 0) or step == total:
                 checkpoint(step)
     adapter_dir = run_dir / "adapter"
-    if tcfg.method == "lora":
-        save_adapter(adapter_dir, jax.device_get(state["params"]), tcfg.lora, cfg, tcfg.model, force=True)
-    plot = plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
+    adapters = sharding.to_host(state["params"]) if tcfg.method == "lora" else None
+    if main and adapters is not None:
+        save_adapter(adapter_dir, jax.device_get(adapters), tcfg.lora, cfg, tcfg.model, force=True)
+    distributed.barrier("adapter")
+    plot = plot_losses(log_dir / "metrics.jsonl", log_dir / "loss.png")
     wall = time.perf_counter() - t_start
     summary = {"tokens_seen": tokens_seen, "steps": total, "wall_time_s": wall,
                "tokens_per_s": (tokens_seen - tokens_at_start) / wall,  # this process's work, after a resume too
@@ -373,6 +426,7 @@ def run(tcfg: TrainConfig) -> Result:
                "metrics": str(run_dir / "metrics.jsonl"), "tensorboard": str(run_dir / "tensorboard"),
                "plot": str(plot)}
     summary = {k: v for k, v in summary.items() if v is not None}
-    write_text(run_dir / "summary.txt", format_summary(summary) + "\n")
-    print(format_summary(summary), file=sys.stderr)
+    if main:
+        write_text(run_dir / "summary.txt", format_summary(summary) + "\n")
+        print(format_summary(summary), file=sys.stderr)
     return Result(summary, answers)
