@@ -39,6 +39,10 @@ ODD = dataclasses.replace(SMALL, num_layers=2, layer_types=())  # 4 heads and 2 
 # difference in a near-zero gradient flips.
 TCFG = TrainConfig(dtype="float32", lora=LoraConfig(rank=4, alpha=8.0), lr=1e-2, remat="none", loss_chunk=64,
                    clip_norm=0.0, batch_size=8, grad_accum=2, adam_eps=1e-3)
+# A child process's environment: 8 simulated CPU devices, this checkout's gemmatune.
+EIGHT_ENV = {**os.environ,
+             "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8",
+             "PYTHONPATH": os.pathsep.join([str(Path(S.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
 MESHES = ["data=8", "model=8", "data=2,model=4"]  # fsdp: in test_generation_is_the_same_on_a_mesh
 
 
@@ -100,9 +104,8 @@ def test_shard_is_a_no_op_off_mesh() -> None:
 @pytest.mark.skipif(EIGHT, reason="already on 8 devices")
 @pytest.mark.slow
 def test_on_8_simulated_devices() -> None:
-    env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8",
-           "PYTHONPATH": os.pathsep.join([str(Path(S.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__], env=env, capture_output=True, text=True, timeout=900, cwd=Path(__file__).parent,
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
+                       env=EIGHT_ENV, capture_output=True, text=True, timeout=900, cwd=Path(__file__).parent,
                        check=False)
     assert r.returncode == 0, r.stdout[-8000:] + r.stderr[-3000:]
 
@@ -235,9 +238,8 @@ def test_loading_onto_a_mesh_holds_one_tensor_at_a_time(tmp_path: Path) -> None:
                       num_kv_heads=4, head_dim=64, query_pre_attn_scalar=64)
     size = write_constant_checkpoint(tmp_path / "src", cfg)
     largest = cfg.vocab_size * cfg.hidden_size * 4
-    env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8",
-           "PYTHONPATH": os.pathsep.join([str(Path(S.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
-    r = subprocess.run([sys.executable, "-c", _MEASURE, str(tmp_path / "src"), "fsdp=2,model=4"], env=env, check=False,
+    r = subprocess.run([sys.executable, "-c", _MEASURE, str(tmp_path / "src"), "fsdp=2,model=4"], env=EIGHT_ENV,
+                       check=False,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     kib = json.loads(r.stdout.strip().splitlines()[-1])

@@ -288,7 +288,7 @@ def run(tcfg: TrainConfig) -> Result:
         save_adapter,
         save_checkpoint,
     )
-    from gemmatune.convert import load_model
+    from gemmatune.convert import load_model, model_config
     from gemmatune.data.loader import BatchIterator
     from gemmatune.data.pipeline import describe, prepare
     from gemmatune.metrics import MetricsLog, Progress, format_summary, plot_losses
@@ -306,7 +306,7 @@ def run(tcfg: TrainConfig) -> Result:
     distributed.barrier("run_dir")
     if not main:  # --output must be shared by all hosts for a resume: the others read process 0's checkpoint
         resume_from = latest_checkpoint(run_dir) if tcfg.resume else None
-    mesh = sharding.make_mesh(tcfg.mesh)
+    mesh = sharding.make_mesh(tcfg.mesh, cfg=model_config(tcfg.model))
     sharding.check_batch(mesh, tcfg.batch_size)
     print(f"mesh {sharding.describe(mesh)}: {jax.device_count()} {jax.devices()[0].platform} device(s) in "
           f"{jax.process_count()} process(es)", file=sys.stderr)

@@ -26,3 +26,11 @@ def load_model(model_dir: str | Path, dtype: str = "auto", *, stacked: bool = Tr
             params = sharding.put(params, sharding.param_shardings(cfg, mesh, stacked=stacked))
         return cfg, params
     return load_hf(model_dir, dtype, stacked=stacked, mesh=mesh)
+
+
+def model_config(model_dir: str | Path) -> ModelConfig:
+    """The configuration of a checkpoint `load_model` reads, without its weights."""
+    from gemmatune.config import load_config
+    from gemmatune.convert.kerashub import is_kerashub_preset, kerashub_config
+
+    return kerashub_config(model_dir) if is_kerashub_preset(model_dir) else load_config(model_dir)

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 
 from gemmatune import sharding
 from gemmatune.atomic import refuse_to_replace, staged_dir
@@ -215,7 +215,8 @@ def _check_tied(embed: SafetensorsReader, head: SafetensorsReader, chunk_bytes: 
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _zeros(shapes: tuple[tuple[str, tuple[int, ...]], ...], dtype: np.dtype, shardings: Params | None) -> Params:
+def _zeros(shapes: tuple[tuple[str, tuple[int, ...]], ...], dtype: np.dtype,
+           shardings: tuple[tuple[str, NamedSharding], ...] | None) -> Params:
     """Every layer stack, zero-filled, from one compiled program: each compiled program keeps some host memory
     (~2 MB on CPU), so one program rather than one per stack. With shardings ({name: NamedSharding}, frozen as a
     tuple of pairs), each device allocates only its own part."""
