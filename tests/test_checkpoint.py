@@ -258,21 +258,27 @@ _MEASURE = textwrap.dedent("""
 """)
 
 
+def write_constant_checkpoint(src: Path, cfg: ModelConfig) -> int:
+    """A float32 checkpoint whose j-th tensor (in hf_keys order) is filled with j, written one tensor at a time,
+    so this process never holds the model either. Returns the weights' file size."""
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
+    layout = [(key, hf.hf_shape(name, cfg), np.float32) for key, name, _ in hf.hf_keys(cfg)]
+    write_safetensors(src / hf.WEIGHTS, layout,
+                      ((key, np.full(shape, j, np.float32)) for j, (key, shape, _) in enumerate(layout)),
+                      {"format": "pt"})
+    return os.path.getsize(src / hf.WEIGHTS)
+
+
 @pytest.mark.slow
 def test_load_and_save_stream_with_bounded_memory(tmp_path: Path) -> None:
     # ~300 MB of float32 whose largest tensor, the embedding, is ~6% of it; layer stacks are ~7% each.
     cfg = ModelConfig(vocab_size=8192, hidden_size=512, intermediate_size=1024, num_layers=30, num_heads=8,
                       num_kv_heads=4, head_dim=64, query_pre_attn_scalar=64)
     src = tmp_path / "src"
-    src.mkdir()
-    (src / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
-    # Written directly, one constant-filled tensor at a time, so this process never holds the model either.
-    layout = [(key, hf.hf_shape(name, cfg), np.float32) for key, name, _ in hf.hf_keys(cfg)]
-    write_safetensors(src / hf.WEIGHTS, layout,
-                      ((key, np.full(shape, j, np.float32)) for j, (key, shape, _) in enumerate(layout)),
-                      {"format": "pt"})
-    size = os.path.getsize(src / hf.WEIGHTS)
-    last = [key for key, _, _ in layout].index(f"model.layers.{cfg.num_layers - 1}.mlp.down_proj.weight")
+    size = write_constant_checkpoint(src, cfg)
+    keys = [key for key, _, _ in hf.hf_keys(cfg)]
+    last = keys.index(f"model.layers.{cfg.num_layers - 1}.mlp.down_proj.weight")
     run = subprocess.run([sys.executable, "-c", _MEASURE, str(src), str(tmp_path / "out"), str(last)],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -372,3 +372,25 @@ def test_only_one_group_is_read_at_a_time(data: tuple[ExampleStore, list[Example
 def test_examples_longer_than_the_rows_are_refused(data: tuple[ExampleStore, list[Example]]) -> None:
     with pytest.raises(GemmatuneError, match="up to 40 positions long but seq_len is 30"):
         iterator(data[0], seq_len=30)
+
+
+def test_processes_read_only_their_rows_and_together_make_the_batch(
+        data: tuple[ExampleStore, list[Example]], monkeypatch: pytest.MonkeyPatch) -> None:
+    store, _ = data
+    kw = {"seq_len": 64, "batch_size": 6, "pad_id": 0, "shuffle_buffer": 40, "seed": 3}
+    whole = BatchIterator(store, np.arange(len(store)), **kw)
+    parts = [BatchIterator(store, np.arange(len(store)), take=take, **kw) for take in ([0, 1, 2], [3, 4, 5])]
+    read: list[int] = []
+    real = store.get_many
+    monkeypatch.setattr(store, "get_many", lambda idx: read.append(len(idx)) or real(idx))
+
+    def reading(it: BatchIterator) -> tuple[dict, int]:
+        read.clear()
+        return next(it), sum(read)
+
+    for _ in range(12):  # across group and epoch boundaries
+        (want, n), got = reading(whole), [reading(p) for p in parts]
+        for k in ("inputs", "targets", "weights", "segment_ids", "positions"):
+            np.testing.assert_array_equal(np.concatenate([g[k] for g, _ in got]), want[k])
+        assert sum(m for _, m in got) == n  # each process read the examples of its own rows, no others
+        assert [p.state() for p in parts] == [whole.state()] * 2  # and every process keeps the same position

@@ -36,6 +36,7 @@ from gemmatune.config import LoraConfig, ModelConfig
 from gemmatune.errors import GemmatuneError
 from gemmatune.lora import adapter_shapes
 from gemmatune.safetensors_io import SafetensorsReader, write_safetensors
+from gemmatune.sharding import place
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.safetensors"
@@ -54,8 +55,11 @@ BASE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "
                "head_dim")
 # TrainConfig fields that do not change the run's math: changing them must not stop a resume (more steps, another
 # logging or saving cadence).
+# The mesh and the processes are left out too: every mesh computes the same step (to float rounding), so a run may
+# resume on other devices.
 NOT_IN_DIGEST = frozenset({"resume", "overwrite", "output", "log_every", "save_every", "keep", "eval_every",
-                           "eval_prompts", "eval_max_new_tokens", "max_steps", "epochs"})
+                           "eval_prompts", "eval_max_new_tokens", "max_steps", "epochs", "mesh", "distributed",
+                           "coordinator_address", "num_processes", "process_id"})
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -182,13 +186,15 @@ def load_checkpoint(path: str | Path, template: Any) -> tuple[Any, dict[str, Any
                 raise _different_config(path, f"key {name!r} holds {_describe(*stored)}, this run expects "
                                                f"{_describe(*wanted)}")
             value = reader.read(name)
+            if isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct)):
+                # Each device (of every process) receives its slice of the leaf; a PRNG key as its raw data.
+                where = getattr(leaf, "sharding", None)
+                value = jax.device_put(value) if where is None else place(value, where)
             if name in impls:
                 value = jax.random.wrap_key_data(value, impl=impls[name])
                 if value.dtype != leaf.dtype:
                     raise _different_config(path, f"key {name!r} is a {impls[name]} PRNG key, this run uses "
                                                   f"{leaf.dtype}")
-            if isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct)):
-                value = jax.device_put(value, leaf.sharding)
             leaves.append(value)
     return jax.tree_util.tree_unflatten(treedef, leaves), saved["meta"]
 

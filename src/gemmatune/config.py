@@ -320,6 +320,16 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False  # replace an output directory that holds another run
     nonfinite: str = "stop"  # stop, or skip (the step's update is dropped and counted)
+    # Devices: "data=2,model=4" (axes data, fsdp, model; see sharding.py); empty: tensor parallelism over a host's
+    # devices (as far as the key/value heads divide), data parallelism across hosts.
+    mesh: str = ""
+    # Several processes (hosts): jax.distributed.initialize. `distributed` lets JAX find the cluster in the
+    # environment (TPU pod slice, SLURM, Open MPI, Kubernetes); coordinator_address (process 0's host:port),
+    # num_processes and process_id give it explicitly. Neither: one process.
+    distributed: bool = False
+    coordinator_address: str = ""
+    num_processes: int | None = None
+    process_id: int | None = None
 
     def __post_init__(self) -> None:
         choices = {"method": ("lora", "full"), "dtype": ("bfloat16", "float32"),
@@ -336,6 +346,11 @@ class TrainConfig:
         for name in ("max_steps", "warmup_steps", "eval_every", "save_every"):
             if getattr(self, name) < 0:
                 raise GemmatuneError(f"{name}: {getattr(self, name)!r} is not valid; expected 0 or more.")
+        if self.num_processes is not None and self.num_processes < 1:
+            raise GemmatuneError(f"num_processes: {self.num_processes!r} is not valid; expected a positive integer.")
+        if self.process_id is not None and not 0 <= self.process_id < (self.num_processes or self.process_id + 1):
+            raise GemmatuneError(f"process_id: {self.process_id!r} is not valid; expected 0 to num_processes - 1 "
+                                 f"({(self.num_processes or 1) - 1}).")
         if self.max_steps == 0 and self.epochs <= 0:
             raise GemmatuneError(f"epochs: {self.epochs!r} is not valid; expected a positive number "
                                  "(or set max_steps).")

@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from gemmatune import sharding
 from gemmatune.config import LOCAL, ModelConfig
 
 Params = dict[str, Any]
@@ -162,13 +163,18 @@ def block(x: jax.Array, p: Params, cfg: ModelConfig, positions: jax.Array, atten
     def proj(h: jax.Array, name: str) -> jax.Array:
         return project(h, p, name, adapter, key)
 
+    # On a mesh (sharding.active): rows split over data/fsdp, heads and MLP units over model; no-ops elsewhere.
+    x = sharding.shard(x, "batch", "seq", "act_embed")
     h = rms_norm(x, p["input_norm"], cfg.rms_norm_eps)
     q = rope(proj(h, "q_proj"), positions, cfg.rope_theta) * jnp.asarray(cfg.query_pre_attn_scalar ** -0.5, x.dtype)
     k = rope(proj(h, "k_proj"), positions, cfg.rope_theta)
+    q = sharding.shard(q, "batch", "seq", "heads", "head_dim")
+    k = sharding.shard(k, "batch", "seq", "kv_heads", "head_dim")
     a, update = attend(q, k, proj(h, "v_proj"))
     x = x + rms_norm(proj(a, "o_proj"), p["post_attn_norm"], cfg.rms_norm_eps)
     h = rms_norm(x, p["pre_ffw_norm"], cfg.rms_norm_eps)
     h = jax.nn.gelu(proj(h, "gate_proj"), approximate=True) * proj(h, "up_proj")  # GeGLU, tanh GELU
+    h = sharding.shard(h, "batch", "seq", "mlp")
     x = x + rms_norm(proj(h, "down_proj"), p["post_ffw_norm"], cfg.rms_norm_eps)
     return x, update
 

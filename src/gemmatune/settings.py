@@ -323,6 +323,13 @@ _TRAIN_FLAGS = (
     _Flag(("--resume",), "resume", "continue from the latest checkpoint in --output"),
     _Flag(("--overwrite",), "overwrite", "replace an output directory that holds another run"),
     _Flag(("--seed",), "seed", "random seed (the data order has its own: --data.seed)"),
+    _Flag(("--mesh",), "mesh", "device mesh, e.g. data=2,model=4 (axes data, fsdp, model); default: model "
+                               "parallel within a host, data parallel across hosts", "AXIS=N,..."),
+    _Flag(("--distributed",), "distributed", "several processes: find the cluster (TPU pod slice, SLURM, Open MPI, "
+                                             "Kubernetes) in the environment"),
+    _Flag(("--coordinator-address",), "coordinator_address", "several processes: process 0's HOST:PORT", "HOST:PORT"),
+    _Flag(("--num-processes",), "num_processes", "several processes: how many"),
+    _Flag(("--process-id",), "process_id", "several processes: this one's index, 0 to --num-processes - 1"),
 ) + _DATA_FLAGS
 
 

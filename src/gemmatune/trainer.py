@@ -8,9 +8,12 @@ effective batch: k micro-batches give the update of one batch k times the size.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import math
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,11 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gemmatune import lora
+from gemmatune import distributed, lora, sharding
 from gemmatune.config import ModelConfig, TrainConfig
 from gemmatune.errors import GemmatuneError
 from gemmatune.loss import chunked_loss
-from gemmatune.model import Params, hidden_states, unstack
+from gemmatune.model import Params, hidden_states, param_shapes, unstack
 
 State = dict[str, Any]  # {"params": trainable tree, "opt_state", "step": int32, "rng": PRNG key}
 BATCH_KEYS = ("inputs", "targets", "weights", "segment_ids", "positions")
@@ -76,8 +79,14 @@ def model_params(trainable: Params, frozen: Params, tcfg: TrainConfig) -> Params
     return trainable if tcfg.method == "full" else lora.attach(frozen, trainable)
 
 
-def init_state(trainable: Params, opt: optax.GradientTransformation, key: jax.Array) -> State:
-    return {"params": trainable, "opt_state": opt.init(trainable), "step": jnp.zeros((), jnp.int32), "rng": key}
+def init_state(trainable: Params, opt: optax.GradientTransformation, key: jax.Array,
+               shardings: State | None = None) -> State:
+    """A fresh train state; with shardings (StepShardings.state), built on their mesh from a copy of trainable."""
+    if shardings is None:
+        return {"params": trainable, "opt_state": opt.init(trainable), "step": jnp.zeros((), jnp.int32), "rng": key}
+    # The key enters as raw data, a host array that every process passes alike.
+    build = jax.jit(lambda t, k: init_state(t, opt, jax.random.wrap_key_data(k)), out_shardings=shardings)
+    return build(sharding.put(trainable, shardings["params"]), np.asarray(jax.random.key_data(key)))
 
 
 def loss_sums(trainable: Params, frozen: Params, batch: dict[str, jax.Array], key: jax.Array | None,
@@ -91,14 +100,55 @@ def loss_sums(trainable: Params, frozen: Params, batch: dict[str, jax.Array], ke
                         tcfg.loss_chunk)
 
 
-def make_train_step(cfg: ModelConfig, tcfg: TrainConfig, opt: optax.GradientTransformation
+@dataclasses.dataclass(frozen=True)
+class StepShardings:
+    """Where the train step's arguments live on a mesh: the train state (adapters, and the optimizer moments laid
+    out like them), the frozen base, and the [k, B, T] micro-batches (rows over data and fsdp)."""
+
+    state: State
+    frozen: Params
+    batches: dict[str, Any]
+    rows: dict[str, Any]  # one [B, T] batch (evaluation)
+
+
+def _trainable_shapes(cfg: ModelConfig, tcfg: TrainConfig) -> Params:
+    return param_shapes(cfg) if tcfg.method == "full" else lora.adapter_shapes(cfg, tcfg.lora)
+
+
+def _abstract(shapes: Params, dtype: Any) -> Params:
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, dtype), shapes, is_leaf=lambda s: isinstance(s, tuple))
+
+
+def step_shardings(cfg: ModelConfig, tcfg: TrainConfig, mesh: jax.sharding.Mesh,
+                   opt: optax.GradientTransformation) -> StepShardings:
+    """Every argument's sharding from sharding.RULES: the trained tree split like the weights it adapts (rank
+    replicated), optimizer moments like their parameter, counters and the PRNG key replicated."""
+    shapes = _trainable_shapes(cfg, tcfg)
+    params = sharding.tree_shardings(mesh, sharding.trainable_axes(cfg, tcfg.method, tcfg.lora), shapes)
+    rep = sharding.replicated(mesh)
+    opt_state = optax.tree_map_params(opt, lambda _, s: s, jax.eval_shape(opt.init, _abstract(shapes, jnp.float32)),
+                                      params, transform_non_params=lambda _: rep)
+    frozen = {} if tcfg.method == "full" else sharding.param_shardings(cfg, mesh)
+    rows = jax.sharding.NamedSharding(mesh, sharding.spec(sharding.BATCH, (tcfg.batch_size, 1), mesh.shape))
+    micro = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *rows.spec))
+    return StepShardings({"params": params, "opt_state": opt_state, "step": rep, "rng": rep}, frozen,
+                         dict.fromkeys(BATCH_KEYS, micro), dict.fromkeys(BATCH_KEYS, rows))
+
+
+def make_train_step(cfg: ModelConfig, tcfg: TrainConfig, opt: optax.GradientTransformation,
+                    mesh: jax.sharding.Mesh | None = None
                     ) -> Callable[[State, Params, dict[str, jax.Array]], tuple[State, dict[str, jax.Array]]]:
     """step(state, frozen, batches) with batches [k, B, T] (k = grad_accum micro-batches) -> (state, metrics).
-    A step whose loss or gradients are not finite leaves the state unchanged, with metrics["finite"] False."""
+    A step whose loss or gradients are not finite leaves the state unchanged, with metrics["finite"] False.
+    With a mesh, the arguments are taken and the state returned as `step_shardings` lays them out."""
     grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
     use_dropout = tcfg.method == "lora" and tcfg.lora.dropout > 0
 
     def step(state: State, frozen: Params, batches: dict[str, jax.Array]) -> tuple[State, dict[str, jax.Array]]:
+        with sharding.active(mesh):
+            return _step(state, frozen, batches)
+
+    def _step(state: State, frozen: Params, batches: dict[str, jax.Array]) -> tuple[State, dict[str, jax.Array]]:
         rng, step_key = jax.random.split(state["rng"])
 
         def micro(acc: tuple[Params, jax.Array, jax.Array], xs: tuple[dict[str, jax.Array], jax.Array]
@@ -125,15 +175,50 @@ def make_train_step(cfg: ModelConfig, tcfg: TrainConfig, opt: optax.GradientTran
         new = {**new, **jax.tree.map(lambda n, o: jnp.where(finite, n, o),
                                      {"params": params, "opt_state": opt_state},
                                      {"params": state["params"], "opt_state": state["opt_state"]})}
-        return new, {"loss": loss, "tokens": count, "grad_norm": grad_norm, "finite": finite}
+        # "seen": every non-padding input position, counted here because each process holds only its own rows.
+        return new, {"loss": loss, "tokens": count, "grad_norm": grad_norm, "finite": finite,
+                     "seen": jnp.count_nonzero(batches["segment_ids"])}
 
-    return jax.jit(step, donate_argnums=0)
+    if mesh is None:
+        return jax.jit(step, donate_argnums=0)
+    sh = step_shardings(cfg, tcfg, mesh, opt)
+    return jax.jit(step, donate_argnums=0, in_shardings=(sh.state, sh.frozen, sh.batches),
+                   out_shardings=(sh.state, sharding.replicated(mesh)))
 
 
-def make_eval_step(cfg: ModelConfig, tcfg: TrainConfig
+def make_eval_step(cfg: ModelConfig, tcfg: TrainConfig, mesh: jax.sharding.Mesh | None = None
                    ) -> Callable[[Params, Params, dict[str, jax.Array]], tuple[jax.Array, jax.Array]]:
     """eval(trainable, frozen, batch [B, T]) -> (loss sum, count), no dropout."""
-    return jax.jit(lambda trainable, frozen, batch: loss_sums(trainable, frozen, batch, None, cfg, tcfg))
+    def evaluate(trainable: Params, frozen: Params, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        with sharding.active(mesh):
+            return loss_sums(trainable, frozen, batch, None, cfg, tcfg)
+
+    if mesh is None:
+        return jax.jit(evaluate)
+    sh = step_shardings(cfg, tcfg, mesh, optax.identity())
+    return jax.jit(evaluate, in_shardings=(sh.state["params"], sh.frozen, sh.rows),
+                   out_shardings=sharding.replicated(mesh))
+
+
+def abstract_step(cfg: ModelConfig, tcfg: TrainConfig, mesh: jax.sharding.Mesh, shapes: Shapes
+                  ) -> tuple[Callable[..., Any], tuple[State, Params, dict[str, jax.ShapeDtypeStruct]]]:
+    """The train step `run` would compile for this configuration on `mesh`, and its arguments as
+    jax.ShapeDtypeStructs carrying their shardings; no weights are read or allocated. For planning:
+    `step.lower(*args).compile().memory_analysis()` gives the per-device memory of the real step."""
+    opt = optimizer(tcfg, max(tcfg.max_steps, 1))
+    sh = step_shardings(cfg, tcfg, mesh, opt)
+    params = _abstract(_trainable_shapes(cfg, tcfg), jnp.float32)
+    state = {"params": params, "opt_state": jax.eval_shape(opt.init, params),
+             "step": jax.ShapeDtypeStruct((), jnp.int32), "rng": jax.eval_shape(jax.random.key, 0)}
+    frozen = {} if tcfg.method == "full" else _abstract(param_shapes(cfg), jnp.dtype(tcfg.dtype))
+    batch = (shapes.grad_accum, shapes.batch_size, shapes.seq_len)
+    batches = {k: jax.ShapeDtypeStruct(batch, jnp.float32 if k == "weights" else jnp.int32) for k in BATCH_KEYS}
+
+    def with_sharding(a: jax.ShapeDtypeStruct, s: jax.sharding.Sharding) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+
+    args = jax.tree.map(with_sharding, (state, frozen, batches), (sh.state, sh.frozen, sh.batches))
+    return make_train_step(cfg, tcfg, opt, mesh), args
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +233,17 @@ class Shapes:
         """[k * B, T] rows from the data iterator -> [k, B, T] device arrays, batch keys only."""
         return {k: jnp.asarray(rows[k]).reshape(self.grad_accum, self.batch_size, self.seq_len)
                 for k in BATCH_KEYS}
+
+    def take(self, rows: range) -> list[int]:
+        """Which of a step's k * B rows a process reads when it supplies rows `rows` of each micro-batch."""
+        return [i * self.batch_size + j for i in range(self.grad_accum) for j in rows]
+
+
+def global_batch(rows: dict[str, Any], shardings: dict[str, jax.sharding.NamedSharding],
+                 shape: tuple[int, ...]) -> dict[str, jax.Array]:
+    """This process's rows -> global arrays of `shape` ([k, B, T] or [B, T]); one process supplies them all."""
+    return {k: jax.make_array_from_process_local_data(
+        shardings[k], np.asarray(rows[k]).reshape(shape[:-2] + (-1, shape[-1])), shape) for k in BATCH_KEYS}
 
 
 # --- the loop --------------------------------------------------------------------------------------------------
@@ -167,6 +263,14 @@ def answer(params: Params, cfg: ModelConfig, tokenizer: Any, prompts: list[str],
     return [tokenizer.decode(o) for o in out]
 
 
+def _private_dir() -> Path:
+    """A directory of this process's own, removed at exit: what processes other than 0 write (their copy of the
+    prepared data, their logs) never lands in the shared run directory."""
+    path = Path(tempfile.mkdtemp(prefix=f"gemmatune-process{jax.process_index()}-"))
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
 @dataclasses.dataclass(frozen=True)
 class Result:
     summary: dict[str, Any]  # as written to OUTPUT/summary.txt
@@ -184,38 +288,56 @@ def run(tcfg: TrainConfig) -> Result:
         save_adapter,
         save_checkpoint,
     )
-    from gemmatune.convert import load_model
+    from gemmatune.convert import load_model, model_config
     from gemmatune.data.loader import BatchIterator
     from gemmatune.data.pipeline import describe, prepare
     from gemmatune.metrics import MetricsLog, Progress, format_summary, plot_losses
     from gemmatune.settings import dump_yaml, to_dict
     from gemmatune.tokenizer import load_tokenizer
 
+    distributed.initialize(tcfg)  # before anything touches the devices
+    main = distributed.is_main()  # process 0 alone writes the run directory
     t_start = time.perf_counter()
     run_dir = Path(tcfg.output)
-    resume_from = prepare_run_dir(run_dir, config_digest(to_dict(tcfg)), resume=tcfg.resume,
-                                  overwrite=tcfg.overwrite)
-    write_text(run_dir / "config.yaml", dump_yaml(tcfg))
+    if main:
+        resume_from = prepare_run_dir(run_dir, config_digest(to_dict(tcfg)), resume=tcfg.resume,
+                                      overwrite=tcfg.overwrite)
+        write_text(run_dir / "config.yaml", dump_yaml(tcfg))
+    distributed.barrier("run_dir")
+    if not main:  # --output must be shared by all hosts for a resume: the others read process 0's checkpoint
+        resume_from = latest_checkpoint(run_dir) if tcfg.resume else None
+    mesh = sharding.make_mesh(tcfg.mesh, cfg=model_config(tcfg.model))
+    sharding.check_batch(mesh, tcfg.batch_size)
+    print(f"mesh {sharding.describe(mesh)}: {jax.device_count()} {jax.devices()[0].platform} device(s) in "
+          f"{jax.process_count()} process(es)", file=sys.stderr)
     tokenizer = load_tokenizer(tcfg.model)
-    cfg, base = load_model(tcfg.model, dtype=tcfg.dtype)
+    cfg, base = load_model(tcfg.model, dtype=tcfg.dtype, mesh=mesh)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise GemmatuneError(f"{tcfg.model}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                              f"{cfg.vocab_size} embedding rows; the tokenizer files belong to another model.")
-    data = prepare(tcfg.data, tokenizer, run_dir / "data")
+    # Every process prepares the data (the same examples); the others into a private directory, so that hosts
+    # need not share a filesystem and never write the same files.
+    data = prepare(tcfg.data, tokenizer, run_dir / "data" if main else _private_dir())
     print(f"data: {describe(data.train.report)}", file=sys.stderr)
     seq_len, rows_per_step = tcfg.data.max_seq_len, tcfg.batch_size * tcfg.grad_accum
+    shapes = Shapes(tcfg.grad_accum, tcfg.batch_size, seq_len)
+    total = tcfg.max_steps  # (set from the data below when 0)
+    opt = optimizer(tcfg, max(total, 1))  # only its structure matters for the shardings
+    sh = step_shardings(cfg, tcfg, mesh, opt)
+    mine = sharding.process_rows(sh.rows["inputs"], (tcfg.batch_size, seq_len), 0)  # this process's rows
 
-    def batches(split: Any, batch_size: int, shuffle: bool) -> BatchIterator:
+    def batches(split: Any, batch_size: int, shuffle: bool, take: list[int]) -> BatchIterator:
         return BatchIterator(split.store, split.indices, seq_len=seq_len, batch_size=batch_size,
                              pad_id=tokenizer.pad_id, packing=tcfg.data.packing,
-                             shuffle_buffer=tcfg.data.shuffle_buffer, seed=tcfg.data.seed, shuffle=shuffle)
+                             shuffle_buffer=tcfg.data.shuffle_buffer, seed=tcfg.data.seed, shuffle=shuffle,
+                             take=take)
 
-    train_it = batches(data.train, rows_per_step, True)
+    train_it = batches(data.train, rows_per_step, True, shapes.take(mine))
     total = tcfg.max_steps or max(1, math.ceil(tcfg.epochs * train_it.epoch_rows() / rows_per_step))
     opt, lr_at = optimizer(tcfg, total), schedule(tcfg, total)
     init_key, train_key = jax.random.split(jax.random.key(tcfg.seed))
     trainable, frozen = split_trainable(base, cfg, tcfg, init_key)
-    state = init_state(trainable, opt, train_key)
+    state = init_state(trainable, opt, train_key, sh.state)
     start, skipped, tokens_seen = 0, 0, 0
     if resume_from is not None:
         state, meta = load_checkpoint(resume_from, state)
@@ -227,8 +349,7 @@ def run(tcfg: TrainConfig) -> Result:
     if start > total:
         raise GemmatuneError(f"{run_dir}: the run already reached step {start} of {total}; raise --max-steps or "
                              "--epochs to train further, or choose another --output.")
-    train_step, eval_step = make_train_step(cfg, tcfg, opt), make_eval_step(cfg, tcfg)
-    shapes = Shapes(tcfg.grad_accum, tcfg.batch_size, seq_len)
+    train_step, eval_step = make_train_step(cfg, tcfg, opt, mesh), make_eval_step(cfg, tcfg, mesh)
 
     def evaluate(step: int, record: bool = True) -> tuple[float | None, list[tuple[str, str]]]:
         """Validation loss (logged with perplexity) and the answers to the evaluation prompts (logged), unless
@@ -236,8 +357,8 @@ def run(tcfg: TrainConfig) -> Result:
         val_loss = None
         if data.val is not None:
             total_loss = count = 0.0
-            for rows in batches(data.val, tcfg.batch_size, False):
-                s, c = eval_step(state["params"], frozen, {k: jnp.asarray(rows[k]) for k in BATCH_KEYS})
+            for rows in batches(data.val, tcfg.batch_size, False, list(mine)):
+                s, c = eval_step(state["params"], frozen, global_batch(rows, sh.rows, (tcfg.batch_size, seq_len)))
                 total_loss, count = total_loss + float(s), count + float(c)
             val_loss = total_loss / max(count, 1.0)
             if record:
@@ -252,20 +373,26 @@ def run(tcfg: TrainConfig) -> Result:
         return val_loss, answers
 
     def checkpoint(step: int) -> None:
-        save_checkpoint(run_dir, step, state, {"step": step, "skipped": skipped, "tokens_seen": tokens_seen,
-                                               "data": train_it.state()}, tcfg.keep)
+        # Gathered by every process, written by process 0; nobody continues until the checkpoint is complete.
+        host = sharding.to_host(state)
+        if main:
+            save_checkpoint(run_dir, step, host, {"step": step, "skipped": skipped, "tokens_seen": tokens_seen,
+                                                  "data": train_it.state()}, tcfg.keep)
+        distributed.barrier(f"checkpoint-{step}")
 
     val_loss = loss = None
     answers: list[tuple[str, str]] = []
-    with MetricsLog(run_dir, start_step=start) as log, Progress(total, start_step=start) as progress:
+    log_dir = run_dir if main else _private_dir()  # the other processes' logs are their own, then discarded
+    with MetricsLog(log_dir, start_step=start) as log, Progress(total, start_step=start) as progress:
         t_log, tokens_at_log = time.perf_counter(), tokens_seen
         if start == total:  # the final evaluation was logged before the final checkpoint: only recompute it
             val_loss, answers = evaluate(total, record=False)
         for step in range(start + 1, total + 1):
             rows = next(train_it)
-            state, m = train_step(state, frozen, shapes.stack(rows))
-            m = jax.device_get(m)
-            tokens_seen += int(np.count_nonzero(rows["segment_ids"]))
+            state, m = train_step(state, frozen, global_batch(rows, sh.batches, (tcfg.grad_accum, tcfg.batch_size,
+                                                                                  seq_len)))
+            m = jax.device_get(sharding.to_host(m))
+            tokens_seen += int(m["seen"])
             if not m["finite"]:
                 if tcfg.nonfinite == "stop":
                     last = latest_checkpoint(run_dir)
@@ -286,9 +413,11 @@ def run(tcfg: TrainConfig) -> Result:
             if (tcfg.save_every and step % tcfg.save_every == 0) or step == total:
                 checkpoint(step)
     adapter_dir = run_dir / "adapter"
-    if tcfg.method == "lora":
-        save_adapter(adapter_dir, jax.device_get(state["params"]), tcfg.lora, cfg, tcfg.model, force=True)
-    plot = plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
+    adapters = sharding.to_host(state["params"]) if tcfg.method == "lora" else None
+    if main and adapters is not None:
+        save_adapter(adapter_dir, jax.device_get(adapters), tcfg.lora, cfg, tcfg.model, force=True)
+    distributed.barrier("adapter")
+    plot = plot_losses(log_dir / "metrics.jsonl", log_dir / "loss.png")
     wall = time.perf_counter() - t_start
     summary = {"tokens_seen": tokens_seen, "steps": total, "wall_time_s": wall,
                "tokens_per_s": (tokens_seen - tokens_at_start) / wall,  # this process's work, after a resume too
@@ -297,6 +426,7 @@ def run(tcfg: TrainConfig) -> Result:
                "metrics": str(run_dir / "metrics.jsonl"), "tensorboard": str(run_dir / "tensorboard"),
                "plot": str(plot)}
     summary = {k: v for k, v in summary.items() if v is not None}
-    write_text(run_dir / "summary.txt", format_summary(summary) + "\n")
-    print(format_summary(summary), file=sys.stderr)
+    if main:
+        write_text(run_dir / "summary.txt", format_summary(summary) + "\n")
+        print(format_summary(summary), file=sys.stderr)
     return Result(summary, answers)

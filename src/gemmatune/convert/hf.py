@@ -21,7 +21,9 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
 
+from gemmatune import sharding
 from gemmatune.atomic import refuse_to_replace, staged_dir
 from gemmatune.config import ModelConfig, load_config
 from gemmatune.errors import GemmatuneError
@@ -212,11 +214,14 @@ def _check_tied(embed: SafetensorsReader, head: SafetensorsReader, chunk_bytes: 
                              f"checkpoint without a separate {LM_HEAD}.")
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _zeros(shapes: tuple[tuple[str, tuple[int, ...]], ...], dtype: np.dtype) -> Params:
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _zeros(shapes: tuple[tuple[str, tuple[int, ...]], ...], dtype: np.dtype,
+           shardings: tuple[tuple[str, NamedSharding], ...] | None) -> Params:
     """Every layer stack, zero-filled, from one compiled program: each compiled program keeps some host memory
-    (~2 MB on CPU), so one program rather than one per stack."""
-    return {name: jnp.zeros(shape, dtype) for name, shape in shapes}
+    (~2 MB on CPU), so one program rather than one per stack. With shardings ({name: NamedSharding}, frozen as a
+    tuple of pairs), each device allocates only its own part."""
+    out = {name: jnp.zeros(shape, dtype) for name, shape in shapes}
+    return out if shardings is None else {n: jax.lax.with_sharding_constraint(out[n], s) for n, s in shardings}
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -227,12 +232,15 @@ def _set_layer(stacks: Params, layer: Params, i: jax.Array) -> Params:
             for name, s in stacks.items()}
 
 
-def load_hf(model_dir: str | Path, dtype: str = "auto", *, stacked: bool = True) -> tuple[ModelConfig, Params]:
-    """A Hugging Face Gemma 2 checkpoint directory -> (config, parameters on the default JAX device).
+def load_hf(model_dir: str | Path, dtype: str = "auto", *, stacked: bool = True,
+            mesh: Mesh | None = None) -> tuple[ModelConfig, Params]:
+    """A Hugging Face Gemma 2 checkpoint directory -> (config, parameters on the default JAX device, or split over
+    `mesh` as sharding.param_shardings lays them out).
 
     dtype: "auto" keeps the checkpoint's dtype (bfloat16 stays bfloat16; float32, and float16, which overflows
-    in Gemma 2, load as float32), or "float32" / "bfloat16". Tensors are read one at a time and written, a layer
-    at a time, into preallocated device arrays, so host memory peaks near the loaded model's size plus one layer.
+    in Gemma 2, load as float32), or "float32" / "bfloat16". Tensors are read one at a time, each placed straight
+    onto its devices (on a mesh, every device receives only its slice) and written, a layer at a time, into
+    preallocated device arrays: beyond the loaded model, host memory holds one tensor and one layer at most.
     stacked=False gives the per-layer list that decoding takes (`model.unstack`) without a second copy."""
     model_dir = Path(model_dir)
     if dtype != "auto" and dtype not in WEIGHT_DTYPES:
@@ -248,20 +256,32 @@ def load_hf(model_dir: str | Path, dtype: str = "auto", *, stacked: bool = True)
             target = WEIGHT_DTYPES["bfloat16" if stored == WEIGHT_DTYPES["bfloat16"] else "float32"]
         else:
             target = WEIGHT_DTYPES[dtype]
-        params: Params = {"layers": _zeros(tuple(param_shapes(cfg)["layers"].items()), target) if stacked else []}
-        # hf_keys lists the embedding, then each layer's tensors, then the final norm: grouped by layer index,
-        # the host holds one layer (or one top-level tensor) at a time. Waiting for each write keeps asynchronous
-        # dispatch from reading ahead while earlier layers' host copies are still alive.
+        stacks = sharding.param_shardings(cfg, mesh)["layers"] if mesh is not None else None
+        # One layer's shardings (the stacks' without the layer axis) and the top-level tensors'.
+        placement = sharding.param_shardings(cfg, mesh, stacked=False) if mesh is not None else None
+        params: Params = {"layers": _zeros(tuple(param_shapes(cfg)["layers"].items()), target,
+                                           None if stacks is None else tuple(sorted(stacks.items())))
+                          if stacked else []}
+        # hf_keys lists the embedding, then each layer's tensors, then the final norm: grouped by layer index.
+        # Each tensor's host copy is freed once it is on its devices; waiting for each placement keeps asynchronous
+        # dispatch from reading ahead while earlier host copies are still alive.
         for i, group in itertools.groupby(hf_keys(cfg), key=lambda k: k[2]):
-            arrays = {name: from_hf(name, where[key].read(key), cfg).astype(target, copy=False)
-                      for key, name, _ in group}
+            arrays = {}
+            for key, name, _ in group:
+                host = from_hf(name, where[key].read(key), cfg).astype(target, copy=False)
+                if placement is None:
+                    arrays[name] = jax.block_until_ready(jax.device_put(host))
+                else:
+                    at = placement[name] if i is None else placement["layers"][i][name]
+                    arrays[name] = jax.block_until_ready(sharding.place(host, at))
+                del host
             if i is None:
-                params.update(jax.device_put(arrays))
+                params.update(arrays)
             elif not stacked:
-                params["layers"].append(jax.block_until_ready(jax.device_put(arrays)))
+                params["layers"].append(arrays)
             else:
                 params["layers"] = jax.block_until_ready(_set_layer(params["layers"], arrays, i))
-            del arrays  # free the host copies before the next read
+            del arrays
     return cfg, params
 
 

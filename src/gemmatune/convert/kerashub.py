@@ -175,7 +175,7 @@ def load_kerashub(model_dir: str | Path, dtype: str = "auto") -> tuple[ModelConf
         params: Params = {"embed": jax.device_put(embed.astype(target, copy=False)),
                           "final_norm": jax.device_put(_read(f, TOP_KEYS["final_norm"], shapes["final_norm"],
                                                              path).astype(target)),
-                          "layers": _zeros(tuple(shapes["layers"].items()), target)}
+                          "layers": _zeros(tuple(shapes["layers"].items()), target, None)}
         del embed
         for i in range(cfg.num_layers):
             group = _block(f, i, path)

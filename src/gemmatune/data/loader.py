@@ -276,11 +276,14 @@ class BatchIterator(Iterator[Batch]):
 
     `state()` is the position (epoch, group, row within the group's order) plus what determines the row stream;
     BatchIterator(..., state=s) continues exactly where the saved one was. batch_size is not part of the
-    fingerprint: the position is counted in rows, so a different batch size resumes at the same row."""
+    fingerprint: the position is counted in rows, so a different batch size resumes at the same row.
+
+    `take` (several processes): the positions within each batch that this process needs, in order; only their
+    examples are read, and each batch holds only those rows. Every process steps through the same batches."""
 
     def __init__(self, store: ExampleStore, indices: Sequence[int] | np.ndarray, *, seq_len: int, batch_size: int,
                  pad_id: int, packing: str = "pack", shuffle_buffer: int, seed: int, shuffle: bool = True,
-                 state: dict[str, Any] | None = None) -> None:
+                 state: dict[str, Any] | None = None, take: Sequence[int] | None = None) -> None:
         if packing not in ("pack", "pad"):
             raise ValueError(f"packing must be 'pack' or 'pad', got {packing!r}")
         if batch_size < 1 or shuffle_buffer < 1:
@@ -302,8 +305,11 @@ class BatchIterator(Iterator[Batch]):
             "seq_len": int(seq_len), "pad_id": int(pad_id), "packing": packing,
             "shuffle_buffer": int(shuffle_buffer), "seed": int(seed), "shuffle": bool(shuffle),
         }
+        self.take = list(range(batch_size)) if take is None else list(take)
+        if not all(0 <= t < batch_size for t in self.take):
+            raise ValueError(f"take {self.take} must hold positions in [0, {batch_size})")
         self.epoch = self.group = self.row = 0
-        self._rows: dict[str, np.ndarray] | None = None  # the current group's row arrays, in visiting order
+        self._group: tuple[np.ndarray, list[list[int]]] | None = None  # the current group's _plan
         self._cached: tuple[int, np.ndarray] = (-1, self.indices)  # (epoch, its order); see _order
         if state is not None:
             self.restore(state)
@@ -336,26 +342,29 @@ class BatchIterator(Iterator[Batch]):
         return self
 
     def __next__(self) -> Batch:
-        parts: list[dict[str, np.ndarray]] = []
-        filled, first_epoch = 0, self.epoch
-        while filled < self.batch_size and (self.shuffle or self.epoch == 0):
-            if self._rows is None:
-                members, rows = self._plan(self.epoch, self.group)
-                self._rows = build_rows(self.store.get_many(members), rows, self.seq_len, self.pad_id)
-            available = len(self._rows["inputs"]) - self.row
-            take = min(self.batch_size - filled, available)
-            parts.append({k: v[self.row:self.row + take] for k, v in self._rows.items()})
-            filled += take
+        rows: list[np.ndarray] = []  # the batch's rows, each as the store indices of its examples
+        first_epoch = self.epoch
+        while len(rows) < self.batch_size and (self.shuffle or self.epoch == 0):
+            if self._group is None:
+                self._group = self._plan(self.epoch, self.group)
+            members, plan = self._group
+            available = len(plan) - self.row
+            take = min(self.batch_size - len(rows), available)
+            rows += [members[r] for r in plan[self.row:self.row + take]]
             self.row += take
             if take == available:  # the group is used up: the position moves on now, so state() is canonical
-                self._rows, self.row, self.group = None, 0, self.group + 1
+                self._group, self.row, self.group = None, 0, self.group + 1
                 if self.group == self.groups:
                     self.epoch, self.group = self.epoch + 1, 0
-        if not filled:
+        if not rows:
             raise StopIteration
-        if filled < self.batch_size:  # the end of a validation pass
-            parts.append(build_rows([], [[]] * (self.batch_size - filled), self.seq_len, self.pad_id))
-        batch: Batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}  # each [batch_size, seq_len]
+        # The end of a validation pass is topped up with all-padding rows; then only the wanted rows are read.
+        rows += [np.zeros(0, np.int64)] * (self.batch_size - len(rows))
+        wanted = [rows[t] for t in self.take]
+        needed = np.unique(np.concatenate(wanted))  # store indices, sorted
+        where = {int(i): j for j, i in enumerate(needed)}
+        batch: Batch = build_rows(self.store.get_many(needed), [[where[int(i)] for i in row] for row in wanted],
+                                  self.seq_len, self.pad_id)  # each [len(take), seq_len]
         batch["epoch"] = first_epoch
         return batch
 
@@ -382,4 +391,4 @@ class BatchIterator(Iterator[Batch]):
         if not (epoch >= 0 and 0 <= group < self.groups and 0 <= row < len(self._plan(epoch, group)[1])):
             raise GemmatuneError(f"the checkpoint's data iterator position (epoch {epoch}, group {group}, row {row})"
                                  " is out of range; start a fresh run.")
-        self.epoch, self.group, self.row, self._rows = epoch, group, row, None
+        self.epoch, self.group, self.row, self._group = epoch, group, row, None
