@@ -20,7 +20,6 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from conftest import hf_model  # noqa: E402  (the same weight transfer the parity tests use)
-
 from gemmatune import model as M  # noqa: E402
 from gemmatune.config import PRESETS  # noqa: E402
 from gemmatune.generate import generate  # noqa: E402

@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 import safetensors
 import safetensors.numpy
-from conftest import SMALL, hf_logits, strong_params
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import SMALL, hf_logits, strong_params
 from gemmatune.config import ModelConfig
 from gemmatune.convert import hf
 from gemmatune.convert.hf import load_hf, save_hf

@@ -20,9 +20,9 @@ import peft
 import pytest
 import safetensors.numpy
 import torch
-from conftest import SMALL, hf_logits, strong_params
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from conftest import SMALL, hf_logits, strong_params
 from gemmatune.checkpoint import save_adapter
 from gemmatune.config import DEFAULT_MODEL, LORA_TARGETS, LoraConfig, ModelConfig
 from gemmatune.convert.hf import save_hf, to_hf

@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL, hf_model, strong_params
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import SMALL, hf_model, strong_params
 from gemmatune import generate as G
 from gemmatune import model as M
 from gemmatune.errors import GemmatuneError

@@ -13,8 +13,8 @@ import gguf
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import strong_params
 
+from conftest import strong_params
 from gemmatune.config import DEFAULT_MODEL, GLOBAL, PRESETS, ModelConfig
 from gemmatune.convert.gguf import DTYPES, save_gguf, write_modelfile
 from gemmatune.convert.hf import load_hf

@@ -141,20 +141,68 @@ def test_missing_weights(preset: tuple[Path, keras.Model], tmp_path: Path) -> No
 
 
 def test_commands_take_a_preset_as_model(preset: tuple[Path, keras.Model], tmp_path: Path, capsys) -> None:
-    """`--model PRESET` works where a model is read (generate here; train shares the loader), and export says
-    plainly that it needs the Hugging Face layout."""
+    """`--model PRESET` works where a model is read (generate here; train and export share the loader)."""
+    from gemmatune.cli import main
+
+    assert main(["generate", "--model", str(preset[0]), "--max-new-tokens", "4", "--dtype", "float32"]) == 0
+    assert capsys.readouterr().out.endswith("\n")
+
+
+def test_export_from_a_preset(preset: tuple[Path, keras.Model], tmp_path: Path, capsys) -> None:
+    """An adapter trained on a KerasHub base exports to every format: the merged model in transformers, the
+    adapter in PEFT on that model, and the GGUF file carry the preset's numbers and its tokenizer."""
+    import gguf
+    import sentencepiece as spm
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import hf_logits
     from gemmatune.checkpoint import save_adapter
     from gemmatune.cli import main
     from gemmatune.config import LoraConfig
-    from gemmatune.convert import load_model
-    from gemmatune.lora import init_adapters
+    from gemmatune.convert.hf import save_hf
+    from gemmatune.lora import adapter_shapes, attach
 
-    path, _ = preset
-    assert main(["generate", "--model", str(path), "--max-new-tokens", "4", "--dtype", "float32"]) == 0
-    assert capsys.readouterr().out.endswith("\n")
-    cfg, _ = load_model(path)
-    save_adapter(tmp_path / "adapter", init_adapters(cfg, LoraConfig(rank=2), jax.random.key(0)), LoraConfig(rank=2),
-                 cfg, str(path))
-    assert main(["export", "--model", str(path), "--adapter", str(tmp_path / "adapter"), "--format", "hf",
-                 "--output", str(tmp_path / "out")]) == 2
-    assert "KerasHub preset" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    path = preset[0]
+    cfg, params = load_kerashub(path, dtype="float32")
+    lora_cfg = LoraConfig(rank=2, alpha=4.0)
+    rng = np.random.default_rng(2)
+    adapters = {name: {"a": rng.normal(size=s["a"]).astype(np.float32) / 8, "b": rng.normal(size=s["b"]).astype(
+        np.float32) / 4} for name, s in adapter_shapes(cfg, lora_cfg).items()}
+    save_adapter(tmp_path / "adapter", adapters, lora_cfg, cfg, str(path))
+    tokens = np.random.default_rng(3).integers(3, 4096, size=(1, 24))
+    want = np.asarray(forward(attach(params, jax.tree.map(jnp.asarray, adapters)), jnp.asarray(tokens), cfg,
+                              adapter=lora_cfg))
+    assert np.abs(want - np.asarray(forward(params, jnp.asarray(tokens), cfg))).max() > 0.1  # the adapter matters
+
+    def export(fmt: str, out: Path) -> Path:
+        assert main(["export", "--model", str(path), "--adapter", str(tmp_path / "adapter"), "--format", fmt,
+                     "--output", str(out)]) == 0, capsys.readouterr().err
+        return out
+
+    merged = export("hf", tmp_path / "merged")
+    model = AutoModelForCausalLM.from_pretrained(merged, attn_implementation="eager", dtype=torch.float32)
+    np.testing.assert_allclose(hf_logits(model, tokens), want, atol=1e-4, rtol=0)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied
+    tok = AutoTokenizer.from_pretrained(merged)
+    text = "Fine-tuning Gemma 2, how are you?"
+    assert tok(text)["input_ids"] == [cfg.bos_token_id, *spm.SentencePieceProcessor(model_file=str(TOKENIZER)).encode(
+        text)]
+    assert tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+                                   ) == "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
+    eot = load_tokenizer(path).end_of_turn_id
+    assert json.loads((merged / "generation_config.json").read_text())["eos_token_id"] == [cfg.eos_token_id, eot]
+
+    save_hf(tmp_path / "base", cfg, params, dtype="float32")  # the same base in transformers, for PEFT to wrap
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", attn_implementation="eager", dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, export("peft", tmp_path / "peft")).eval()
+    np.testing.assert_allclose(hf_logits(peft_model, tokens), want, atol=1e-4, rtol=0)
+
+    reader = gguf.GGUFReader(export("gguf", tmp_path / "model.gguf"))
+    tokens_field = reader.fields["tokenizer.ggml.tokens"]
+    pieces = [bytes(tokens_field.parts[i]).decode() for i in tokens_field.data]
+    assert pieces == [load_tokenizer(path).id_to_piece(i) for i in range(cfg.vocab_size)]
+    stored = {t.name: np.asarray(t.data) for t in reader.tensors}["blk.0.ffn_gate.weight"]
+    hf_gate = model.model.layers[0].mlp.gate_proj.weight.detach().numpy()  # the merged weights, HF layout
+    np.testing.assert_array_equal(stored.reshape(hf_gate.shape), hf_gate)

@@ -9,8 +9,8 @@ import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import SMALL, hf_logits, hf_model, strong_params
 
+from conftest import SMALL, hf_logits, hf_model, strong_params
 from gemmatune import model as M
 from gemmatune.config import GLOBAL, LOCAL, PRESETS, from_hf_dict
 from gemmatune.convert.hf import hf_keys, hf_shape

@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import SMALL, strong_params
 from safetensors.numpy import load_file
 
+from conftest import SMALL, strong_params
 from gemmatune.cli import SAMPLE, main
 from gemmatune.config import DEFAULT_MODEL
 from gemmatune.settings import config_from_dict, load_yaml

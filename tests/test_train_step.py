@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL
 
+from conftest import SMALL
 from gemmatune import lora
 from gemmatune import model as M
 from gemmatune.config import LoraConfig, ModelConfig, TrainConfig

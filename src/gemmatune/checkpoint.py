@@ -307,9 +307,9 @@ def prepare_run_dir(run_dir: str | Path, config_digest: str, *, resume: bool, ov
         if old != config_digest:
             raise GemmatuneError(
                 f"cannot resume the run in {d}: its configuration (digest {old}) differs from this one "
-                f"({config_digest}). A setting that changes training (model, data, LoRA, optimizer, ...) changed since that run, so "
-                "resuming would not continue the same run. Restore the original settings to resume it, or start "
-                "afresh with --overwrite or another --output.")
+                f"({config_digest}). A setting that changes training (model, data, LoRA, optimizer, ...) changed "
+                "since that run, so resuming would not continue the same run. Restore the original settings to "
+                "resume it, or start afresh with --overwrite or another --output.")
         found = latest_checkpoint(d)
         if found is None:
             raise GemmatuneError(f"nothing to resume in {d}: no complete checkpoint (the run stopped before its "

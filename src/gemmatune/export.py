@@ -5,7 +5,8 @@
     peft  the adapter alone, as a PEFT LoRA adapter for transformers + peft
     gguf  the merged weights as one GGUF file for llama.cpp and Ollama (convert/gguf.py, when importable)
 
-The adapter is checked against the base's config.json before any weight is read, and every output is written
+The base is a Hugging Face directory or a KerasHub preset. The adapter is checked against the base's config
+before any weight is read, and every output is written
 atomically (an interrupted export leaves the output as it was).
 """
 
@@ -24,13 +25,13 @@ import numpy as np
 
 from gemmatune.atomic import refuse_to_replace
 from gemmatune.checkpoint import read_json
-from gemmatune.config import load_config
-from gemmatune.convert.hf import TOKENIZER_FILES, WEIGHT_DTYPES, load_hf, save_hf
+from gemmatune.convert import load_model, model_config
+from gemmatune.convert.hf import TOKENIZER_FILES, WEIGHT_DTYPES, save_hf
 from gemmatune.convert.kerashub import is_kerashub_preset
 from gemmatune.convert.peft import load_any_adapter, save_peft
 from gemmatune.errors import GemmatuneError
 from gemmatune.lora import merge
-from gemmatune.tokenizer import GEMMA2_CHAT_TEMPLATE, TOKENIZER_JSON, TOKENIZER_MODEL
+from gemmatune.tokenizer import GEMMA2_CHAT_TEMPLATE, KERAS_SPM, TOKENIZER_JSON, TOKENIZER_MODEL
 
 FORMATS = ("hf", "peft", "gguf")
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -55,21 +56,17 @@ def export(model_dir: str | Path, adapter_dir: str | Path, fmt: str, output: str
         raise GemmatuneError(f"--output {output} is the model or adapter directory itself; choose another output "
                              "path.")
     _refuse_existing(output, fmt, force)  # before the (possibly long) loading; the writers check again
-    if is_kerashub_preset(model_dir):
-        raise GemmatuneError(f"--model {model_dir} is a KerasHub preset: training and generating from it work, but "
-                             "exporting needs the base in Hugging Face layout (its tokenizer files are not "
-                             "carried over yet); export from the Hugging Face checkpoint of the same model.")
-    cfg = load_config(model_dir / "config.json")  # a path, never a preset name
+    cfg = model_config(model_dir)
     adapters, lora_cfg = load_any_adapter(adapter_dir, cfg)  # refuses an adapter of another base, before the weights
     if fmt == "peft":
         return save_peft(output, adapters, lora_cfg, cfg, str(model_dir.resolve()), force=force)
-    cfg, params = load_hf(model_dir, dtype if dtype in WEIGHT_DTYPES else "auto")
+    cfg, params = load_model(model_dir, dtype if dtype in WEIGHT_DTYPES else "auto")
     params = merge(params, adapters, lora_cfg)
-    if gguf is not None:  # the GGUF writer reads tokenizer.model and writes the Gemma 2 chat template itself
-        gguf_dtype = dtype if dtype in gguf.DTYPES else GGUF_DTYPES[str(np.dtype(params["embed"].dtype))]
-        gguf.save_gguf(output, cfg, params, model_dir, dtype=gguf_dtype, force=force)
-    else:
-        with _tokenizer_with_template(model_dir) as tokenizer_dir:
+    with _tokenizer_with_template(model_dir) as tokenizer_dir:
+        if gguf is not None:  # the GGUF writer reads tokenizer.model and writes the Gemma 2 chat template itself
+            gguf_dtype = dtype if dtype in gguf.DTYPES else GGUF_DTYPES[str(np.dtype(params["embed"].dtype))]
+            gguf.save_gguf(output, cfg, params, tokenizer_dir, dtype=gguf_dtype, force=force)
+        else:
             save_hf(output, cfg, params, tokenizer_dir=tokenizer_dir, force=force)
     return output
 
@@ -97,21 +94,34 @@ def _gguf_module() -> ModuleType:
 def _tokenizer_with_template(model_dir: Path) -> Iterator[Path]:
     """A directory with the base's tokenizer files whose tokenizer_config.json holds a chat template: the base's
     own directory when it does, else a temporary copy with the template added (from chat_template.jinja if the
-    base has one, else the Gemma 2 instruct template gemmatune trains with), so that the export stays atomic."""
-    if not ((model_dir / TOKENIZER_JSON).is_file() or (model_dir / TOKENIZER_MODEL).is_file()):
+    base has one, else the Gemma 2 instruct template gemmatune trains with), so that the export stays atomic.
+    A KerasHub preset's SentencePiece model becomes tokenizer.model (the same file under the Hugging Face name);
+    its tokenizer.json is a Keras layer config and is left behind."""
+    keras = is_kerashub_preset(model_dir)
+    if keras and not (model_dir / KERAS_SPM).is_file():
+        raise GemmatuneError(f"{model_dir}: no {KERAS_SPM}; an exported model needs the preset's tokenizer: "
+                             "re-download the preset with its assets folder.")
+    if not keras and not ((model_dir / TOKENIZER_JSON).is_file() or (model_dir / TOKENIZER_MODEL).is_file()):
         raise GemmatuneError(f"{model_dir}: no {TOKENIZER_JSON} or {TOKENIZER_MODEL}; an exported model needs the "
                              "base's tokenizer: copy the tokenizer files into the base model directory.")
     config_path = model_dir / TOKENIZER_CONFIG
-    config = read_json(config_path, "re-download the base model's tokenizer files") if config_path.is_file() else {}
+    config = {} if keras or not config_path.is_file() else read_json(
+        config_path, "re-download the base model's tokenizer files")
     if config.get("chat_template"):
         yield model_dir
         return
     jinja = model_dir / CHAT_TEMPLATE_FILE
     template = jinja.read_text(encoding="utf-8") if jinja.is_file() else GEMMA2_CHAT_TEMPLATE
     with tempfile.TemporaryDirectory(prefix="gemmatune-tokenizer-") as tmp:
-        for name in TOKENIZER_FILES:
-            if name != TOKENIZER_CONFIG and (model_dir / name).is_file():
-                shutil.copyfile(model_dir / name, Path(tmp) / name)
+        if keras:
+            shutil.copyfile(model_dir / KERAS_SPM, Path(tmp) / TOKENIZER_MODEL)
+            # What transformers needs to build Gemma's tokenizer from tokenizer.model alone.
+            config = {"tokenizer_class": "GemmaTokenizer", "add_bos_token": True, "add_eos_token": False,
+                      "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}
+        else:
+            for name in TOKENIZER_FILES:
+                if name != TOKENIZER_CONFIG and (model_dir / name).is_file():
+                    shutil.copyfile(model_dir / name, Path(tmp) / name)
         (Path(tmp) / TOKENIZER_CONFIG).write_text(json.dumps({**config, "chat_template": template}, indent=2),
                                                   encoding="utf-8")
         yield Path(tmp)

@@ -28,6 +28,7 @@ GEMMA2_CHAT_TEMPLATE = (
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_MODEL = "tokenizer.model"
+KERAS_SPM = "assets/tokenizer/vocabulary.spm"  # a KerasHub preset's SentencePiece model
 
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 _ROLES = {"user": "user", "assistant": "model", "model": "model"}
@@ -130,7 +131,7 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer:
     """Load `model_dir`/tokenizer.json (preferred) or `model_dir`/tokenizer.model, or a KerasHub preset's
     assets/tokenizer/vocabulary.spm (a SentencePiece model)."""
     model_dir = Path(model_dir)
-    keras_spm = model_dir / "assets" / "tokenizer" / "vocabulary.spm"
+    keras_spm = model_dir / KERAS_SPM
     if keras_spm.is_file():  # a KerasHub preset: its tokenizer.json is a Keras layer config, not a tokenizer
         return _load_sentencepiece(keras_spm)
     if (model_dir / TOKENIZER_JSON).is_file():

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gemmatune.config import ModelConfig
+from gemmatune.config import ModelConfig, load_config
 from gemmatune.model import Params, unstack
+
+
+def model_config(model_dir: str | Path) -> ModelConfig:
+    """The config of a Hugging Face directory or a KerasHub preset, without reading any weight."""
+    from gemmatune.convert.kerashub import is_kerashub_preset, kerashub_config
+
+    return kerashub_config(model_dir) if is_kerashub_preset(model_dir) else load_config(Path(model_dir) / "config.json")
 
 
 def load_model(model_dir: str | Path, dtype: str = "auto", *, stacked: bool = True) -> tuple[ModelConfig, Params]:

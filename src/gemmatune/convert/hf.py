@@ -13,9 +13,9 @@ import itertools
 import json
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -266,15 +266,20 @@ def load_hf(model_dir: str | Path, dtype: str = "auto", *, stacked: bool = True)
 
 
 def _end_of_turn_id(tokenizer_files: list[Path]) -> int | None:
-    """The id of <end_of_turn>, read from tokenizer.json's added tokens or tokenizer_config.json."""
+    """The id of <end_of_turn>, read from tokenizer.json's added tokens, tokenizer_config.json or the
+    SentencePiece model (a KerasHub preset's tokenizer has only that)."""
     for f in tokenizer_files:
         if f.name == "tokenizer.json":
             table = {t.get("content"): t.get("id") for t in _read_json(f).get("added_tokens", [])}
         elif f.name == "tokenizer_config.json":
             table = {t.get("content"): int(i) for i, t in _read_json(f).get("added_tokens_decoder", {}).items()}
+        elif f.name == "tokenizer.model":
+            from gemmatune.tokenizer import load_tokenizer
+
+            table = {"<end_of_turn>": load_tokenizer(f.parent).end_of_turn_id}
         else:
             continue
-        if "<end_of_turn>" in table:
+        if table.get("<end_of_turn>") is not None:
             return int(table["<end_of_turn>"])
     return None
 

@@ -152,7 +152,8 @@ def _read_file(path: str, reader: Reader) -> Iterator[Row | BadRow]:
         raise _empty(path)
     count = 0
     try:
-        for count, item in enumerate(reader(path), 1):
+        for item in reader(path):
+            count += 1
             yield item
     except (OSError, EOFError, zlib.error) as e:  # e.g. a truncated .gz, a permission error
         raise DataError(path, UNREADABLE, f"{e}; check that the file is complete and readable") from e
