@@ -4,6 +4,7 @@ A GemmatuneError ends the command with its message and status 2, never a stack t
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -174,14 +175,18 @@ def _plan(args: argparse.Namespace, extra: Sequence[str]) -> None:
                       "Nothing tried fits: use more devices, a shorter --seq-len, or a smaller model."))
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def format_plan(p: object) -> str:
-    from gemmatune.plan import GiB, PARTS
+    from gemmatune.plan import PARTS
 
     mesh = ",".join(f"{a}={s}" for a, s in p.mesh.items())
     rows = [f"  mesh {mesh}; per device:"]
-    rows += [f"  {name:<12}{p.bytes[name] / GiB:9.2f} GiB" for name in PARTS]
+    rows += [f"  {name:<12}{_size(p.bytes[name]):>12}" for name in PARTS]
     verdict = "fits" if p.fits else "does NOT fit"
-    rows.append(f"  {'total':<12}{p.bytes['total'] / GiB:9.2f} GiB of {p.capacity / GiB:.2f} GiB: {verdict}")
+    rows.append(f"  {'total':<12}{_size(p.bytes['total']):>12} of {_size(p.capacity)}: {verdict}")
     return "\n".join(rows + ([f"  ({p.note})"] if p.note else []))
 
 
@@ -260,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # JAX takes 75% of a GPU's memory by default; `gemmatune plan` counts on 95% (set it lower to share the GPU).
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "extra_ok", False):

@@ -104,15 +104,12 @@ def plan(cfg: ModelConfig, tcfg: TrainConfig, device: str, *, devices: int | Non
             raise GemmatuneError(f"--devices {n}: plans for {device} cover {', '.join(map(str, kind.topologies))} "
                                  "devices.")
         _require_libtpu(device)
-    capacity = memory or kind.memory
-    first = _compile([_request(cfg, tcfg, mesh, "")], kind, n, capacity)
-    if first[0].fits or not suggest:
-        return first
-    out = first
-    for batch in _candidates(tcfg, mesh, n, cfg):
-        out += _compile([batch], kind, n, capacity)
-        if out[-1].fits:
-            break
+    with _Compiler(kind, n, memory or kind.memory) as compiler:
+        out = [compiler.plan(_request(cfg, tcfg, mesh, ""))]
+        for request in _candidates(tcfg, mesh, n, cfg) if suggest and not out[0].fits else []:
+            out.append(compiler.plan(request))
+            if out[-1].fits:
+                break
     return out
 
 
@@ -147,26 +144,49 @@ def _require_libtpu(device: str) -> None:
                              "installed: pip install 'gemmatune[tpu]'.")
 
 
-def _compile(requests: list[dict[str, Any]], kind: Device, n: int, capacity: int) -> list[Plan]:
-    """Compile each request in one child process for `n` devices of `kind`; its plans."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    if kind.compiler == "cpu":
-        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}".strip()
-    else:  # libtpu, off a TPU VM: no metadata server to ask, and no warnings about it
-        env.update(TPU_SKIP_MDS_QUERY="1", TPU_ACCELERATOR_TYPE="v3-8", TPU_WORKER_HOSTNAMES="localhost")
-    job = {"requests": requests, "compiler": kind.compiler, "devices": n,
-           "topology": kind.topologies.get(n, ""), "capacity": capacity}
-    proc = subprocess.run([sys.executable, "-m", "gemmatune.plan"], input=json.dumps(job), capture_output=True,
-                          text=True, env=env, check=False)
-    if proc.returncode != 0 or not proc.stdout.strip():
-        lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not re.match(r"^[WIE]\d{4} ", ln)]
-        raise GemmatuneError("planning failed while compiling the train step: " + " | ".join(lines[-3:]))
-    return [Plan(**p) for p in json.loads(proc.stdout.strip().splitlines()[-1])]
+class _Compiler:
+    """A child process that compiles plans for `n` devices of `kind`, one request per line on its stdin."""
+
+    def __init__(self, kind: Device, n: int, capacity: int) -> None:
+        env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+        if kind.compiler == "cpu":
+            env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}".strip()
+        else:  # libtpu, off a TPU VM: no metadata server to ask, and no warnings about it
+            env.update(TPU_SKIP_MDS_QUERY="1", TPU_ACCELERATOR_TYPE="v3-8", TPU_WORKER_HOSTNAMES="localhost")
+        self._job = {"compiler": kind.compiler, "devices": n, "topology": kind.topologies.get(n, ""),
+                     "capacity": capacity}
+        self._proc = subprocess.Popen([sys.executable, "-m", "gemmatune.plan"], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+    def plan(self, request: dict[str, Any]) -> Plan:
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        try:
+            self._proc.stdin.write(json.dumps({**self._job, **request}) + "\n")
+            self._proc.stdin.flush()
+        except BrokenPipeError:
+            pass  # the child died: its stderr says why, below
+        line = self._proc.stdout.readline()
+        if not line:
+            assert self._proc.stderr is not None
+            lines = [ln for ln in self._proc.stderr.read().splitlines()
+                     if ln.strip() and not re.match(r"^[WIE]\d{4} ", ln)]
+            raise GemmatuneError("planning failed while compiling the train step: " + " | ".join(lines[-3:]))
+        result = json.loads(line)
+        if "error" in result:  # a setting the mesh cannot take (e.g. a batch that does not divide): the user's to fix
+            raise GemmatuneError(result["error"])
+        return Plan(**result)
+
+    def __enter__(self) -> _Compiler:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._proc.kill()
+        self._proc.wait()
 
 
 # --- the child process ------------------------------------------------------------------------------------------
 
-_OOM = re.compile(r"(?:required for HLO temporaries \(|Used )([\d.]+)([KMGT])")
+_OOM = re.compile(r"required for HLO temporaries \(([\d.]+)([KMGT])")
 
 
 def _per_device(tree: Any) -> int:
@@ -182,48 +202,57 @@ def _per_device(tree: Any) -> int:
     return sum(nbytes(a) for a in jax.tree.leaves(tree))
 
 
-def _child(job: dict[str, Any]) -> list[dict[str, Any]]:
+def _devices(job: dict[str, Any]) -> list[Any]:
+    """The devices a plan compiles for: a TPU topology's (no TPU needed), or this process's CPU devices."""
     import jax
 
+    if job["compiler"] != "tpu":
+        return jax.devices()
+    from jax.experimental import topologies
+
+    # A single chip is its own host; larger slices use libtpu's default host bounds.
+    one_host = {"chips_per_host_bounds": (1, 1, 1)} if job["topology"] in ("v3:1x1", "v5e:1x1", "v6e:1x1",
+                                                                            "v5p:1x1x1") else {}
+    return topologies.get_topology_desc(topology_name=job["topology"], platform="tpu", **one_host).devices
+
+
+def _child(job: dict[str, Any], devices: list[Any]) -> dict[str, Any]:
+    """One plan: job holds the device (compiler, devices, topology, capacity) and the request."""
     from gemmatune import sharding
     from gemmatune.settings import config_from_dict
     from gemmatune.trainer import Shapes, abstract_step
 
-    if job["compiler"] == "tpu":
-        from jax.experimental import topologies
-
-        # A single chip is its own host; larger slices use libtpu's default host bounds.
-        one_host = {"chips_per_host_bounds": (1, 1, 1)} if job["topology"] in ("v3:1x1", "v5e:1x1", "v6e:1x1",
-                                                                                "v5p:1x1x1") else {}
-        devices = topologies.get_topology_desc(topology_name=job["topology"], platform="tpu", **one_host).devices
-    else:
-        devices = jax.devices()
-    out = []
-    for req in job["requests"]:
-        cfg = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in req["model"].items()})
-        tcfg = config_from_dict(req["train"])
-        mesh = sharding.make_mesh(req["mesh"] or None, devices[:job["devices"]], cfg)
-        sharding.check_batch(mesh, tcfg.batch_size)
-        step, (state, frozen, batches) = abstract_step(cfg, tcfg, mesh, Shapes(tcfg.grad_accum, tcfg.batch_size,
-                                                                                 tcfg.data.max_seq_len))
-        parts = {"weights": _per_device(frozen), "adapters": _per_device(state["params"]),
-                 "optimizer": _per_device(state["opt_state"]), "other": _per_device(batches)}
-        note = ""
-        try:
-            stats = step.lower(state, frozen, batches).compile().memory_analysis()
-            parts["activations"] = stats.temp_size_in_bytes
-            parts["other"] += max(stats.output_size_in_bytes - stats.alias_size_in_bytes, 0)
-        except Exception as e:  # the TPU compiler refuses a program larger than the core's memory, saying how large
-            found = _OOM.search(str(e))
-            if "RESOURCE_EXHAUSTED" not in str(e) or not found:
-                raise
-            parts["activations"] = int(float(found[1]) * 1024 ** "KMGT".index(found[2]) * 1024)
-            note = "over the device's memory at compile time: " + str(e).split("\n")[0][:200]
-        total = sum(parts.values())
-        out.append(Plan(req["changes"], dict(mesh.shape), {**{p: parts[p] for p in PARTS}, "total": total},
-                        job["capacity"], total <= job["capacity"] and not note, note).to_json())
-    return out
+    cfg = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in job["model"].items()})
+    tcfg = config_from_dict(job["train"])
+    mesh = sharding.make_mesh(job["mesh"] or None, devices[:job["devices"]], cfg)
+    sharding.check_batch(mesh, tcfg.batch_size)
+    step, (state, frozen, batches) = abstract_step(cfg, tcfg, mesh, Shapes(tcfg.grad_accum, tcfg.batch_size,
+                                                                             tcfg.data.max_seq_len))
+    parts = {"weights": _per_device(frozen), "adapters": _per_device(state["params"]),
+             "optimizer": _per_device(state["opt_state"]), "other": _per_device(batches)}
+    note = ""
+    try:
+        stats = step.lower(state, frozen, batches).compile().memory_analysis()
+        parts["activations"] = stats.temp_size_in_bytes
+        parts["other"] += max(stats.output_size_in_bytes - stats.alias_size_in_bytes, 0)
+    except Exception as e:  # the TPU compiler refuses a program larger than the core's memory, saying how large
+        found = _OOM.search(str(e))
+        if "RESOURCE_EXHAUSTED" not in str(e) or not found:
+            raise
+        parts["activations"] = int(float(found[1]) * 1024 ** "KMGT".index(found[2]) * 1024)
+        note = "over the device's memory at compile time: " + str(e).split("\n")[0][:200]
+    total = sum(parts.values())
+    return Plan(job["changes"], dict(mesh.shape), {**{p: parts[p] for p in PARTS}, "total": total},
+                job["capacity"], total <= job["capacity"] and not note, note).to_json()
 
 
 if __name__ == "__main__":
-    print(json.dumps(_child(json.load(sys.stdin))))
+    _found: list[Any] = []
+    for line in sys.stdin:
+        job = json.loads(line)
+        _found = _found or _devices(job)
+        try:
+            answer = _child(job, _found)
+        except GemmatuneError as e:
+            answer = {"error": str(e)}
+        print(json.dumps(answer), flush=True)
