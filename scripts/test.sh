@@ -5,13 +5,15 @@
 # 2 cores even without its multimodal and server parts). It builds into a wheel in the background while the other
 # tests run, then is installed and its tests run last.
 set -euo pipefail
+# libtpu (extra tpu, for `gemmatune plan`) is installed; this machine has no TPU, so JAX should not look for one.
+export JAX_PLATFORMS=cpu
 cd "$(dirname "$0")/.."
 wheels=$(mktemp -d)
 CMAKE_ARGS="-DLLAVA_BUILD=OFF -DMTMD_BUILD=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
 -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \
   pip wheel -q --no-deps -w "$wheels" llama-cpp-python==0.3.36 > "$wheels/build.log" 2>&1 &
 build=$!
-pip install -q -e '.[test]'
+pip install -q -e '.[test,tpu]'
 # keras-hub (the KerasHub reference) declares tensorflow-text as a dependency on Linux; with Keras on JAX its Gemma
 # models need none of TensorFlow, so it goes in without its dependencies.
 pip install -q --no-deps keras-hub==0.32.0

@@ -4,6 +4,7 @@ A GemmatuneError ends the command with its message and status 2, never a stack t
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -141,6 +142,54 @@ def _export(args: argparse.Namespace, extra: Sequence[str]) -> None:
     print(f"wrote {fmt} to {out}", file=sys.stderr)
 
 
+def _plan(args: argparse.Namespace, extra: Sequence[str]) -> None:
+    import dataclasses
+    import json
+
+    from gemmatune.config import LoraConfig, TrainConfig, load_config
+    from gemmatune.convert import model_config
+    from gemmatune.plan import DEVICES, GiB, plan
+
+    cfg = load_config(args.model) if not Path(args.model).is_dir() else model_config(args.model)
+    base = TrainConfig()
+    tcfg = dataclasses.replace(base, data=dataclasses.replace(base.data, max_seq_len=args.seq_len),
+                               lora=LoraConfig(rank=args.lora_rank), batch_size=args.batch_size,
+                               grad_accum=args.grad_accum, remat=args.remat, dtype=args.dtype, method=args.method)
+    memory = int(args.memory_gib * GiB) if args.memory_gib else None
+    plans = plan(cfg, tcfg, args.device, devices=args.devices, mesh=args.mesh or "", memory=memory)
+    kind = DEVICES[args.device]
+    n = args.devices or kind.devices
+    if args.json:
+        print(json.dumps({"device": args.device, "devices": n, "compiler": kind.compiler,
+                          **plans[0].to_json(), "tried": [p.to_json() for p in plans[1:]]}, indent=2))
+        return
+    print(f"{args.model} on {n} x {kind.label}: seq {args.seq_len} x batch {args.batch_size} x accum "
+          f"{args.grad_accum}, {args.method} (rank {args.lora_rank}), remat {args.remat}, {args.dtype}")
+    print(format_plan(plans[0]))
+    for p in plans[1:]:
+        print(f"\ntried {p.changes}:")
+        print(format_plan(p))
+    fitting = [p for p in plans[1:] if p.fits]
+    if not plans[0].fits:
+        print("\n" + (f"It fits with: {fitting[0].changes}" if fitting else
+                      "Nothing tried fits: use more devices, a shorter --seq-len, or a smaller model."))
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def format_plan(p: object) -> str:
+    from gemmatune.plan import PARTS
+
+    mesh = ",".join(f"{a}={s}" for a, s in p.mesh.items())
+    rows = [f"  mesh {mesh}; per device:"]
+    rows += [f"  {name:<12}{_size(p.bytes[name]):>12}" for name in PARTS]
+    verdict = "fits" if p.fits else "does NOT fit"
+    rows.append(f"  {'total':<12}{_size(p.bytes['total']):>12} of {_size(p.capacity)}: {verdict}")
+    return "\n".join(rows + ([f"  ({p.note})"] if p.note else []))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemmatune", description="LoRA fine-tuning of Gemma 2 in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -181,6 +230,27 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--force", action="store_true", help="replace an existing output")
         e.set_defaults(run=_export)
 
+    from gemmatune.plan import DEVICES
+
+    pl = sub.add_parser("plan", help="will a training run fit a device? (compiled ahead of time, no weights)",
+                        description="Compile the train step for a device ahead of time, from shapes alone, and report "
+                                    "its memory per device; when it does not fit, try what would make it fit.")
+    pl.add_argument("--model", required=True, help="a preset (gemma2-2b, gemma2-9b, gemma2-27b, ...) or a checkpoint "
+                                                  "directory (only its config is read)")
+    pl.add_argument("--device", required=True, choices=list(DEVICES), help="device kind (memory per device)")
+    pl.add_argument("--devices", type=int, default=None, help="device count (default: one GPU; a TPU's smallest slice)")
+    pl.add_argument("--mesh", default="", help="e.g. data=2,model=4 (default: chosen from the device count)")
+    pl.add_argument("--seq-len", type=int, required=True)
+    pl.add_argument("--batch-size", type=int, required=True, help="rows per micro-batch")
+    pl.add_argument("--grad-accum", type=int, default=1)
+    pl.add_argument("--lora-rank", type=int, default=8)
+    pl.add_argument("--remat", choices=["none", "block", "full"], default="block")
+    pl.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    pl.add_argument("--method", choices=["lora", "full"], default="lora")
+    pl.add_argument("--memory-gib", type=float, default=None, help="memory per device, overriding the device table")
+    pl.add_argument("--json", action="store_true", help="the same figures in bytes, with fits: true|false")
+    pl.set_defaults(run=_plan)
+
     data = sub.add_parser("data", help="check a dataset before training").add_subparsers(dest="data_command",
                                                                                          required=True)
     i = data.add_parser("inspect", help="formats, counts, lengths, packing and a rendered example",
@@ -195,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # JAX takes 75% of a GPU's memory by default; `gemmatune plan` counts on 95% (set it lower to share the GPU).
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "extra_ok", False):

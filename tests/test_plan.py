@@ -1,0 +1,98 @@
+"""`gemmatune plan`: the real train step compiled ahead of time for a device, from shapes alone."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+
+import pytest
+
+from gemmatune.config import PRESETS, LoraConfig, TrainConfig
+from gemmatune.errors import GemmatuneError
+from gemmatune.lora import adapter_shapes
+from gemmatune.model import param_shapes
+from gemmatune.plan import DEVICES, GiB, plan
+
+
+def _tcfg(seq: int, batch: int, remat: str = "block", **kw) -> TrainConfig:
+    base = TrainConfig()
+    return dataclasses.replace(base, data=dataclasses.replace(base.data, max_seq_len=seq), batch_size=batch,
+                               remat=remat, **kw)
+
+
+def _count(shapes: dict) -> int:
+    return sum(math.prod(s) for s in _leaves(shapes))
+
+
+def _leaves(tree: dict) -> list[tuple[int, ...]]:
+    out = []
+    for v in tree.values():
+        out += _leaves(v) if isinstance(v, dict) else [v]
+    return out
+
+
+# The issue's goals: the released models at these shapes fit these devices (with layers recomputed in the backward
+# pass). Compiling the real step with XLA's TPU compiler takes one to three minutes each on 2 cores.
+GOALS = [("gemma2-9b", "tpu-v3", 8), ("gemma2-27b", "tpu-v3", 4), ("gemma2-2b", "t4", 4)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model, device, batch", GOALS, ids=[g[0] for g in GOALS])
+def test_goals_fit(model: str, device: str, batch: int) -> None:
+    cfg, kind = PRESETS[model], DEVICES[device]
+    [p] = plan(cfg, _tcfg(1024, batch, "full"), device, suggest=False)
+    assert p.fits and p.bytes["total"] <= kind.memory, p
+    assert p.bytes["total"] == sum(p.bytes[k] for k in ("weights", "adapters", "optimizer", "activations", "other"))
+    # Weights: bfloat16, split over the mesh's model axis; at most 1% of their bytes replicated on every device.
+    n = math.prod(p.mesh.values())
+    full = 2 * _count(param_shapes(cfg))
+    assert full / n <= p.bytes["weights"] <= 1.01 * full / n
+    # Adapters in float32, Adam's two moments in float32 beside them (the rank axis and A's hidden axis replicated).
+    adapters = 4 * _count(adapter_shapes(cfg, LoraConfig()))
+    assert adapters / n <= p.bytes["adapters"] <= adapters
+    assert p.bytes["optimizer"] >= 2 * p.bytes["adapters"]
+    assert 0 < p.bytes["activations"] < kind.memory
+
+
+def test_suggestions_try_cheapest_first_until_one_fits() -> None:
+    """A device too small for the asked plan: remat full is tried first, then halving the micro-batch (doubling
+    accumulation), up to the first that fits."""
+    cfg = PRESETS["tiny"]
+    asked = plan(cfg, _tcfg(128, 4, "none"), "cpu", suggest=False)[0]
+    first_try = plan(cfg, _tcfg(128, 4, "full"), "cpu", suggest=False)[0]
+    assert first_try.bytes["activations"] < asked.bytes["activations"]
+    limit = (first_try.bytes["total"] - 1) / GiB  # remat full alone is not enough
+    plans = plan(cfg, _tcfg(128, 4, "none"), "cpu", memory=int(limit * GiB))
+    assert not plans[0].fits and plans[-1].fits and not any(p.fits for p in plans[:-1])
+    assert [p.changes for p in plans[:3]] == ["", "--remat full", "--remat full --batch-size 2 --grad-accum 2"]
+    assert plans[-1].bytes["total"] <= limit * GiB < plans[1].bytes["total"]
+
+
+def test_cli_json(capsys: pytest.CaptureFixture[str]) -> None:
+    from gemmatune.cli import main
+
+    assert main(["plan", "--model", "tiny", "--device", "cpu", "--seq-len", "64", "--batch-size", "2",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["fits"] is True and out["devices"] == 1 and out["mesh"] == {"data": 1, "fsdp": 1, "model": 1}
+    assert out["bytes"]["total"] == sum(v for k, v in out["bytes"].items() if k != "total") > 0
+    assert main(["plan", "--model", "tiny", "--device", "cpu", "--seq-len", "64", "--batch-size", "2",
+                 "--memory-gib", "0.001"]) == 0
+    text = capsys.readouterr().out
+    assert "does NOT fit" in text and "tried --remat full" in text
+
+
+def test_refusals(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = PRESETS["tiny"]
+    with pytest.raises(GemmatuneError, match="'a800' is not one of t4, l4"):
+        plan(cfg, _tcfg(64, 2), "a800")
+    with pytest.raises(GemmatuneError, match="--devices 3: plans for tpu-v3 cover 2, 8, 32"):
+        plan(cfg, _tcfg(64, 2), "tpu-v3", devices=3)
+    with pytest.raises(GemmatuneError, match="batch_size: 3 rows do not divide among the mesh's 2"):
+        plan(cfg, _tcfg(64, 3), "cpu", devices=2, mesh="data=2")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real(name, *a))
+    with pytest.raises(GemmatuneError, match=r"pip install 'gemmatune\[tpu\]'"):
+        plan(cfg, _tcfg(64, 2), "t4")
