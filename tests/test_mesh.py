@@ -19,10 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import SMALL, strong_params
 from jax.sharding import PartitionSpec as P
 from test_train_step import rows
 
+from conftest import SMALL, strong_params
 from gemmatune import sharding as S
 from gemmatune import trainer as T
 from gemmatune.config import PRESETS, LoraConfig, ModelConfig, TrainConfig
@@ -53,8 +53,8 @@ def test_every_parameter_and_adapter_has_logical_axes(name: str) -> None:
     cfg, lcfg = PRESETS[name], LoraConfig()
     for axes, shapes in [(S.param_axes(cfg), param_shapes(cfg)),
                          (S.trainable_axes(cfg, "lora", lcfg), adapter_shapes(cfg, lcfg))]:
-        is_shape = lambda s: isinstance(s, tuple)
-        assert jax.tree.structure(axes, is_leaf=S._is_axes) == jax.tree.structure(shapes, is_leaf=is_shape)
+        assert jax.tree.structure(axes, is_leaf=S._is_axes) == jax.tree.structure(
+            shapes, is_leaf=lambda s: isinstance(s, tuple))
         ranks = jax.tree.map(lambda a, s: len(a) == len(s), axes, shapes, is_leaf=S._is_axes)
         assert all(jax.tree.leaves(ranks)), ranks
 
