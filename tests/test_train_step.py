@@ -64,6 +64,29 @@ def test_chunked_loss_equals_full_logits_loss(small_params, chunk):
     np.testing.assert_allclose(float(s), float(rs), rtol=1e-5)
 
 
+def test_chunked_loss_gradients_equal_full_logits_gradients(small_params):
+    """The hand-written VJP (hidden-state gradient made in the forward pass, embedding gradient recomputed) gives
+    autodiff's gradients of the full-logits loss for h, the embedding, the final norm and the weights."""
+    b = rows(3)
+    h = M.hidden_states(small_params, jnp.asarray(b["inputs"]), SMALL, positions=jnp.asarray(b["positions"]),
+                        segment_ids=jnp.asarray(b["segment_ids"]))
+    targets, w = jnp.asarray(b["targets"]), jnp.asarray(b["weights"]) * jnp.linspace(0.5, 1.5, 32)
+
+    def ours(p, h, w):
+        return chunked_loss(p, h, targets, w, SMALL, 7)[0]
+
+    def ref(p, h, w):
+        logp = jax.nn.log_softmax(M.logits_from_hidden(p, h, SMALL), -1)
+        return -jnp.sum(jnp.take_along_axis(logp, targets[..., None], -1)[..., 0] * w)
+
+    top = {k: small_params[k] for k in ("embed", "final_norm")}
+    got = jax.grad(ours, argnums=(0, 1, 2))(top, h, w)
+    want = jax.grad(ref, argnums=(0, 1, 2))(top, h, w)
+    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert float(jnp.max(jnp.abs(r))) > 0
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(r))))
+
+
 def test_loss_equals_transformers(small_params, small_hf):
     """Mean loss over trained targets of one unpacked sequence = transformers' loss with labels -100 elsewhere."""
     tokens = rng.randint(3, SMALL.vocab_size, 30)
