@@ -87,7 +87,13 @@ def run_gemmatune(w: Workload, steps: int, dtype: str) -> dict[str, Any]:
 
     from gemmatune.config import LoraConfig, TrainConfig
     from gemmatune.model import init_params
-    from gemmatune.trainer import Shapes, init_state, make_train_step, optimizer, split_trainable
+    from gemmatune.trainer import (
+        Shapes,
+        init_state,
+        make_train_step,
+        optimizer,
+        split_trainable,
+    )
 
     tcfg = TrainConfig(dtype=dtype, lora=LoraConfig(rank=RANK, alpha=ALPHA), lr=LR, schedule="constant",
                        clip_norm=CLIP, weight_decay=0.0, batch_size=w.batch)
@@ -218,7 +224,7 @@ def run_child(tool: str, workload: str, steps: int, dtype: str) -> dict[str, Any
     env = {**os.environ, "OMP_NUM_THREADS": str(THREADS)}
     cmd = [sys.executable, __file__, "--child", tool, "--workload", workload, "--steps", str(steps),
            "--dtype", dtype]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if p.returncode:
         raise SystemExit(f"{tool} on {workload} failed:\n{p.stderr[-4000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])

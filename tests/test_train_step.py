@@ -198,8 +198,8 @@ def test_full_fine_tuning_trains_every_weight(small_params):
 
 def test_loss_memory_stays_far_below_full_logits():
     """With Gemma's 256k vocabulary, the compiled train step's temporaries are far below one [B, T, V] array.
-    They scale with loss_chunk: about 3.6 [chunk, V] float32 arrays live in the backward pass (0.45x the full
-    logits at chunk 256 for this batch, 0.23x at 128)."""
+    They scale with loss_chunk: about 3 [chunk, V] float32 arrays live while a chunk's loss and its gradient are
+    made (0.20x the full logits at chunk 128 for this batch, 0.33x at 256)."""
     cfg = ModelConfig(vocab_size=256000, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2,
                       num_kv_heads=1, head_dim=32, query_pre_attn_scalar=32)
     B, T = 2, 1024
