@@ -11,29 +11,18 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from conftest import hf_model  # noqa: E402  (the same weight transfer the parity tests use)
-from gemmatune import model as M  # noqa: E402
-from gemmatune.config import PRESETS  # noqa: E402
-from gemmatune.generate import generate  # noqa: E402
+from common import best_of, random_tokens
+from conftest import hf_model
 
-
-def best_of(fn, repeats: int) -> float:
-    """Seconds of the fastest of `repeats` calls (after one warm-up call)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+from gemmatune import model as M
+from gemmatune.config import PRESETS
+from gemmatune.generate import generate
 
 
 def main() -> None:
@@ -50,8 +39,7 @@ def main() -> None:
     # Weights that keep greedy decoding diverse, so neither side stops early or repeats one token.
     params = M.init_params(cfg, jax.random.key(0), jnp.float32, norm_mean=0.5, post_norm_mean=5.0)
     hf = hf_model(cfg, params)
-    rng = np.random.RandomState(0)
-    tokens = rng.randint(3, cfg.vocab_size, (a.batch, a.seq))
+    tokens = random_tokens(cfg.vocab_size, (a.batch, a.seq))
 
     fwd = jax.jit(lambda p, t: M.forward(p, t, cfg))
     ours_fwd = best_of(lambda: fwd(params, tokens).block_until_ready(), a.repeats)
@@ -63,9 +51,9 @@ def main() -> None:
     for b in sorted({1, a.batch}):
         prompt = tokens[:b, :a.prompt]
         # No stop ids here and no eos for transformers: both decode exactly `new` tokens.
-        ours = best_of(lambda: generate(layers, cfg, prompt.tolist(), max_new_tokens=a.new), a.repeats)
+        ours = best_of(lambda prompt=prompt: generate(layers, cfg, prompt.tolist(), max_new_tokens=a.new), a.repeats)
         with torch.no_grad():
-            ref = best_of(lambda: hf.generate(torch.from_numpy(prompt), max_new_tokens=a.new, min_new_tokens=a.new,
+            ref = best_of(lambda prompt=prompt: hf.generate(torch.from_numpy(prompt), max_new_tokens=a.new, min_new_tokens=a.new,
                                               do_sample=False, eos_token_id=None, pad_token_id=0), a.repeats)
         decode[b] = (b * a.new / ours, b * a.new / ref)
 

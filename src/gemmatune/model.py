@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from gemmatune import sharding
+from gemmatune.attention import IMPLS, attention_impl, splash_attention
 from gemmatune.config import LOCAL, ModelConfig
 
 Params = dict[str, Any]
@@ -130,27 +131,36 @@ def weight_axes(name: str) -> tuple[str, str, str]:
     return w, "".join(c for c in w if c in x), "".join(c for c in w if c not in x)
 
 
-def lora_equations(name: str) -> tuple[str, str]:
-    """The projection as two einsums through rank r: x -> [..., r] by A (input axes + r), then -> y by B
-    (r + output axes). "o_proj" gives ("bthe,her->btr", "btr,rd->btd")."""
-    (x, _), out = PROJECTIONS[name].split("->")[0].split(","), PROJECTIONS[name].split("->")[1]
-    _, w_in, w_out = weight_axes(name)
-    batch = "".join(c for c in x if c not in w_in)
-    return f"{x},{w_in}r->{batch}r", f"{batch}r,r{w_out}->{out}"
+def project(x: jax.Array, p: Params, names: tuple[str, ...], adapter: Any = None, key: jax.Array | None = None
+            ) -> list[jax.Array]:
+    """x through each projection in `names` (all of which read x), plus its LoRA update
+    scale * (dropout(x) A) B where p["lora"] has one.
 
-
-def project(x: jax.Array, p: Params, name: str, adapter: Any = None, key: jax.Array | None = None) -> jax.Array:
-    """x through the projection `name`, plus its LoRA update scale * (dropout(x) A) B when p["lora"] has one."""
-    y = jnp.einsum(PROJECTIONS[name], x, p[name])
-    lora = p.get("lora", {}).get(name)
-    if lora is None:
-        return y
+    The LoRA products run on x flattened to [N, inputs] with A as [inputs, r] and B as [r, outputs]: with the
+    einsum layouts (batch and time as separate axes), XLA's CPU backend transposed the [N, outputs] gradient for
+    the weight gradient of B, a full extra pass (measured: flattening made a `small` step 25% faster). Projections
+    that read the same x (q, k, v; gate, up) share one x A product, with their A's side by side; with dropout each
+    draws its own mask, so each has its own product."""
+    ys = [jnp.einsum(PROJECTIONS[name], x, p[name]) for name in names]
+    lora = p.get("lora", {})
+    adapted = [i for i, name in enumerate(names) if name in lora]
+    if not adapted:
+        return ys
+    n_in = lora[names[adapted[0]]]["a"].ndim - 1  # x's trailing axes that A contracts
+    x2 = x.reshape(-1, math.prod(x.shape[x.ndim - n_in:]))  # [N, inputs]
+    a2 = [lora[names[i]]["a"].reshape(x2.shape[1], -1) for i in adapted]  # [inputs, r] each
     if adapter.dropout > 0 and key is not None:
-        keep = jax.random.bernoulli(jax.random.fold_in(key, list(PROJECTIONS).index(name)), 1 - adapter.dropout,
-                                    x.shape)
-        x = jnp.where(keep, x / (1 - adapter.dropout), 0).astype(x.dtype)
-    to_r, from_r = lora_equations(name)
-    return y + adapter.scale * jnp.einsum(from_r, jnp.einsum(to_r, x, lora["a"]), lora["b"])
+        xa = []
+        for i, a in zip(adapted, a2):
+            keep = jax.random.bernoulli(jax.random.fold_in(key, list(PROJECTIONS).index(names[i])),
+                                        1 - adapter.dropout, x2.shape)
+            xa.append(jnp.where(keep, x2 / (1 - adapter.dropout), 0).astype(x.dtype) @ a)
+    else:
+        xa = jnp.split(x2 @ jnp.concatenate(a2, axis=1), len(a2), axis=1)  # [N, r] each
+    for i, u in zip(adapted, xa):
+        b = lora[names[i]]["b"]
+        ys[i] = ys[i] + adapter.scale * (u @ b.reshape(b.shape[0], -1)).reshape(ys[i].shape)
+    return ys
 
 
 def block(x: jax.Array, p: Params, cfg: ModelConfig, positions: jax.Array, attend: Any, adapter: Any = None,
@@ -160,22 +170,22 @@ def block(x: jax.Array, p: Params, cfg: ModelConfig, positions: jax.Array, atten
     `key` draws its dropout."""
     p = jax.tree.map(lambda a: a.astype(x.dtype), p)  # compute in x's dtype whatever the weights' (no-op if equal)
 
-    def proj(h: jax.Array, name: str) -> jax.Array:
-        return project(h, p, name, adapter, key)
+    def proj(h: jax.Array, *names: str) -> list[jax.Array]:
+        return project(h, p, names, adapter, key)
 
     # On a mesh (sharding.active): rows split over data/fsdp, heads and MLP units over model; no-ops elsewhere.
     x = sharding.shard(x, "batch", "seq", "act_embed")
     h = rms_norm(x, p["input_norm"], cfg.rms_norm_eps)
-    q = rope(proj(h, "q_proj"), positions, cfg.rope_theta) * jnp.asarray(cfg.query_pre_attn_scalar ** -0.5, x.dtype)
-    k = rope(proj(h, "k_proj"), positions, cfg.rope_theta)
+    q, k, v = proj(h, "q_proj", "k_proj", "v_proj")
+    q = rope(q, positions, cfg.rope_theta) * jnp.asarray(cfg.query_pre_attn_scalar ** -0.5, x.dtype)
     q = sharding.shard(q, "batch", "seq", "heads", "head_dim")
-    k = sharding.shard(k, "batch", "seq", "kv_heads", "head_dim")
-    a, update = attend(q, k, proj(h, "v_proj"))
-    x = x + rms_norm(proj(a, "o_proj"), p["post_attn_norm"], cfg.rms_norm_eps)
+    k = sharding.shard(rope(k, positions, cfg.rope_theta), "batch", "seq", "kv_heads", "head_dim")
+    a, update = attend(q, k, v)
+    x = x + rms_norm(proj(a, "o_proj")[0], p["post_attn_norm"], cfg.rms_norm_eps)
     h = rms_norm(x, p["pre_ffw_norm"], cfg.rms_norm_eps)
-    h = jax.nn.gelu(proj(h, "gate_proj"), approximate=True) * proj(h, "up_proj")  # GeGLU, tanh GELU
-    h = sharding.shard(h, "batch", "seq", "mlp")
-    x = x + rms_norm(proj(h, "down_proj"), p["post_ffw_norm"], cfg.rms_norm_eps)
+    gate, up = proj(h, "gate_proj", "up_proj")
+    h = sharding.shard(jax.nn.gelu(gate, approximate=True) * up, "batch", "seq", "mlp")  # GeGLU, tanh GELU
+    x = x + rms_norm(proj(h, "down_proj")[0], p["post_ffw_norm"], cfg.rms_norm_eps)
     return x, update
 
 
@@ -192,44 +202,63 @@ def embed(params: Params, tokens: jax.Array, dtype: Any) -> jax.Array:
 
 
 def logits_from_hidden(params: Params, h: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """Final norm, tied output projection, final soft-cap. [B, T, D] -> float32 [B, T, V]."""
-    h = rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
-    logits = jnp.einsum("btd,vd->btv", h, params["embed"].astype(h.dtype), preferred_element_type=jnp.float32)
-    return softcap(logits, cfg.final_logit_softcap)
+    """Final norm, tied output projection, final soft-cap. [..., D] -> float32 [..., V]."""
+    return output_logits(rms_norm(h, params["final_norm"], cfg.rms_norm_eps), params["embed"],
+                         cfg.final_logit_softcap)
+
+
+def output_logits(hn: jax.Array, embed: jax.Array, cap: float | None) -> jax.Array:
+    """Normed hidden states [..., D] through the tied output projection (embed [V, D]), then the final soft-cap:
+    float32 [..., V]."""
+    logits = jnp.einsum("...d,vd->...v", hn, embed.astype(hn.dtype), preferred_element_type=jnp.float32)
+    return softcap(logits, cap)
 
 
 # --- full-sequence forward (training, scoring) -----------------------------------------------------------------
 
+def full_attend(cfg: ModelConfig, segment_ids: jax.Array, impl: str) -> dict[str, Any]:
+    """For each layer kind, attend(q, k, v) -> (out, None) over the whole sequence: causal, within segments
+    (segment_ids [B, T], 0 marks padding), and within the sliding window on local layers."""
+    kinds = set(cfg.block_pattern)
+    if impl == "splash":
+        return {kind: lambda q, k, v, kind=kind: (splash_attention(q, k, v, segment_ids, kind, cfg), None)
+                for kind in kinds}
+    if impl != "xla":
+        raise ValueError(f"attn_impl must be one of {IMPLS}, got {impl!r}")
+    idx = jnp.arange(segment_ids.shape[1])
+    causal = idx[None, :] <= idx[:, None]  # [T, S]
+    same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] != 0)
+    masks = {kind: same & causal & ((idx[:, None] - idx[None, :] < cfg.sliding_window) if kind == LOCAL else True)
+             for kind in kinds}  # [B, T, S] each
+    return {kind: lambda q, k, v, m=masks[kind]: (attention(q, k, v, m, cfg.attn_logit_softcap), None)
+            for kind in kinds}
+
+
 def hidden_states(params: Params, tokens: jax.Array, cfg: ModelConfig, *, positions: jax.Array | None = None,
                   segment_ids: jax.Array | None = None, dtype: Any = None, adapter: Any = None,
-                  key: jax.Array | None = None, remat: str = "none") -> jax.Array:
+                  key: jax.Array | None = None, remat: str = "none", attn_impl: str | None = None) -> jax.Array:
     """tokens: [B, T] int. segment_ids: [B, T] int, 0 marks padding; tokens attend only within their segment
     (packed examples). positions: [B, T], restarting at 0 per segment. Returns [B, T, D] before the final norm.
 
     adapter: the LoraConfig of params["layers"]["lora"] (its scale and dropout); key: the dropout randomness.
     remat: what the backward pass keeps of each layer: "none" everything; "block" only the matrix products
     (norms, activations, softmax recomputed: little extra work); "full" only the layer's input (the layer is
-    recomputed: least memory, about one more forward pass of work)."""
+    recomputed: least memory, about one more forward pass of work). attn_impl: "xla" or "splash" (see
+    gemmatune.attention); by default the platform's choice."""
     B, T = tokens.shape
     dtype = dtype or params["embed"].dtype
     if segment_ids is None:
         segment_ids = jnp.ones((B, T), jnp.int32)
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    idx = jnp.arange(T)
-    causal = idx[None, :] <= idx[:, None]  # [T, S]
-    same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] != 0)
-    masks = {kind: same & causal & ((idx[:, None] - idx[None, :] < cfg.sliding_window) if kind == LOCAL else True)
-             for kind in set(cfg.block_pattern)}  # [B, T, S] each
+    attend = full_attend(cfg, segment_ids, attn_impl or attention_impl(jax.default_backend(), cfg, T))
 
     def group(x: jax.Array, pg: tuple[Params, jax.Array]) -> tuple[jax.Array, None]:
         p, g = pg
         for j, kind in enumerate(cfg.block_pattern):
-            pj = jax.tree.map(lambda a: a[j], p)
+            pj = jax.tree.map(lambda a, j=j: a[j], p)
             layer_key = None if key is None else jax.random.fold_in(key, g * len(cfg.block_pattern) + j)
-            x, _ = block(x, pj, cfg, positions,
-                         lambda q, k, v: (attention(q, k, v, masks[kind], cfg.attn_logit_softcap), None),
-                         adapter, layer_key)
+            x, _ = block(x, pj, cfg, positions, attend[kind], adapter, layer_key)
         return x, None
 
     if remat == "block":
@@ -262,7 +291,7 @@ def unstack(params: Params) -> Params:
     layers = params["layers"]
     if isinstance(layers, list):
         return params
-    return {**params, "layers": [jax.tree.map(lambda a: a[i], layers) for i in range(len(layers["q_proj"]))]}
+    return {**params, "layers": [jax.tree.map(lambda a, i=i: a[i], layers) for i in range(len(layers["q_proj"]))]}
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any, start: jax.Array | None = None) -> Cache:

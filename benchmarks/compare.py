@@ -1,0 +1,307 @@
+"""One LoRA fine-tuning step, side by side: gemmatune vs transformers + PEFT vs KerasHub (Keras 3 on JAX).
+
+    python benchmarks/compare.py [--workload small|vocab256k|all] [--steps 8] [--json out.json]
+
+Every tool trains the same Gemma 2 config with LoRA r=8, alpha 16 on q, k, v, o, gate, up, down, on the same random
+tokens (inputs and next-token targets, every position trained), with AdamW (lr 2e-4, betas 0.9/0.999, eps 1e-8, no
+weight decay) after global-norm clipping at 1.0, in float32. Each tool runs in its own subprocess, one at a time,
+on the same CPU threads, so its peak RSS (ru_maxrss at the end of the child) is its own. A step is compiled or
+warmed up first, then `--steps` steps are timed, each waited for (as a training loop reads its loss).
+
+MFU (gemmatune only) counts the model FLOPs of a LoRA step, not 6 x parameters: the frozen base weights get no
+weight gradient, so a frozen matrix of n weights costs 2n per token forward and 2n backward (the input gradient
+only), while an adapter of n weights costs 2n forward and 4n backward (input and weight gradients):
+
+    flops/token = 4 * N_base + 6 * N_lora + 6 * L * H * E * T_attn
+
+N_base: the seven projections of every layer plus the tied output projection (D x V; the embedding lookup is no
+matmul); N_lora: r * (in + out) for each adapted projection; the attention term is QK^T and PV, 2 matmuls of
+2 * H * E * T_attn FLOPs each per token forward, twice that backward (both inputs need gradients), with T_attn the
+keys a query sees on average under the causal (and sliding-window) mask, about (T + 1) / 2. Rematerialisation is
+not counted (it is the implementation's extra work, not the model's). The peak is float32 matrix multiply
+throughput measured in the same process (a jitted 2048 x 2048 jnp.dot, best of several).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import best_of, random_tokens
+
+from gemmatune.config import LOCAL, PRESETS, ModelConfig
+
+TOOLS = ("gemmatune", "transformers+peft", "kerashub")
+RANK, ALPHA, LR, CLIP = 8, 16.0, 2e-4, 1.0
+THREADS = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    cfg: ModelConfig
+    batch: int
+    seq: int
+
+
+WORKLOADS = {
+    "small": Workload(PRESETS["small"], batch=4, seq=512),
+    # The real Gemma vocabulary on the small body: the output projection and the loss dominate.
+    "vocab256k": Workload(dataclasses.replace(PRESETS["small"], vocab_size=256000), batch=2, seq=1024),
+}
+
+
+def data(w: Workload) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs and next-token targets, [B, T] each."""
+    t = random_tokens(w.cfg.vocab_size, (w.batch, w.seq + 1))
+    return t[:, :-1], t[:, 1:]
+
+
+def timed_steps(step: Callable[[], Any], steps: int) -> float:
+    """Seconds per step, median of `steps` timed steps after two warm-up steps (the first compiles)."""
+    step()
+    step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+# --- the three tools, each run in a child process --------------------------------------------------------------
+
+def run_gemmatune(w: Workload, steps: int, dtype: str) -> dict[str, Any]:
+    import jax
+    import jax.numpy as jnp
+
+    from gemmatune.config import LoraConfig, TrainConfig
+    from gemmatune.model import init_params
+    from gemmatune.trainer import (
+        Shapes,
+        init_state,
+        make_train_step,
+        optimizer,
+        split_trainable,
+    )
+
+    tcfg = TrainConfig(dtype=dtype, lora=LoraConfig(rank=RANK, alpha=ALPHA), lr=LR, schedule="constant",
+                       clip_norm=CLIP, weight_decay=0.0, batch_size=w.batch)
+    base = init_params(w.cfg, jax.random.key(0), jnp.dtype(dtype))
+    trainable, frozen = split_trainable(base, w.cfg, tcfg, jax.random.key(1))
+    opt = optimizer(tcfg, 1000)
+    state = init_state(trainable, opt, jax.random.key(2))
+    train_step = make_train_step(w.cfg, tcfg, opt)
+    x, y = data(w)
+    ones = np.ones_like(x)
+    batch = Shapes(1, w.batch, w.seq).stack({"inputs": x, "targets": y, "weights": ones.astype(np.float32),
+                                             "segment_ids": ones, "positions": np.broadcast_to(np.arange(w.seq),
+                                                                                               x.shape)})
+
+    def step() -> None:
+        nonlocal state
+        state, m = train_step(state, frozen, batch)
+        jax.block_until_ready(m["loss"])
+
+    seconds = timed_steps(step, steps)
+    peak = matmul_peak()
+    return {"seconds": seconds, "peak_flops": peak, "dtype": f"{dtype} (adapters, optimizer: float32)",
+            "settings": f"remat {tcfg.remat}, loss_chunk {tcfg.loss_chunk}"}
+
+
+def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+    """float32 matrix-multiply FLOP/s of this process's XLA CPU backend."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    dot = jax.jit(jnp.dot)
+    return 2 * n ** 3 / best_of(lambda: dot(a, a).block_until_ready(), repeats)
+
+
+def run_transformers(w: Workload, steps: int) -> dict[str, Any]:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(0)
+    d = {k: v for k, v in w.cfg.to_hf_dict().items() if k != "architectures"}
+    model = Gemma2ForCausalLM(Gemma2Config(**d, attn_implementation="eager"))  # eager: what Gemma 2 requires
+    model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    x, y = (torch.from_numpy(a.astype(np.int64)) for a in data(w))
+
+    def step() -> None:
+        logits = model(input_ids=x).logits  # float32, final soft-cap applied
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, CLIP)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss.item()
+
+    return {"seconds": timed_steps(step, steps), "dtype": "float32",
+            "settings": "eager attention, PEFT LoRA on all seven projections"}
+
+
+# KerasHub's layer names for q, k, v, o, gate, up, down (its default enable_lora targets only query and value).
+KERAS_TARGETS = ["query", "key", "value", "attention_output", "ffw_gating", "ffw_gating_2", "ffw_linear"]
+
+
+def run_kerashub(w: Workload, steps: int) -> dict[str, Any]:
+    os.environ["KERAS_BACKEND"] = "jax"  # the original notebooks' stack; read once, at import
+    import keras
+    import keras_hub
+
+    c = w.cfg
+    backbone = keras_hub.models.GemmaBackbone(
+        vocabulary_size=c.vocab_size, num_layers=c.num_layers, num_query_heads=c.num_heads,
+        num_key_value_heads=c.num_kv_heads, hidden_dim=c.hidden_size,
+        intermediate_dim=2 * c.intermediate_size,  # KerasHub stores twice the feed-forward width
+        head_dim=c.head_dim, query_head_dim_normalize=c.query_pre_attn_scalar == c.head_dim,
+        use_post_ffw_norm=True, use_post_attention_norm=True, attention_logit_soft_cap=c.attn_logit_softcap,
+        final_logit_soft_cap=c.final_logit_softcap, use_sliding_window_attention=LOCAL in c.layer_types,
+        sliding_window_size=c.sliding_window, layer_norm_epsilon=c.rms_norm_eps, dtype="float32")
+    backbone.enable_lora(rank=RANK, target_layer_names=KERAS_TARGETS)
+    adapted = [layer for layer in backbone._flatten_layers() if getattr(layer, "lora_enabled", False)]
+    assert len(adapted) == 7 * c.num_layers, len(adapted)
+    for layer in adapted:  # enable_lora takes no alpha (it defaults to the rank): set PEFT's scale alpha / r
+        layer.lora_alpha = ALPHA
+    lm = keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
+    lm.compile(optimizer=keras.optimizers.AdamW(learning_rate=LR, beta_1=0.9, beta_2=0.999, epsilon=1e-8,
+                                                weight_decay=0.0, global_clipnorm=CLIP),
+               loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = data(w)
+    inputs = {"token_ids": x, "padding_mask": np.ones_like(x, dtype=bool)}
+    return {"seconds": timed_steps(lambda: lm.train_on_batch(inputs, y), steps), "dtype": "float32",
+            "settings": "enable_lora on all seven projections (LoRA merged into each kernel per call)"}
+
+
+def child(tool: str, workload: str, steps: int, dtype: str) -> None:
+    w = WORKLOADS[workload]
+    if tool == "gemmatune":
+        out = run_gemmatune(w, steps, dtype)
+    elif tool == "transformers+peft":
+        out = run_transformers(w, steps)
+    else:
+        out = run_kerashub(w, steps)
+    out.update(tool=tool, workload=workload, tokens_per_s=w.batch * w.seq / out["seconds"],
+               peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)  # KiB on Linux
+    print(json.dumps(out))
+
+
+# --- the parent: run each tool, compare ------------------------------------------------------------------------
+
+def flops_per_token(w: Workload) -> float:
+    """Model FLOPs of one trained token in a LoRA step (the module docstring explains the terms)."""
+    c = w.cfg
+    D, F, H, K, E, L, V = (c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim,
+                           c.num_layers, c.vocab_size)
+    shapes = [(D, H * E), (D, K * E), (D, K * E), (H * E, D), (D, F), (D, F), (F, D)]  # (in, out) per projection
+    n_base = L * sum(i * o for i, o in shapes) + D * V
+    n_lora = L * sum(RANK * (i + o) for i, o in shapes)
+    t = np.arange(w.seq)
+    seen = np.minimum(t + 1, np.where([k == LOCAL for k in c.layer_types], c.sliding_window, w.seq)[:, None])
+    t_attn = seen.mean(axis=1)  # [L]: keys per query, averaged over positions
+    return 4 * n_base + 6 * n_lora + float(np.sum(6 * H * E * t_attn))
+
+
+def run_child(tool: str, workload: str, steps: int, dtype: str) -> dict[str, Any]:
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS)}
+    cmd = [sys.executable, __file__, "--child", tool, "--workload", workload, "--steps", str(steps),
+           "--dtype", dtype]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if p.returncode:
+        raise SystemExit(f"{tool} on {workload} failed:\n{p.stderr[-4000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def chart(results: list[dict[str, Any]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = list(dict.fromkeys(r["workload"] for r in results))
+    names = list(dict.fromkeys(r["label"] for r in results))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), dpi=80)
+    for ax, key, title in ((axes[0], "tokens_per_s", "tokens/s (higher is better)"),
+                           (axes[1], "peak_rss_gb", "peak RSS, GB (lower is better)")):
+        width = 0.8 / len(names)
+        for i, name in enumerate(names):
+            vals = [next((r[key] for r in results if r["label"] == name and r["workload"] == wl), 0)
+                    for wl in workloads]
+            bars = ax.bar(np.arange(len(workloads)) + i * width, vals, width, label=name)
+            ax.bar_label(bars, fmt="%.0f" if key == "tokens_per_s" else "%.1f", fontsize=7)
+        ax.set_xticks(np.arange(len(workloads)) + width * (len(names) - 1) / 2, workloads)
+        ax.set_title(title, fontsize=10)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workload", choices=[*WORKLOADS, "all"], default="all")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--tools", default=",".join(TOOLS), help="comma-separated subset of " + ", ".join(TOOLS))
+    ap.add_argument("--bf16", action="store_true", help="add a gemmatune row with bfloat16 base weights")
+    ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--chart", default=os.path.join(os.path.dirname(__file__), "compare.png"))
+    ap.add_argument("--child", choices=TOOLS, help=argparse.SUPPRESS)
+    ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        return child(a.child, a.workload, a.steps, a.dtype)
+
+    tools = a.tools.split(",")
+    runs = [(t, "float32") for t in tools] + ([("gemmatune", "bfloat16")] if a.bf16 else [])
+    results = []
+    for wl in WORKLOADS if a.workload == "all" else [a.workload]:
+        w = WORKLOADS[wl]
+        c = w.cfg
+        print(f"{wl}: vocab {c.vocab_size}, {c.num_layers} layers, hidden {c.hidden_size}, intermediate "
+              f"{c.intermediate_size}, {c.num_heads}/{c.num_kv_heads} heads x {c.head_dim}; batch {w.batch} x seq "
+              f"{w.seq}; LoRA r={RANK} alpha {ALPHA:g} on q,k,v,o,gate,up,down; {THREADS} threads", flush=True)
+        rows = []
+        for tool, dtype in runs:
+            r = run_child(tool, wl, a.steps, dtype)
+            r["label"] = tool if dtype == "float32" else f"{tool} {dtype}"
+            rows.append(r)
+        ours = next((r for r in rows if r["tool"] == "gemmatune"), None)
+        print(f"  {'tool':26}{'tokens/s':>10}{'peak RSS':>10}{'speed vs':>10}{'memory vs':>11}   dtype; settings")
+        for r in rows:
+            vs = (f"{ours['tokens_per_s'] / r['tokens_per_s']:9.2f}x{r['peak_rss_gb'] / ours['peak_rss_gb']:10.2f}x"
+                  if ours else "")
+            print(f"  {r['label']:26}{r['tokens_per_s']:10.0f}{r['peak_rss_gb']:8.2f}GB{vs}   "
+                  f"{r['dtype']}; {r['settings']}")
+        for r in rows:
+            if "peak_flops" in r:
+                r["mfu"] = flops_per_token(w) * r["tokens_per_s"] / r["peak_flops"]
+                print(f"  {r['label']}: MFU {r['mfu']:.0%} ({flops_per_token(w) / 1e6:.0f} MFLOP/token, float32 "
+                      f"matmul peak {r['peak_flops'] / 1e9:.0f} GFLOP/s in its process)")
+        print("  (speed vs: gemmatune's tokens/s over the row's; memory vs: the row's peak RSS over gemmatune's)",
+              flush=True)
+        results += rows
+    chart(results, a.chart)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
