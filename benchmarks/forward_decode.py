@@ -18,8 +18,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from common import best_of, random_tokens
-from conftest import hf_model
 
+from conftest import hf_model
 from gemmatune import model as M
 from gemmatune.config import PRESETS
 from gemmatune.generate import generate
@@ -53,8 +53,9 @@ def main() -> None:
         # No stop ids here and no eos for transformers: both decode exactly `new` tokens.
         ours = best_of(lambda prompt=prompt: generate(layers, cfg, prompt.tolist(), max_new_tokens=a.new), a.repeats)
         with torch.no_grad():
-            ref = best_of(lambda prompt=prompt: hf.generate(torch.from_numpy(prompt), max_new_tokens=a.new, min_new_tokens=a.new,
-                                              do_sample=False, eos_token_id=None, pad_token_id=0), a.repeats)
+            ref = best_of(lambda prompt=prompt: hf.generate(torch.from_numpy(prompt), max_new_tokens=a.new,
+                                                            min_new_tokens=a.new, do_sample=False, eos_token_id=None,
+                                                            pad_token_id=0), a.repeats)
         decode[b] = (b * a.new / ours, b * a.new / ref)
 
     n_fwd = a.batch * a.seq

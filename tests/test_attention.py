@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import SMALL, strong_params
 
+from conftest import SMALL, strong_params
 from gemmatune import model as M
 from gemmatune.attention import attention_impl
 from gemmatune.config import PRESETS
