@@ -31,14 +31,13 @@ import os
 import resource
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import best_of, random_tokens
+from common import best_of, call_times, random_tokens
 
 from gemmatune.config import LOCAL, PRESETS, ModelConfig
 
@@ -69,14 +68,7 @@ def data(w: Workload) -> tuple[np.ndarray, np.ndarray]:
 
 def timed_steps(step: Callable[[], Any], steps: int) -> float:
     """Seconds per step, median of `steps` timed steps after two warm-up steps (the first compiles)."""
-    step()
-    step()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return float(np.median(call_times(step, steps, warmup=2)))
 
 
 # --- the three tools, each run in a child process --------------------------------------------------------------

@@ -29,7 +29,7 @@ MEASURE = r"""
 import dataclasses, json, sys
 import jax, jax.numpy as jnp
 from gemmatune import sharding, trainer
-from gemmatune.config import ModelConfig
+from gemmatune.config import from_hf_dict
 from gemmatune.settings import config_from_dict
 
 def status(key):
@@ -38,7 +38,7 @@ def status(key):
             return int(line.split()[1]) * 1024
 
 job = json.loads(sys.argv[1])
-cfg = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in job["model"].items()})
+cfg = from_hf_dict(job["model"])
 tcfg = config_from_dict(job["train"])
 mesh = sharding.make_mesh(None, jax.devices()[:1], cfg)
 shapes = trainer.Shapes(1, tcfg.batch_size, tcfg.data.max_seq_len)
@@ -66,7 +66,7 @@ def main() -> None:
         tcfg = dataclasses.replace(base, data=dataclasses.replace(base.data, max_seq_len=seq), batch_size=batch,
                                    remat=remat, dtype=dtype, max_steps=10)
         [p] = plan(cfg, tcfg, "cpu", suggest=False)
-        job = json.dumps({"model": dataclasses.asdict(cfg), "train": to_dict(tcfg)})
+        job = json.dumps({"model": cfg.to_hf_dict(), "train": to_dict(tcfg)})
         out = subprocess.run([sys.executable, "-c", MEASURE, job], capture_output=True, text=True, check=True)
         measured = json.loads(out.stdout.strip().splitlines()[-1])["measured"]
         print(f"{name:<40}{p.bytes['total'] / 2**20:>10.0f}{measured / 2**20:>14.0f}"

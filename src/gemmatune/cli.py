@@ -9,10 +9,14 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gemmatune.config import DEFAULT_MODEL
 from gemmatune.errors import GemmatuneError
 from gemmatune.settings import add_data_args, add_train_args
+
+if TYPE_CHECKING:
+    from gemmatune.plan import Plan
 
 SAMPLE = Path(__file__).parent / "assets" / "sample"  # the embedded default job: train.yaml and its data
 
@@ -146,11 +150,11 @@ def _plan(args: argparse.Namespace, extra: Sequence[str]) -> None:
     import dataclasses
     import json
 
-    from gemmatune.config import LoraConfig, TrainConfig, load_config
+    from gemmatune.config import LoraConfig, TrainConfig
     from gemmatune.convert import model_config
     from gemmatune.plan import DEVICES, GiB, plan
 
-    cfg = load_config(args.model) if not Path(args.model).is_dir() else model_config(args.model)
+    cfg = model_config(args.model)  # a preset name, a Hugging Face directory or a KerasHub preset
     base = TrainConfig()
     tcfg = dataclasses.replace(base, data=dataclasses.replace(base.data, max_seq_len=args.seq_len),
                                lora=LoraConfig(rank=args.lora_rank), batch_size=args.batch_size,
@@ -179,7 +183,7 @@ def _size(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def format_plan(p: object) -> str:
+def format_plan(p: Plan) -> str:
     from gemmatune.plan import PARTS
 
     mesh = ",".join(f"{a}={s}" for a, s in p.mesh.items())

@@ -27,7 +27,7 @@ import subprocess
 import sys
 from typing import Any
 
-from gemmatune.config import ModelConfig, TrainConfig
+from gemmatune.config import ModelConfig, TrainConfig, from_hf_dict
 from gemmatune.errors import GemmatuneError
 
 GiB = 2**30
@@ -133,7 +133,7 @@ def _candidates(tcfg: TrainConfig, mesh: str, n: int, cfg: ModelConfig) -> list[
 def _request(cfg: ModelConfig, tcfg: TrainConfig, mesh: str, changes: str) -> dict[str, Any]:
     from gemmatune.settings import to_dict
 
-    return {"model": dataclasses.asdict(cfg), "train": to_dict(tcfg), "mesh": mesh, "changes": changes}
+    return {"model": cfg.to_hf_dict(), "train": to_dict(tcfg), "mesh": mesh, "changes": changes}
 
 
 def _require_libtpu(device: str) -> None:
@@ -222,7 +222,7 @@ def _child(job: dict[str, Any], devices: list[Any]) -> dict[str, Any]:
     from gemmatune.settings import config_from_dict
     from gemmatune.trainer import Shapes, abstract_step
 
-    cfg = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in job["model"].items()})
+    cfg = from_hf_dict(job["model"])
     tcfg = config_from_dict(job["train"])
     mesh = sharding.make_mesh(job["mesh"] or None, devices[:job["devices"]], cfg)
     sharding.check_batch(mesh, tcfg.batch_size)
