@@ -26,7 +26,7 @@ from gemmatune.errors import GemmatuneError
 
 MODEL = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                     num_kv_heads=2, head_dim=16, query_pre_attn_scalar=16)
-# The contract's shapes, written out here rather than taken from lora.adapter_shapes, which they check.
+# The contract's shapes, written out here rather than taken from layout.adapter_shapes, which they check.
 D, F, H, K, E, L = 64, 128, 4, 2, 16, 2
 
 

@@ -29,7 +29,8 @@ from gemmatune.convert.hf import save_hf, to_hf
 from gemmatune.convert.peft import load_any_adapter, load_peft, save_peft
 from gemmatune.errors import GemmatuneError
 from gemmatune.export import export
-from gemmatune.lora import adapter_shapes, attach, delta, merge
+from gemmatune.layout import adapter_shapes
+from gemmatune.lora import attach, delta, merge
 from gemmatune.model import forward
 from gemmatune.safetensors_io import SafetensorsReader, write_safetensors
 from gemmatune.tokenizer import GEMMA2_CHAT_TEMPLATE

@@ -162,7 +162,8 @@ def test_export_from_a_preset(preset: tuple[Path, keras.Model], tmp_path: Path, 
     from gemmatune.cli import main
     from gemmatune.config import LoraConfig
     from gemmatune.convert.hf import save_hf
-    from gemmatune.lora import adapter_shapes, attach
+    from gemmatune.layout import adapter_shapes
+    from gemmatune.lora import attach
 
     path = preset[0]
     cfg, params = load_kerashub(path, dtype="float32")

@@ -27,8 +27,7 @@ from gemmatune import sharding as S
 from gemmatune import trainer as T
 from gemmatune.config import PRESETS, LoraConfig, ModelConfig, TrainConfig
 from gemmatune.errors import GemmatuneError
-from gemmatune.lora import adapter_shapes
-from gemmatune.model import param_shapes
+from gemmatune.layout import adapter_shapes, is_shape, param_axes, param_shapes, trainable_axes
 
 EIGHT = jax.device_count() >= 8
 on_eight = pytest.mark.skipif(not EIGHT, reason="runs in test_on_8_simulated_devices' child process")
@@ -51,11 +50,11 @@ MESHES = ["data=8", "model=8", "data=2,model=4"]  # fsdp: in test_generation_is_
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_every_parameter_and_adapter_has_logical_axes(name: str) -> None:
     cfg, lcfg = PRESETS[name], LoraConfig()
-    for axes, shapes in [(S.param_axes(cfg), param_shapes(cfg)),
-                         (S.trainable_axes(cfg, "lora", lcfg), adapter_shapes(cfg, lcfg))]:
-        assert jax.tree.structure(axes, is_leaf=S._is_axes) == jax.tree.structure(
-            shapes, is_leaf=lambda s: isinstance(s, tuple))
-        ranks = jax.tree.map(lambda a, s: len(a) == len(s), axes, shapes, is_leaf=S._is_axes)
+    for axes, shapes in [(param_axes(cfg), param_shapes(cfg)),
+                         (trainable_axes(cfg, "lora", lcfg), adapter_shapes(cfg, lcfg))]:
+        assert jax.tree.structure(axes, is_leaf=is_shape) == jax.tree.structure(shapes, is_leaf=is_shape)
+        assert all(isinstance(a, str) for a in jax.tree.leaves(axes))  # axes are names, shapes are integers
+        ranks = jax.tree.map(lambda a, s: len(a) == len(s), axes, shapes, is_leaf=is_shape)
         assert all(jax.tree.leaves(ranks)), ranks
 
 

@@ -15,6 +15,7 @@ from gemmatune import model as M
 from gemmatune.config import GLOBAL, LOCAL, PRESETS, from_hf_dict
 from gemmatune.convert.hf import hf_keys, hf_shape
 from gemmatune.errors import GemmatuneError
+from gemmatune.layout import param_shapes
 
 TOL = 1e-4
 rng = np.random.RandomState(0)
@@ -142,7 +143,7 @@ def test_preset_shapes_equal_transformers(name):
     ours = {key: hf_shape(n, cfg) for key, n, _ in hf_keys(cfg)}
     assert ours == hf_shapes
     # and the same count as gemmatune's own layout
-    shapes = M.param_shapes(cfg)
+    shapes = param_shapes(cfg)
     n_ours = sum(int(np.prod(s)) for s in jax.tree.leaves(shapes, is_leaf=lambda s: isinstance(s, tuple)))
     assert n_ours == sum(int(np.prod(s)) for s in hf_shapes.values())
 

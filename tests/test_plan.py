@@ -11,8 +11,7 @@ import pytest
 
 from gemmatune.config import PRESETS, LoraConfig, TrainConfig
 from gemmatune.errors import GemmatuneError
-from gemmatune.lora import adapter_shapes
-from gemmatune.model import param_shapes
+from gemmatune.layout import adapter_shapes, param_shapes
 from gemmatune.plan import DEVICES, GiB, plan
 
 

@@ -34,7 +34,7 @@ from gemmatune.atomic import (
 )
 from gemmatune.config import LoraConfig, ModelConfig
 from gemmatune.errors import GemmatuneError
-from gemmatune.lora import adapter_shapes
+from gemmatune.layout import adapter_shapes
 from gemmatune.safetensors_io import SafetensorsReader, write_safetensors
 from gemmatune.sharding import place
 

@@ -13,7 +13,8 @@ import numpy as np
 
 from gemmatune.config import ModelConfig
 from gemmatune.errors import GemmatuneError
-from gemmatune.model import Cache, Params, forward_cached, init_cache, unstack
+from gemmatune.layout import Params
+from gemmatune.model import Cache, forward_cached, init_cache, unstack
 
 # Prompt widths and cache lengths are rounded up to this, so calls of similar sizes reuse one compilation.
 BUCKET = 8

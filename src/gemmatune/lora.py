@@ -14,24 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemmatune.config import LoraConfig, ModelConfig
-from gemmatune.model import PROJECTIONS, Params, param_shapes, weight_axes
-
-
-def target_names(lora_cfg: LoraConfig) -> list[str]:
-    """Config targets (q, k, ..., down) -> parameter names (q_proj, ...), in the model's order."""
-    return [name for name in PROJECTIONS if name.removesuffix("_proj") in lora_cfg.targets]
-
-
-def adapter_shapes(cfg: ModelConfig, lora_cfg: LoraConfig) -> Params:
-    """{name: {"a": [L, *W's input axes, r], "b": [L, r, *W's output axes]}} for every target."""
-    shapes = param_shapes(cfg)["layers"]
-    out = {}
-    for name in target_names(lora_cfg):
-        w, w_in, w_out = weight_axes(name)
-        L, dims = shapes[name][0], dict(zip(w, shapes[name][1:]))
-        out[name] = {"a": (L, *(dims[c] for c in w_in), lora_cfg.rank),
-                     "b": (L, lora_cfg.rank, *(dims[c] for c in w_out))}
-    return out
+from gemmatune.layout import Params, adapter_shapes, weight_axes
 
 
 def init_adapters(cfg: ModelConfig, lora_cfg: LoraConfig, key: jax.Array) -> Params:

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemmatune.config import ModelConfig
-from gemmatune.model import Params, output_logits, rms_norm
+from gemmatune.layout import Params
+from gemmatune.model import output_logits, rms_norm
 
 
 def chunked_loss(params: Params, h: jax.Array, targets: jax.Array, weights: jax.Array, cfg: ModelConfig,

@@ -12,6 +12,7 @@ on the local layers, GeGLU with tanh GELU, tied output projection, final logits 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -19,47 +20,17 @@ import jax.numpy as jnp
 
 from gemmatune import sharding
 from gemmatune.attention import IMPLS, attention_impl, splash_attention
-from gemmatune.config import LOCAL, ModelConfig
+from gemmatune.config import LOCAL, LoraConfig, ModelConfig
+from gemmatune.layout import PROJECTIONS, Params, is_shape, param_shapes
 
-Params = dict[str, Any]
 Cache = dict[str, Any]
+
+# attend(q, k, v) -> (attention output, the layer's new KV cache or None); see `block`.
+Attend = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
 
 NEG_INF = -2.3819763e38  # finite, so a fully masked row (padding) gives a uniform softmax instead of NaN
 
-# Every projection as an einsum (one layer's weights). LoRA rewrites each into x -> A -> B from the same equation.
-PROJECTIONS = {
-    "q_proj": "btd,dhe->bthe",
-    "k_proj": "btd,dke->btke",
-    "v_proj": "btd,dke->btke",
-    "o_proj": "bthe,hed->btd",
-    "gate_proj": "btd,df->btf",
-    "up_proj": "btd,df->btf",
-    "down_proj": "btf,fd->btd",
-}
 REMAT = ("none", "block", "full")
-
-
-def param_shapes(cfg: ModelConfig) -> Params:
-    """Every parameter's shape; the one place the layout is written down."""
-    L, D, F, H, K, E, V = (cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads,
-                           cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size)
-    return {
-        "embed": (V, D),
-        "final_norm": (D,),
-        "layers": {
-            "input_norm": (L, D),
-            "post_attn_norm": (L, D),
-            "pre_ffw_norm": (L, D),
-            "post_ffw_norm": (L, D),
-            "q_proj": (L, D, H, E),
-            "k_proj": (L, D, K, E),
-            "v_proj": (L, D, K, E),
-            "o_proj": (L, H, E, D),
-            "gate_proj": (L, D, F),
-            "up_proj": (L, D, F),
-            "down_proj": (L, F, D),
-        },
-    }
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, dtype: Any = jnp.bfloat16, *,
@@ -68,9 +39,9 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype: Any = jnp.bfloat16, *,
     (training from scratch); tests pass larger norm means so that a missing
     (1 + w) or a swapped norm changes the output, and greedy decoding of random weights does not collapse."""
     shapes = param_shapes(cfg)
-    leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda s: isinstance(s, tuple))
+    leaves, treedef = jax.tree.flatten(shapes, is_leaf=is_shape)
     paths = [jax.tree_util.keystr(p) for p, _ in
-             jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda s: isinstance(s, tuple))[0]]
+             jax.tree_util.tree_flatten_with_path(shapes, is_leaf=is_shape)[0]]
     keys = jax.random.split(key, len(leaves))
     out = []
     for path, shape, k in zip(paths, leaves, keys):
@@ -124,15 +95,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, cap: fl
     return out.reshape(B, T, H, E)
 
 
-def weight_axes(name: str) -> tuple[str, str, str]:
-    """A projection's weight axes, and which of them it contracts with x (input) and which it produces (output):
-    "o_proj" ("bthe,hed->btd") gives ("hed", "he", "d")."""
-    x, w = PROJECTIONS[name].split("->")[0].split(",")
-    return w, "".join(c for c in w if c in x), "".join(c for c in w if c not in x)
-
-
-def project(x: jax.Array, p: Params, names: tuple[str, ...], adapter: Any = None, key: jax.Array | None = None
-            ) -> list[jax.Array]:
+def project(x: jax.Array, p: Params, names: tuple[str, ...], adapter: LoraConfig | None = None,
+            key: jax.Array | None = None) -> list[jax.Array]:
     """x through each projection in `names` (all of which read x), plus its LoRA update
     scale * (dropout(x) A) B where p["lora"] has one.
 
@@ -144,7 +108,7 @@ def project(x: jax.Array, p: Params, names: tuple[str, ...], adapter: Any = None
     ys = [jnp.einsum(PROJECTIONS[name], x, p[name]) for name in names]
     lora = p.get("lora", {})
     adapted = [i for i, name in enumerate(names) if name in lora]
-    if not adapted:
+    if not adapted or adapter is None:
         return ys
     n_in = lora[names[adapted[0]]]["a"].ndim - 1  # x's trailing axes that A contracts
     x2 = x.reshape(-1, math.prod(x.shape[x.ndim - n_in:]))  # [N, inputs]
@@ -163,7 +127,8 @@ def project(x: jax.Array, p: Params, names: tuple[str, ...], adapter: Any = None
     return ys
 
 
-def block(x: jax.Array, p: Params, cfg: ModelConfig, positions: jax.Array, attend: Any, adapter: Any = None,
+def block(x: jax.Array, p: Params, cfg: ModelConfig, positions: jax.Array, attend: Attend,
+          adapter: LoraConfig | None = None,
           key: jax.Array | None = None) -> tuple[jax.Array, Any]:
     """One decoder layer. `attend(q, k, v) -> (out, cache_update)` supplies the keys in view and the mask, so the
     training path and the KV-cache path share everything else. `adapter` (a LoraConfig) scales p["lora"];
@@ -216,7 +181,7 @@ def output_logits(hn: jax.Array, embed: jax.Array, cap: float | None) -> jax.Arr
 
 # --- full-sequence forward (training, scoring) -----------------------------------------------------------------
 
-def full_attend(cfg: ModelConfig, segment_ids: jax.Array, impl: str) -> dict[str, Any]:
+def full_attend(cfg: ModelConfig, segment_ids: jax.Array, impl: str) -> dict[str, Attend]:
     """For each layer kind, attend(q, k, v) -> (out, None) over the whole sequence: causal, within segments
     (segment_ids [B, T], 0 marks padding), and within the sliding window on local layers."""
     kinds = set(cfg.block_pattern)
@@ -235,7 +200,7 @@ def full_attend(cfg: ModelConfig, segment_ids: jax.Array, impl: str) -> dict[str
 
 
 def hidden_states(params: Params, tokens: jax.Array, cfg: ModelConfig, *, positions: jax.Array | None = None,
-                  segment_ids: jax.Array | None = None, dtype: Any = None, adapter: Any = None,
+                  segment_ids: jax.Array | None = None, dtype: Any = None, adapter: LoraConfig | None = None,
                   key: jax.Array | None = None, remat: str = "none", attn_impl: str | None = None) -> jax.Array:
     """tokens: [B, T] int. segment_ids: [B, T] int, 0 marks padding; tokens attend only within their segment
     (packed examples). positions: [B, T], restarting at 0 per segment. Returns [B, T, D] before the final norm.

@@ -2,7 +2,7 @@
 
 A mesh has three named axes: "data" (rows of the batch; everything else replicated), "fsdp" (rows of the batch,
 and the weights' hidden axis split too, gathered layer by layer) and "model" (tensor parallelism: attention heads,
-the MLP's hidden units and the vocabulary split). Arrays name their axes logically ("heads", "mlp", ...); RULES maps
+the MLP's hidden units and the vocabulary split). Arrays name their axes logically (layout.py: "heads", "mlp", ...); RULES maps
 each logical axis to the mesh axes it is split over, MaxText style, so the layout of a parameter, its LoRA adapter,
 its optimizer moments and the activations that flow through it all follow from the same table.
 
@@ -23,12 +23,9 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-# A module import, not names: model.py imports this module for `shard`, so either may be imported first.
-from gemmatune import model
-from gemmatune.config import LoraConfig, ModelConfig
+from gemmatune.config import ModelConfig
 from gemmatune.errors import GemmatuneError
-
-Params = dict[str, Any]
+from gemmatune.layout import Params, is_shape, param_axes, param_shapes, per_layer
 
 AXES = ("data", "fsdp", "model")
 
@@ -48,53 +45,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "layers": (),
     "lora_rank": (),
 }
-# The letters of model.PROJECTIONS' weight subscripts, as logical axes.
-LETTERS = {"d": "embed", "h": "heads", "k": "kv_heads", "e": "head_dim", "f": "mlp"}
 BATCH = ("batch", "seq")  # a batch of token rows [B, T]
-
-
-# --- logical axes of every array --------------------------------------------------------------------------------
-
-def param_axes(cfg: ModelConfig) -> Params:
-    """The logical axes of every parameter, as a tree shaped like `model.param_shapes(cfg)`. Projections take
-    theirs from model.PROJECTIONS; the rest are the embedding [V, D] and norm weights ([L, D] or [D])."""
-
-    def axes(path: tuple[Any, ...], shape: tuple[int, ...]) -> tuple[str, ...]:
-        name = path[-1].key
-        if name in model.PROJECTIONS:
-            return ("layers", *(LETTERS[c] for c in model.weight_axes(name)[0]))
-        if name == "embed":
-            return ("vocab", "embed")
-        return ("layers",) * (len(shape) - 1) + ("embed",)
-
-    return jax.tree_util.tree_map_with_path(axes, model.param_shapes(cfg), is_leaf=lambda s: isinstance(s, tuple))
-
-
-def adapter_axes(names: Sequence[str]) -> Params:
-    """LoRA adapters' logical axes: A [L, *W's input axes, r], B [L, r, *W's output axes] (see lora.py); the rank
-    axis is replicated, so each adapter is split like the weight it adapts."""
-    out = {}
-    for name in names:
-        _, w_in, w_out = model.weight_axes(name)
-        out[name] = {"a": ("layers", *(LETTERS[c] for c in w_in), "lora_rank"),
-                     "b": ("layers", "lora_rank", *(LETTERS[c] for c in w_out))}
-    return out
-
-
-def trainable_axes(cfg: ModelConfig, method: str, lora_cfg: LoraConfig) -> Params:
-    """The trained tree's logical axes: the adapters, or for full fine-tuning every parameter."""
-    from gemmatune.lora import target_names
-
-    return param_axes(cfg) if method == "full" else adapter_axes(target_names(lora_cfg))
-
-
-def per_layer(axes: Params) -> Params:
-    """Axes of the per-layer layout (`model.unstack`): the layer stacks lose their leading "layers" axis."""
-    return {**axes, "layers": jax.tree.map(lambda a: a[1:], axes["layers"], is_leaf=_is_axes)}
-
-
-def _is_axes(x: Any) -> bool:
-    return isinstance(x, tuple) and all(isinstance(a, str) for a in x)
 
 
 # --- from logical axes to shardings -----------------------------------------------------------------------------
@@ -123,7 +74,7 @@ def named(mesh: Mesh, logical: Sequence[str | None], shape: Sequence[int]) -> Na
 def tree_shardings(mesh: Mesh, axes: Params, shapes: Params) -> Params:
     """NamedShardings for a tree of arrays (or shapes, or ShapeDtypeStructs) given the same tree of logical axes."""
     return jax.tree.map(lambda a, s: named(mesh, a, s if isinstance(s, tuple) else s.shape), axes, shapes,
-                        is_leaf=_is_axes)
+                        is_leaf=is_shape)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -132,13 +83,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def param_shardings(cfg: ModelConfig, mesh: Mesh, *, stacked: bool = True) -> Params:
     """The base parameters' shardings ([L, ...] stacks, or the per-layer list that decoding takes)."""
-    axes, shapes = param_axes(cfg), model.param_shapes(cfg)
-    out = tree_shardings(mesh, axes, shapes)
+    axes, shapes = param_axes(cfg), param_shapes(cfg)
     if stacked:
-        return out
-    layer = tree_shardings(mesh, per_layer(axes)["layers"],
-                           jax.tree.map(lambda s: s[1:], shapes["layers"], is_leaf=lambda s: isinstance(s, tuple)))
-    return {**out, "layers": [layer] * cfg.num_layers}
+        return tree_shardings(mesh, axes, shapes)
+    out = tree_shardings(mesh, per_layer(axes), per_layer(shapes))
+    return {**out, "layers": [out["layers"]] * cfg.num_layers}
 
 
 # --- activations ------------------------------------------------------------------------------------------------

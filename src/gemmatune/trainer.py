@@ -27,8 +27,9 @@ import optax
 from gemmatune import distributed, lora, sharding
 from gemmatune.config import ModelConfig, TrainConfig
 from gemmatune.errors import GemmatuneError
+from gemmatune.layout import Params, is_shape, param_shapes, trainable_axes, trainable_shapes
 from gemmatune.loss import chunked_loss
-from gemmatune.model import Params, hidden_states, param_shapes, unstack
+from gemmatune.model import hidden_states, unstack
 
 State = dict[str, Any]  # {"params": trainable tree, "opt_state", "step": int32, "rng": PRNG key}
 BATCH_KEYS = ("inputs", "targets", "weights", "segment_ids", "positions")
@@ -111,20 +112,16 @@ class StepShardings:
     rows: dict[str, Any]  # one [B, T] batch (evaluation)
 
 
-def _trainable_shapes(cfg: ModelConfig, tcfg: TrainConfig) -> Params:
-    return param_shapes(cfg) if tcfg.method == "full" else lora.adapter_shapes(cfg, tcfg.lora)
-
-
 def _abstract(shapes: Params, dtype: Any) -> Params:
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, dtype), shapes, is_leaf=lambda s: isinstance(s, tuple))
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, dtype), shapes, is_leaf=is_shape)
 
 
 def step_shardings(cfg: ModelConfig, tcfg: TrainConfig, mesh: jax.sharding.Mesh,
                    opt: optax.GradientTransformation) -> StepShardings:
     """Every argument's sharding from sharding.RULES: the trained tree split like the weights it adapts (rank
     replicated), optimizer moments like their parameter, counters and the PRNG key replicated."""
-    shapes = _trainable_shapes(cfg, tcfg)
-    params = sharding.tree_shardings(mesh, sharding.trainable_axes(cfg, tcfg.method, tcfg.lora), shapes)
+    shapes = trainable_shapes(cfg, tcfg.method, tcfg.lora)
+    params = sharding.tree_shardings(mesh, trainable_axes(cfg, tcfg.method, tcfg.lora), shapes)
     rep = sharding.replicated(mesh)
     opt_state = optax.tree_map_params(opt, lambda _, s: s, jax.eval_shape(opt.init, _abstract(shapes, jnp.float32)),
                                       params, transform_non_params=lambda _: rep)
@@ -207,7 +204,7 @@ def abstract_step(cfg: ModelConfig, tcfg: TrainConfig, mesh: jax.sharding.Mesh, 
     `step.lower(*args).compile().memory_analysis()` gives the per-device memory of the real step."""
     opt = optimizer(tcfg, max(tcfg.max_steps, 1))
     sh = step_shardings(cfg, tcfg, mesh, opt)
-    params = _abstract(_trainable_shapes(cfg, tcfg), jnp.float32)
+    params = _abstract(trainable_shapes(cfg, tcfg.method, tcfg.lora), jnp.float32)
     state = {"params": params, "opt_state": jax.eval_shape(opt.init, params),
              "step": jax.ShapeDtypeStruct((), jnp.int32), "rng": jax.eval_shape(jax.random.key, 0)}
     frozen = {} if tcfg.method == "full" else _abstract(param_shapes(cfg), jnp.dtype(tcfg.dtype))

@@ -8,7 +8,8 @@ from jax.sharding import Mesh
 
 from gemmatune import sharding
 from gemmatune.config import ModelConfig
-from gemmatune.model import Params, unstack
+from gemmatune.layout import Params
+from gemmatune.model import unstack
 
 
 def load_model(model_dir: str | Path, dtype: str = "auto", *, stacked: bool = True,

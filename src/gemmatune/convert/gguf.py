@@ -27,7 +27,7 @@ from gemmatune.atomic import staged_file, write_text
 from gemmatune.config import GLOBAL, LOCAL, ModelConfig
 from gemmatune.convert.hf import hf_keys, hf_shape, hf_state
 from gemmatune.errors import GemmatuneError
-from gemmatune.model import Params
+from gemmatune.layout import Params
 from gemmatune.tokenizer import GEMMA2_CHAT_TEMPLATE, TOKENIZER_JSON, TOKENIZER_MODEL
 
 ARCH = gguf.MODEL_ARCH.GEMMA2

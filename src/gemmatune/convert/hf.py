@@ -27,7 +27,7 @@ from gemmatune import sharding
 from gemmatune.atomic import refuse_to_replace, staged_dir
 from gemmatune.config import ModelConfig, load_config
 from gemmatune.errors import GemmatuneError
-from gemmatune.model import Params, param_shapes
+from gemmatune.layout import Params, param_shapes
 from gemmatune.safetensors_io import SafetensorsReader, tensor_nbytes, write_safetensors
 
 # gemmatune per-layer name -> Hugging Face name inside model.layers.{i}.

@@ -32,7 +32,7 @@ import numpy as np
 from gemmatune.config import GLOBAL, ModelConfig
 from gemmatune.convert.hf import WEIGHT_DTYPES, _set_layer, _zeros
 from gemmatune.errors import GemmatuneError
-from gemmatune.model import Params, param_shapes
+from gemmatune.layout import Params, param_shapes
 
 if TYPE_CHECKING:
     import h5py

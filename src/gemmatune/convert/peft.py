@@ -28,8 +28,7 @@ from gemmatune.checkpoint import (
 from gemmatune.config import LoraConfig, ModelConfig
 from gemmatune.convert.hf import LAYER_KEYS, hf_shape
 from gemmatune.errors import GemmatuneError
-from gemmatune.lora import adapter_shapes, target_names
-from gemmatune.model import PROJECTIONS
+from gemmatune.layout import PROJECTIONS, adapter_shapes, target_names
 from gemmatune.safetensors_io import SafetensorsReader, write_safetensors
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
