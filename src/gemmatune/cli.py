@@ -11,8 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gemmatune.config import DEFAULT_MODEL
+from gemmatune.config import DEFAULT_MODEL, PRESETS
 from gemmatune.errors import GemmatuneError
+from gemmatune.hub import MODEL_HELP
 from gemmatune.settings import add_data_args, add_train_args
 
 if TYPE_CHECKING:
@@ -21,24 +22,23 @@ if TYPE_CHECKING:
 SAMPLE = Path(__file__).parent / "assets" / "sample"  # the embedded default job: train.yaml and its data
 
 
-def _model_dir(path: str) -> str:
-    if not Path(path).is_dir():
-        raise GemmatuneError(f"--model {path}: no such directory. Pass a Gemma 2 checkpoint directory in Hugging "
-                             "Face layout (config.json, *.safetensors, tokenizer files) or a KerasHub preset, or "
-                             "leave --model out to use the embedded tiny model.")
-    return path
+def _model_dir(spec: str) -> Path:
+    """--model as a local directory: a path, `tiny`, a Hub id or a Kaggle handle (downloaded); once per command."""
+    from gemmatune.hub import resolve_model
+
+    return resolve_model(spec)
 
 
-def _load_merged(model: str, adapter: str | None, dtype: str, stacked: bool) -> tuple:
-    """(config, parameters) of the base checkpoint, with an adapter (gemmatune's or PEFT's) folded in."""
+def _load_merged(model: Path, adapter: str | None, dtype: str, stacked: bool) -> tuple:
+    """(config, parameters) of the base checkpoint directory, with an adapter (gemmatune's or PEFT's) folded in."""
     from gemmatune.convert import load_model
     from gemmatune.convert.peft import load_any_adapter
     from gemmatune.lora import merge
     from gemmatune.model import unstack
 
     if adapter is None:
-        return load_model(_model_dir(model), dtype=dtype, stacked=stacked)
-    cfg, params = load_model(_model_dir(model), dtype=dtype)  # merging works on the stacked layers
+        return load_model(model, dtype=dtype, stacked=stacked)
+    cfg, params = load_model(model, dtype=dtype)  # merging works on the stacked layers
     adapters, lora_cfg = load_any_adapter(adapter, cfg)
     params = merge(params, adapters, lora_cfg)
     return cfg, params if stacked else unstack(params)
@@ -51,8 +51,9 @@ def _generate(args: argparse.Namespace, extra: Sequence[str]) -> None:
     from gemmatune.tokenizer import StreamDecoder, load_tokenizer
 
     t0 = time.perf_counter()
-    tok = load_tokenizer(_model_dir(args.model))
-    cfg, params = _load_merged(args.model, args.adapter, args.dtype, stacked=False)
+    model = _model_dir(args.model)
+    tok = load_tokenizer(model)
+    cfg, params = _load_merged(model, args.adapter, args.dtype, stacked=False)
     print(f"loaded {args.model}{' + ' + args.adapter if args.adapter else ''} in {time.perf_counter() - t0:.1f}s",
           file=sys.stderr)
     if args.chat:
@@ -89,7 +90,7 @@ def _inspect(args: argparse.Namespace, extra: Sequence[str]) -> None:
     from gemmatune.tokenizer import load_tokenizer
 
     cfg = data_config_from_args(args, extra)
-    tok = load_tokenizer(args.model)
+    tok = load_tokenizer(_model_dir(args.model))
     with tempfile.TemporaryDirectory() as tmp:
         prepared = prepare(cfg, tok, tmp)
         s = summarize(prepared, cfg, tok)
@@ -151,10 +152,10 @@ def _plan(args: argparse.Namespace, extra: Sequence[str]) -> None:
     import json
 
     from gemmatune.config import LoraConfig, TrainConfig
-    from gemmatune.convert import model_config
+    from gemmatune.hub import resolve_config
     from gemmatune.plan import DEVICES, GiB, plan
 
-    cfg = model_config(args.model)  # a preset name, a Hugging Face directory or a KerasHub preset
+    cfg = resolve_config(args.model)  # a preset name, or any --model (of a Hub or Kaggle model, config.json only)
     base = TrainConfig()
     tcfg = dataclasses.replace(base, data=dataclasses.replace(base.data, max_seq_len=args.seq_len),
                                lora=LoraConfig(rank=args.lora_rank), batch_size=args.batch_size,
@@ -200,8 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="continue a prompt (or answer it with --chat)",
                        description="Generate text; only the generated text is written to stdout, streamed.")
-    g.add_argument("--model", default=str(DEFAULT_MODEL),
-                   help="Gemma 2 checkpoint directory in Hugging Face layout (default: the embedded tiny model)")
+    g.add_argument("--model", default=str(DEFAULT_MODEL), help=MODEL_HELP)
     g.add_argument("--adapter", default=None, help="a gemmatune adapter directory (OUTPUT/adapter) to apply")
     g.add_argument("--prompt", default="The quick brown fox", help="prompt text")
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, what in (("merge", "fold an adapter into the base weights: a Hugging Face checkpoint"),
                        ("export", "write a merged Hugging Face model, a PEFT adapter or a GGUF file")):
         e = sub.add_parser(name, help=what, description=what[0].upper() + what[1:] + ".")
-        e.add_argument("--model", default=str(DEFAULT_MODEL), help="the base checkpoint directory")
+        e.add_argument("--model", default=str(DEFAULT_MODEL), help="the base model: " + MODEL_HELP)
         e.add_argument("--adapter", required=True, help="the adapter directory (OUTPUT/adapter, or a PEFT adapter)")
         if name == "export":
             e.add_argument("--format", choices=["hf", "peft", "gguf"], required=True)
@@ -239,8 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="will a training run fit a device? (compiled ahead of time, no weights)",
                         description="Compile the train step for a device ahead of time, from shapes alone, and report "
                                     "its memory per device; when it does not fit, try what would make it fit.")
-    pl.add_argument("--model", required=True, help="a preset (gemma2-2b, gemma2-9b, gemma2-27b, ...) or a checkpoint "
-                                                  "directory (only its config is read)")
+    pl.add_argument("--model", required=True, help=f"a preset ({', '.join(PRESETS)}) or " + MODEL_HELP +
+                                                  " (only its config.json is read)")
     pl.add_argument("--device", required=True, choices=list(DEVICES), help="device kind (memory per device)")
     pl.add_argument("--devices", type=int, default=None, help="device count (default: one GPU; a TPU's smallest slice)")
     pl.add_argument("--mesh", default="", help="e.g. data=2,model=4 (default: chosen from the device count)")
@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
                         allow_abbrev=False)
     add_data_args(i)
     i.set_defaults(extra_ok=True)
-    i.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint directory whose tokenizer to use")
+    i.add_argument("--model", default=str(DEFAULT_MODEL), help="whose tokenizer to use: " + MODEL_HELP)
     i.add_argument("--json", action="store_true", help="the same figures as JSON")
     i.set_defaults(run=_inspect)
     return parser

@@ -100,7 +100,8 @@ class ModelConfig:
         }
 
 
-# The released checkpoints' config.json numbers (google/gemma-2-{2b,9b,27b}).
+# Configuration presets: shapes only, for `gemmatune plan` and the tests. The released checkpoints' config.json
+# numbers (google/gemma-2-{2b,9b,27b}); their weights are Hub ids (PRESET_HUB_IDS).
 PRESETS: dict[str, ModelConfig] = {
     "gemma2-2b": ModelConfig(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_layers=26,
                              num_heads=8, num_kv_heads=4, head_dim=256, query_pre_attn_scalar=256),
@@ -108,13 +109,18 @@ PRESETS: dict[str, ModelConfig] = {
                              num_heads=16, num_kv_heads=8, head_dim=256, query_pre_attn_scalar=256),
     "gemma2-27b": ModelConfig(vocab_size=256000, hidden_size=4608, intermediate_size=36864, num_layers=46,
                               num_heads=32, num_kv_heads=16, head_dim=128, query_pre_attn_scalar=144),
-    # Small bodies for tests and demos; the window is tiny so sequences span several windows.
+    # Small bodies for tests and demos; the window is tiny so sequences span several windows. "tiny" is the embedded
+    # model's config (EMBEDDED_MODEL); "small" has no weights anywhere.
     "tiny": ModelConfig(vocab_size=4096, hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4,
                         num_kv_heads=2, head_dim=32, query_pre_attn_scalar=32, sliding_window=64,
                         max_position_embeddings=2048),
     "small": ModelConfig(vocab_size=32000, hidden_size=512, intermediate_size=2048, num_layers=4, num_heads=8,
                          num_kv_heads=4, head_dim=64, query_pre_attn_scalar=64, sliding_window=4096),
 }
+# Where the weights of a preset's shapes are: the Hugging Face Hub ids that --model takes (the -it ids are the
+# instruction-tuned models).
+PRESET_HUB_IDS = {"gemma2-2b": "google/gemma-2-2b", "gemma2-9b": "google/gemma-2-9b",
+                  "gemma2-27b": "google/gemma-2-27b"}
 
 
 def from_hf_dict(d: dict[str, Any], source: str = "config.json") -> ModelConfig:
@@ -188,8 +194,8 @@ def load_config(path: str | Path) -> ModelConfig:
     if p.is_dir():
         p = p / "config.json"
     if not p.exists():
-        raise GemmatuneError(f"{p}: no such file. Pass a preset ({', '.join(PRESETS)}) or a Gemma 2 "
-                             "checkpoint directory with a config.json.")
+        raise GemmatuneError(f"{p}: no such file; a Gemma 2 checkpoint directory holds a config.json. "
+                             "Re-download the checkpoint, or pass the directory that holds it.")
     try:
         d = json.loads(p.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -199,8 +205,10 @@ def load_config(path: str | Path) -> ModelConfig:
     return from_hf_dict(d, source=str(p))
 
 
-# The embedded tiny Gemma 2 (config, weights, tokenizer) that every command defaults to; built by
-# scripts/build_tiny.py so that a fresh install works without downloads.
+# The embedded tiny Gemma 2 (config, weights, tokenizer) that every command defaults to, `--model tiny` by name;
+# built by scripts/build_tiny.py so that a fresh install works without downloads. It is a demo, not a language model.
+# Its config is PRESETS["tiny"], so the name means the same model for `plan` (config only) and for every other command.
+EMBEDDED_MODEL = "tiny"
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "tiny"
 
 
