@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -204,8 +205,10 @@ def test_hub_errors_are_explained(hub: Server, tmp_path: Path) -> None:
     assert offline.returncode == 2 and "HF_HUB_OFFLINE is set" in offline.stderr and "not in the cache" in \
         offline.stderr
 
-    # Nothing listens on port 9 (discard): the connection is refused.
-    unreachable = resolve_in(hub_env(tmp_path, "http://127.0.0.1:9"), "owner/tiny")
+    with socket.socket() as s:  # a port that was free a moment ago: the connection is refused
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    unreachable = resolve_in(hub_env(tmp_path, closed), "owner/tiny")
     assert unreachable.returncode == 2 and "could not be reached" in unreachable.stderr
     assert "Traceback" not in unreachable.stderr
 

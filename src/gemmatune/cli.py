@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gemmatune.config import DEFAULT_MODEL, PRESETS
+from gemmatune.config import DEFAULT_MODEL
 from gemmatune.errors import GemmatuneError
-from gemmatune.hub import MODEL_HELP
+from gemmatune.hub import CONFIG_PRESETS, MODEL_HELP
 from gemmatune.settings import add_data_args, add_train_args
 
 if TYPE_CHECKING:
@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="continue a prompt (or answer it with --chat)",
                        description="Generate text; only the generated text is written to stdout, streamed.")
-    g.add_argument("--model", default=str(DEFAULT_MODEL), help=MODEL_HELP)
+    g.add_argument("--model", default=str(DEFAULT_MODEL), help=MODEL_HELP + "; default: tiny")
     g.add_argument("--adapter", default=None, help="a gemmatune adapter directory (OUTPUT/adapter) to apply")
     g.add_argument("--prompt", default="The quick brown fox", help="prompt text")
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, what in (("merge", "fold an adapter into the base weights: a Hugging Face checkpoint"),
                        ("export", "write a merged Hugging Face model, a PEFT adapter or a GGUF file")):
         e = sub.add_parser(name, help=what, description=what[0].upper() + what[1:] + ".")
-        e.add_argument("--model", default=str(DEFAULT_MODEL), help="the base model: " + MODEL_HELP)
+        e.add_argument("--model", default=str(DEFAULT_MODEL), help="the base model: " + MODEL_HELP + "; default: tiny")
         e.add_argument("--adapter", required=True, help="the adapter directory (OUTPUT/adapter, or a PEFT adapter)")
         if name == "export":
             e.add_argument("--format", choices=["hf", "peft", "gguf"], required=True)
@@ -239,8 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="will a training run fit a device? (compiled ahead of time, no weights)",
                         description="Compile the train step for a device ahead of time, from shapes alone, and report "
                                     "its memory per device; when it does not fit, try what would make it fit.")
-    pl.add_argument("--model", required=True, help=f"a preset ({', '.join(PRESETS)}) or " + MODEL_HELP +
-                                                  " (only its config.json is read)")
+    pl.add_argument("--model", required=True, help=f"a configuration preset ({CONFIG_PRESETS}) or "
+                                                  + MODEL_HELP + " (only its config.json is read)")
     pl.add_argument("--device", required=True, choices=list(DEVICES), help="device kind (memory per device)")
     pl.add_argument("--devices", type=int, default=None, help="device count (default: one GPU; a TPU's smallest slice)")
     pl.add_argument("--mesh", default="", help="e.g. data=2,model=4 (default: chosen from the device count)")
@@ -262,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
                         allow_abbrev=False)
     add_data_args(i)
     i.set_defaults(extra_ok=True)
-    i.add_argument("--model", default=str(DEFAULT_MODEL), help="whose tokenizer to use: " + MODEL_HELP)
+    i.add_argument("--model", default=str(DEFAULT_MODEL), help="whose tokenizer to use: " + MODEL_HELP +
+                   "; default: tiny")
     i.add_argument("--json", action="store_true", help="the same figures as JSON")
     i.set_defaults(run=_inspect)
     return parser

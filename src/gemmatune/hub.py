@@ -51,8 +51,9 @@ KAGGLE_FRAMEWORKS = {"keras", "transformers", "jax", "flax", "pytorch", "tensorf
 READABLE_FRAMEWORKS = ("keras", "transformers")  # KerasHub presets and Hugging Face checkpoints
 
 # --model's help, for every command that loads weights.
-MODEL_HELP = (f"a checkpoint directory, `{EMBEDDED_MODEL}` (the embedded demo model, the default), a Hugging Face Hub "
-              "id (google/gemma-2-2b-it, optionally @revision) or a Kaggle handle (keras/gemma2/keras/gemma2_2b_en/1)")
+MODEL_HELP = (f"a checkpoint directory, `{EMBEDDED_MODEL}` (the embedded demo model), a Hugging Face Hub id "
+              "(google/gemma-2-2b-it, optionally @revision) or a Kaggle handle (keras/gemma2/keras/gemma2_2b_en/1)")
+CONFIG_PRESETS = ", ".join(p for p in PRESETS if p != EMBEDDED_MODEL)  # what only `plan` reads
 CHOICES = (f"a checkpoint directory (Hugging Face layout or a KerasHub preset), `{EMBEDDED_MODEL}` (the embedded demo "
            "model), a Hugging Face Hub id such as google/gemma-2-2b-it (optionally @revision), or a Kaggle handle "
            "such as keras/gemma2/keras/gemma2_2b_en/1")
@@ -102,7 +103,7 @@ def _resolve(spec: str, config_only: bool) -> Path:
                                      f"those at https://www.kaggle.com/models/{m['owner']}/{m['model']}.")
             return _from_kaggle(handle, config_only)
     hint = f" (the Hub id is probably google/{spec})" if "/" not in spec and spec.lower().startswith("gemma") else ""
-    presets = f", or a configuration preset ({', '.join(PRESETS)})" if config_only else ""
+    presets = f", or a configuration preset ({CONFIG_PRESETS})" if config_only else ""
     raise GemmatuneError(f"--model {spec}: no such directory{hint}. Pass {CHOICES}{presets}.")
 
 
@@ -164,8 +165,8 @@ def _from_kaggle(handle: str, config_only: bool) -> Path:
 
     # kagglehub logs its progress to stdout; stdout is for generated text (and JSON) only.
     for h in logging.getLogger("kagglehub").handlers:
-        if isinstance(h, logging.StreamHandler) and h.stream is not sys.stderr:
-            h.setStream(sys.stderr)
+        if type(h) is logging.StreamHandler and not isinstance(h.stream, _Stderr):
+            h.stream = _Stderr()
     owner, model = handle.split("/")[:2]
     page = f"https://www.kaggle.com/models/{owner}/{model}"
     try:
@@ -187,3 +188,13 @@ def _from_kaggle(handle: str, config_only: bool) -> Path:
         raise GemmatuneError(f"--model {handle}: Kaggle could not be reached ({type(e).__name__}). Check the "
                              f"network, then run again{pinned}.") from None
     return got.parent if config_only else got
+
+
+class _Stderr:
+    """Whatever sys.stderr is when a log line is written (a handler keeps the stream it was given)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
