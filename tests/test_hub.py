@@ -89,6 +89,8 @@ def hub_route(repos: dict[str, dict[str, bytes]], gated: set[str]):
             repo, files = m[1], repos.get(m[1])
             if files is None:
                 return reply(h, 404, b'{"error": "Repository not found"}', {"X-Error-Code": "RepoNotFound"})
+            if m[2] not in (None, "main", COMMIT):
+                return reply(h, 404, b'{"error": "Invalid rev id"}', {"X-Error-Code": "RevisionNotFound"})
             info = {"id": repo, "modelId": repo, "sha": COMMIT, "private": False,
                     "gated": "manual" if repo in gated else False, "siblings": [{"rfilename": f} for f in files]}
             return reply(h, 200, json.dumps(info).encode())
@@ -193,6 +195,12 @@ def test_hub_errors_are_explained(hub: Server, tmp_path: Path) -> None:
     assert gated.returncode == 2
     assert "accept the license at https://huggingface.co/owner/gated" in gated.stderr
     assert "hf auth login" in gated.stderr and "HF_TOKEN" in gated.stderr and "Traceback" not in gated.stderr
+
+    with_token = resolve_in({**env, "HF_TOKEN": "hf_not_granted"}, "owner/gated")
+    assert with_token.returncode == 2 and "the token in use has no access" in with_token.stderr
+
+    no_revision = resolve_in(env, "owner/tiny@v9")
+    assert no_revision.returncode == 2 and "owner/tiny has no revision 'v9'" in no_revision.stderr
 
     missing = resolve_in(env, "owner/no-such-model")
     assert missing.returncode == 2 and "no model owner/no-such-model on the Hugging Face Hub" in missing.stderr
