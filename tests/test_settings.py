@@ -29,6 +29,7 @@ from gemmatune.settings import (
     load_yaml,
     to_dict,
     train_config_from_args,
+    unknown_argument,
 )
 
 
@@ -42,18 +43,22 @@ def from_file(path: Path) -> TrainConfig:
     return config_from_dict(load_yaml(path), str(path))
 
 
-def train(*argv: str) -> TrainConfig:
+def parse(add, argv) -> argparse.Namespace:
+    """As cli.main parses: unknown options are one GemmatuneError."""
     parser = argparse.ArgumentParser()
-    add_train_args(parser)
+    add(parser)
     args, extra = parser.parse_known_args(argv)
-    return train_config_from_args(args, extra)
+    if extra:
+        raise unknown_argument(parser, extra)
+    return args
+
+
+def train(*argv: str) -> TrainConfig:
+    return train_config_from_args(parse(add_train_args, argv))
 
 
 def inspect(*argv: str) -> DataConfig:
-    parser = argparse.ArgumentParser()
-    add_data_args(parser)
-    args, extra = parser.parse_known_args(argv)
-    return data_config_from_args(args, extra)
+    return data_config_from_args(parse(add_data_args, argv))
 
 
 def error(fn, *args) -> str:
@@ -243,11 +248,19 @@ def test_flat_flags():
     (["--lora.targets", "q,v"], "lora.targets", ("q", "v")),
     (["--lora.targets", "q", "k,v"], "lora.targets", ("q", "k", "v")),
     (["--lora.targets=gate, up"], "lora.targets", ("gate", "up")),
+    (["--lora-targets", "q,v"], "lora.targets", ("q", "v")),  # --section-key as well as --section.key
+    (["--lora_rank", "3"], "lora.rank", 3),
+    (["--data-max-seq-len", "7"], "data.max_seq_len", 7),
+    (["--data.skip-bad-rows"], "data.skip_bad_rows", True),
     (["--eval-prompts", "hi", "there"], "eval_prompts", ("hi", "there")),
+    (["--eval-prompts", "Hi, who are you?"], "eval_prompts", ("Hi, who are you?",)),  # prompts keep their commas
+    (["--eval_prompts=a,b"], "eval_prompts", ("a,b",)),
+    (["--lora.alpha", "-4"], "lora.alpha", -4.0),
     (["--data.columns", "instruction=q,input=c=d"], "data.columns", (("instruction", "q"), ("input", "c=d"))),
     (["--data.val_paths="], "data.val_paths", ()),
     (["--lr", "0.5", "--lr", "0.25"], "lr", 0.25),  # the last one wins
     (["--lora-rank", "4", "--lora.rank", "6"], "lora.rank", 6),
+    (["--lora.rank", "6", "--lora_rank", "4"], "lora.rank", 4),  # in command-line order, whatever the spelling
 ])
 def test_dotted_overrides(argv, field, want):
     got = train(*argv)
@@ -256,34 +269,51 @@ def test_dotted_overrides(argv, field, want):
     assert got == want and type(got) is type(want)
 
 
-def test_every_field_has_a_dotted_override():
-    """Each leaf field of TrainConfig, written as text, comes back as itself: the schema is the dataclasses'."""
-    def text(v) -> str:
+def leaves(obj, prefix=""):
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        yield from leaves(v, f"{prefix}{f.name}.") if dataclasses.is_dataclass(v) else [(prefix + f.name, v)]
+
+
+@pytest.mark.parametrize("spell", [
+    lambda path: path,  # the YAML spelling: --lora.rank, --data.max_seq_len
+    lambda path: path.replace("_", "-"),  # as --help shows it: --data.max-seq-len
+    lambda path: path.replace("_", "-").replace(".", "-"),  # --data-max-seq-len
+])
+def test_every_field_is_an_option(spell):
+    """Each leaf field of TrainConfig, written as text under each spelling, comes back as itself: the options are
+    the dataclasses' fields."""
+    def text(v) -> list[str]:
+        if isinstance(v, tuple) and v and isinstance(v[0], tuple):
+            return [",".join("=".join(p) for p in v)]
         if isinstance(v, tuple):
-            return ",".join("=".join(p) if isinstance(p, tuple) else p for p in v)
-        return str(v).lower() if isinstance(v, bool) else str(v)
+            return list(v)  # one value per item (commas stay within a prompt)
+        return [str(v).lower() if isinstance(v, bool) else str(v)]
 
-    def leaves(obj, prefix=""):
-        for f in dataclasses.fields(obj):
-            v = getattr(obj, f.name)
-            yield from leaves(v, f"{prefix}{f.name}.") if dataclasses.is_dataclass(v) else [(prefix + f.name, v)]
-
-    custom = TrainConfig(eval_prompts=("a", "b"), data=DataConfig(columns=(("instruction", "q"),)))
-    argv = [f"--{path}={text(v)}" for path, v in leaves(custom)]
+    custom = TrainConfig(eval_prompts=("a, b", "c"), num_processes=4, process_id=1,
+                         data=DataConfig(columns=(("instruction", "q"), ("response", "a"))))
+    argv = [token for path, v in leaves(custom) for token in [f"--{spell(path)}", *text(v)]]
     assert train(*argv) == custom
 
 
 @pytest.mark.parametrize("argv, want", [
     (["--lora.rnak", "3"], "--lora.rnak: unknown option; did you mean --lora.rank?"),
-    (["--weight-decy", "3"], "did you mean --weight_decay?"),
-    (["--lora-targets", "q"], "did you mean --lora.targets?"),
+    (["--weight-decy", "3"], "--weight-decy: unknown option; did you mean --weight-decay?"),
+    (["--weight_decy", "3"], "--weight_decy: unknown option; did you mean --weight-decay?"),  # as --help spells it
+    (["--lora-targts", "q"], "did you mean --lora-targets?"),
+    (["--lorra.rank", "4"], "did you mean --lora.rank?"),
+    (["--data.max_seq-len", "4"], "did you mean --data.max-seq-len?"),
+    (["--zzzzzzzzzz", "4"], "--zzzzzzzzzz: unknown option; see"),
+    (["--bogus"], "--bogus: unknown option; see"),  # the shared `--` is no likeness
+    (["--lora.r", "4"], "--lora.r: unknown option"),  # no abbreviations
     (["--lora.rank", "x"], "--lora.rank: expected an integer, got 'x'"),
     (["--lora.rank", "2.5"], "--lora.rank: expected an integer, got '2.5'"),
     (["--batch-size", "fast"], "--batch-size: expected an integer, got 'fast'"),
     (["--lr", "fast"], "--lr: expected a number, got 'fast'"),
     (["--lora.rslora", "maybe"], "--lora.rslora: expected true or false, got 'maybe'"),
     (["--weight_decay"], "--weight_decay: expected one value (a number), got 0"),
-    (["--seed", "1", "2"], "'2': unexpected argument"),
+    (["--seed", "1", "2"], "--seed: expected one value (an integer), got 2"),
+    (["stray"], "'stray': unexpected argument"),
     (["--columns", "instruction"], "--columns: expected comma-separated STRING=STRING items, got 'instruction'"),
     (["--lora-rank", "0"], "--lora-rank: lora.rank: 0 is not valid"),
     (["--format", "xml"], "--format: data.format: 'xml' is not valid"),
@@ -311,8 +341,8 @@ def test_data_inspect_flags():
     assert "unknown option" in error(inspect, "--data", "a", "--lora.rank", "4")
     assert "--val-fraction: data.val_fraction: 1.5 is not valid" in error(inspect, "--data", "a",
                                                                           "--val-fraction", "1.5")
-    with pytest.raises(SystemExit):  # --data is required by argparse
-        inspect("--format", "text")
+    assert "--data is required" in error(inspect, "--format", "text")
+    assert inspect("--data-paths", "a", "--data.paths", "b").paths == ("b",)  # any spelling meets the requirement
 
 
 def test_both_commands_share_the_data_flags():

@@ -315,7 +315,7 @@ def test_eval_prompts_flag_spellings(spelling):
     from gemmatune.settings import train_config_from_args
 
     args, extra = build_parser().parse_known_args(["train", "--data", "x.jsonl", spelling, "hi", "there"])
-    assert train_config_from_args(args, extra).eval_prompts == ("hi", "there")
+    assert not extra and train_config_from_args(args).eval_prompts == ("hi", "there")
 
 
 def test_validation_loss_and_samples(tmp_path, capsys):

@@ -1,20 +1,22 @@
 """`gemmatune` command line. Generated text goes to stdout; everything else (progress, timings) to stderr.
-A GemmatuneError ends the command with its message and status 2, never a stack trace."""
+A GemmatuneError, or a mistake on the command line, ends the command with one message and status 2, never a stack
+trace; a closed stdout (`| head`) ends it quietly, as it ends other Unix tools."""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from gemmatune.config import DEFAULT_MODEL
 from gemmatune.errors import GemmatuneError
 from gemmatune.hub import CONFIG_PRESETS, MODEL_HELP
-from gemmatune.settings import add_data_args, add_train_args
+from gemmatune.settings import add_data_args, add_train_args, unknown_argument
 
 if TYPE_CHECKING:
     from gemmatune.plan import Plan
@@ -44,7 +46,7 @@ def _load_merged(model: Path, adapter: str | None, dtype: str, stacked: bool) ->
     return cfg, params if stacked else unstack(params)
 
 
-def _generate(args: argparse.Namespace, extra: Sequence[str]) -> None:
+def _generate(args: argparse.Namespace) -> None:
     import numpy as np
 
     from gemmatune.generate import generate
@@ -80,7 +82,7 @@ def _generate(args: argparse.Namespace, extra: Sequence[str]) -> None:
     print(f"{len(out)} tokens; first after {first[0] - t0:.2f}s{rate}", file=sys.stderr)
 
 
-def _inspect(args: argparse.Namespace, extra: Sequence[str]) -> None:
+def _inspect(args: argparse.Namespace) -> None:
     import json
     import tempfile
 
@@ -89,7 +91,7 @@ def _inspect(args: argparse.Namespace, extra: Sequence[str]) -> None:
     from gemmatune.settings import data_config_from_args
     from gemmatune.tokenizer import load_tokenizer
 
-    cfg = data_config_from_args(args, extra)
+    cfg = data_config_from_args(args)
     tok = load_tokenizer(_model_dir(args.model))
     with tempfile.TemporaryDirectory() as tmp:
         prepared = prepare(cfg, tok, tmp)
@@ -117,18 +119,16 @@ def _inspect(args: argparse.Namespace, extra: Sequence[str]) -> None:
     print(s["example"])
 
 
-def _train(args: argparse.Namespace, extra: Sequence[str]) -> None:
+def _train(args: argparse.Namespace) -> None:
     import dataclasses
 
-    from gemmatune.settings import train_config_from_args
+    from gemmatune.settings import given, train_config_from_args
     from gemmatune.trainer import run
 
-    # argparse stores --data under its field path, "data.paths" (see settings._add_flags), not "data".
-    sample = getattr(args, "config", None) is None and not hasattr(args, "data.paths") and not any(
-        e.startswith("--data.paths") for e in extra)
+    sample = args.config is None and not given(args, "data.paths")
     if sample:  # no config and no data: the embedded default job
         args.config = str(SAMPLE / "train.yaml")
-    cfg = train_config_from_args(args, extra)
+    cfg = train_config_from_args(args)
     if sample:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(
             cfg.data, paths=tuple(str(SAMPLE / p) for p in cfg.data.paths)))
@@ -139,7 +139,7 @@ def _train(args: argparse.Namespace, extra: Sequence[str]) -> None:
         print(f"> {prompt}\n{text}")
 
 
-def _export(args: argparse.Namespace, extra: Sequence[str]) -> None:
+def _export(args: argparse.Namespace) -> None:
     from gemmatune.export import export
 
     fmt = getattr(args, "format", "hf")  # `merge` is `export --format hf`
@@ -147,7 +147,7 @@ def _export(args: argparse.Namespace, extra: Sequence[str]) -> None:
     print(f"wrote {fmt} to {out}", file=sys.stderr)
 
 
-def _plan(args: argparse.Namespace, extra: Sequence[str]) -> None:
+def _plan(args: argparse.Namespace) -> None:
     import dataclasses
     import json
 
@@ -195,9 +195,16 @@ def format_plan(p: Plan) -> str:
     return "\n".join(rows + ([f"  ({p.note})"] if p.note else []))
 
 
+class _Parser(argparse.ArgumentParser):
+    """A command-line mistake is one message (see main), not the usage block argparse prints before it."""
+
+    def error(self, message: str) -> NoReturn:
+        raise GemmatuneError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gemmatune", description="LoRA fine-tuning of Gemma 2 in JAX.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="gemmatune", description="LoRA fine-tuning of Gemma 2 in JAX.")
+    sub = parser.add_subparsers(dest="command", required=True)  # the subcommands' parsers are _Parsers too
 
     g = sub.add_parser("generate", help="continue a prompt (or answer it with --chat)",
                        description="Generate text; only the generated text is written to stdout, streamed.")
@@ -212,27 +219,39 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="compute dtype; auto means the checkpoint's")
-    g.set_defaults(run=_generate)
+    g.set_defaults(run=_generate, parser=g)
 
     t = sub.add_parser("train", help="fine-tune with LoRA (no arguments: the embedded tiny model on sample data)",
-                       description="Fine-tune a Gemma 2 checkpoint on your data. Every setting can also be given as "
-                                   "--section.key VALUE (e.g. --lora.rank 16, --data.max_seq_len 512).",
-                       allow_abbrev=False)
+                       description="Fine-tune a Gemma 2 checkpoint on your data. Every setting is an option, listed "
+                                   "below with its default; a YAML file (--config) sets them too, and options "
+                                   "override it. A setting in a section is --section.key or --section-key (e.g. "
+                                   "--lora.rank 16, --data-max-seq-len 512); '_' may replace '-' (the YAML "
+                                   "spelling). A boolean alone means true (--resume), or takes true/false; a list "
+                                   "takes comma-separated values (--lora.targets q,v). With neither --config nor "
+                                   "--data: the embedded sample job.")
     add_train_args(t)
-    t.set_defaults(run=_train, extra_ok=True)
+    t.set_defaults(run=_train, parser=t)
 
     for name, what in (("merge", "fold an adapter into the base weights: a Hugging Face checkpoint"),
                        ("export", "write a merged Hugging Face model, a PEFT adapter or a GGUF file")):
         e = sub.add_parser(name, help=what, description=what[0].upper() + what[1:] + ".")
         e.add_argument("--model", default=str(DEFAULT_MODEL), help="the base model: " + MODEL_HELP + "; default: tiny")
         e.add_argument("--adapter", required=True, help="the adapter directory (OUTPUT/adapter, or a PEFT adapter)")
-        if name == "export":
-            e.add_argument("--format", choices=["hf", "peft", "gguf"], required=True)
-        e.add_argument("--output", required=True, help="output directory (a .gguf file path for --format gguf)")
-        e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "f32", "f16", "bf16", "q8_0"],
-                       help="weights: auto (the base's), float32/bfloat16; GGUF also f16 and q8_0")
+        if name == "merge":
+            e.add_argument("--output", required=True, help="output directory for the merged checkpoint")
+            e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                           help="merged weights: auto (the base's), float32 or bfloat16 (default: auto)")
+        else:
+            e.add_argument("--format", choices=["hf", "peft", "gguf"], required=True,
+                           help="hf: merged Hugging Face checkpoint; peft: the adapter for transformers + peft; "
+                                "gguf: one merged file for llama.cpp and Ollama")
+            e.add_argument("--output", required=True, help="output directory; for --format gguf a .gguf file path")
+            e.add_argument("--dtype", default="auto",
+                           choices=["auto", "float32", "bfloat16", "f32", "f16", "bf16", "q8_0"],
+                           help="merged weights: auto (the base's), float32 or bfloat16; for --format gguf also "
+                                "f32, f16, bf16 and q8_0 (default: auto)")
         e.add_argument("--force", action="store_true", help="replace an existing output")
-        e.set_defaults(run=_export)
+        e.set_defaults(run=_export, parser=e)
 
     from gemmatune.plan import DEVICES
 
@@ -253,35 +272,39 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--method", choices=["lora", "full"], default="lora")
     pl.add_argument("--memory-gib", type=float, default=None, help="memory per device, overriding the device table")
     pl.add_argument("--json", action="store_true", help="the same figures in bytes, with fits: true|false")
-    pl.set_defaults(run=_plan)
+    pl.set_defaults(run=_plan, parser=pl)
 
     data = sub.add_parser("data", help="check a dataset before training").add_subparsers(dest="data_command",
                                                                                          required=True)
     i = data.add_parser("inspect", help="formats, counts, lengths, packing and a rendered example",
-                        description="Read, format and pack a dataset exactly as training would, and report on it.",
-                        allow_abbrev=False)
-    add_data_args(i)
-    i.set_defaults(extra_ok=True)
+                        description="Read, format and pack a dataset exactly as training would, and report on it. "
+                                    "The data settings are the same options as train's.")
     i.add_argument("--model", default=str(DEFAULT_MODEL), help="whose tokenizer to use: " + MODEL_HELP +
                    "; default: tiny")
     i.add_argument("--json", action="store_true", help="the same figures as JSON")
-    i.set_defaults(run=_inspect)
+    add_data_args(i)
+    i.set_defaults(run=_inspect, parser=i)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     # JAX takes 75% of a GPU's memory by default; `gemmatune plan` counts on 95% (set it lower to share the GPU).
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra and not getattr(args, "extra_ok", False):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        args.run(args, extra)
+        args, extra = build_parser().parse_known_args(argv)
+        if extra:
+            raise unknown_argument(args.parser, extra)
+        args.run(args)
+        sys.stdout.flush()  # here, so that a closed pipe is seen below rather than at exit
     except GemmatuneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # a full disk, a permission, a vanished file: the system's words and the path
+    except OSError as e:
+        if e.errno == errno.EPIPE:  # the reader went away (`| head`): stop quietly, like any Unix tool
+            # Python would still flush stdout at exit and report that write failing too.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 128 + 13  # what a shell reports for a command ended by SIGPIPE
+        # a full disk, a permission, a vanished file: the system's words and the path
         where = f" ({e.filename})" if e.filename else ""
         print(f"error: {e.strerror or e}{where}. Free disk space or fix the permissions, then run again.",
               file=sys.stderr)

@@ -216,27 +216,40 @@ FORMATS = ("auto", "text", "instruction", "chat")
 PLAIN_TEMPLATE = "Instruction:\n{instruction}\n\nResponse:\n{response}"  # the original notebooks' template
 
 
+def setting(default: Any, help: str, *, commas: bool = True) -> Any:
+    """A settings field: its default and its one-line meaning, which `gemmatune train --help` shows (settings.py
+    builds every option from the dataclasses, so the meaning is written once, here). commas=False: a list of
+    free text, where a command-line value is one item even if it holds commas."""
+    return dataclasses.field(default=default, metadata={"help": help, "commas": commas})
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """How a user's files become training batches. Every field is validated in __post_init__ with a message that
     names the field."""
 
-    paths: tuple[str, ...] = ()  # files, globs, a `datasets` save_to_disk directory, or a Hub dataset name
-    format: str = "auto"  # auto (from the columns), text, instruction, chat
+    paths: tuple[str, ...] = setting((), "JSONL/JSON/CSV/TSV/Parquet files, globs, a datasets save_to_disk directory "
+                                         "or a Hub dataset name")
+    format: str = setting("auto", "auto (detected from the columns), text, instruction or chat")
     # Instruction rows: our field name -> the user's column name, e.g. (("instruction", "question"),
-    # ("response", "answer")); fields are instruction, input, response. Known layouts need none.
-    columns: tuple[tuple[str, str], ...] = ()
-    template: str = "chat"  # "chat" (the Gemma chat template) or a plain template with {instruction}, {response}
-    train_on: str = "model"  # "model": model turns, their <end_of_turn> and the final <eos>; "all": every token
-    max_seq_len: int = 1024  # input positions per row; an example of up to max_seq_len + 1 tokens fits
-    overflow: str = "truncate"  # truncate (keep the start) or drop
-    packing: str = "pack"  # pack (several examples per row) or pad (one example per row)
-    shuffle_buffer: int = 4096  # examples shuffled and packed together
-    seed: int = 0
-    val_fraction: float = 0.0  # held out from paths for validation, unless val_paths is given
-    val_paths: tuple[str, ...] = ()
-    split: str = "train"  # for Hub datasets
-    skip_bad_rows: bool = False  # skip (and count) bad rows instead of stopping at the first
+    # ("response", "answer")). Known layouts need none.
+    columns: tuple[tuple[str, str], ...] = setting((), "instruction rows: which column holds each field "
+                                                       "(instruction, input, response), e.g. instruction=question,"
+                                                       "response=answer; known layouts need none")
+    template: str = setting("chat", "instruction rows: chat (the Gemma chat template), plain (Instruction:/Response:) "
+                                    "or a template with {instruction} that ends with {response}")
+    train_on: str = setting("model", "model: only the model turns (with <end_of_turn>) and the final <eos> are "
+                                     "trained; all: every token")
+    max_seq_len: int = setting(1024, "input positions per packed row; an example of up to max_seq_len + 1 tokens "
+                                     "fits")
+    overflow: str = setting("truncate", "examples longer than a row: truncate (keep their start) or drop")
+    packing: str = setting("pack", "pack (several examples per row) or pad (one example per row)")
+    shuffle_buffer: int = setting(4096, "examples shuffled and packed together")
+    seed: int = setting(0, "seed of the data order and of the validation split")
+    val_fraction: float = setting(0.0, "hold out this fraction of the examples for validation (unless val_paths)")
+    val_paths: tuple[str, ...] = setting((), "validation files, read like paths")
+    split: str = setting("train", "the split of a Hub dataset to read")
+    skip_bad_rows: bool = setting(False, "skip and count bad rows instead of stopping at the first")
 
     def __post_init__(self) -> None:
         def bad(field: str, value: Any, want: str) -> GemmatuneError:
@@ -271,11 +284,12 @@ LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: tuple[str, ...] = LORA_TARGETS  # any of q, k, v, o (attention), gate, up, down (feed-forward)
-    rslora: bool = False  # scale by alpha / sqrt(rank) instead of alpha / rank
+    rank: int = setting(8, "adapter rank r: each adapted projection W [in, out] gains A [in, r] @ B [r, out]")
+    alpha: float = setting(16.0, "the adapters' output is scaled by alpha / rank")
+    dropout: float = setting(0.0, "dropout on the adapters' input while training")
+    targets: tuple[str, ...] = setting(LORA_TARGETS, "projections adapted: any of q, k, v, o (attention), gate, up, "
+                                                     "down (feed-forward)")
+    rslora: bool = setting(False, "rank-stabilised LoRA: scale by alpha / sqrt(rank) instead of alpha / rank")
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -296,50 +310,59 @@ class LoraConfig:
 class TrainConfig:
     """Everything `gemmatune train` does; YAML sections `data:` and `lora:` fill the nested configs."""
 
-    model: str = str(DEFAULT_MODEL)  # a Hugging Face Gemma 2 checkpoint directory
-    output: str = "runs/gemmatune"
-    data: DataConfig = DataConfig()
-    lora: LoraConfig = LoraConfig()
-    adapter: str = ""  # start from this adapter directory (gemmatune's or PEFT's) instead of a fresh one
-    method: str = "lora"  # lora, or full (every weight trained; the optimizer then holds two model-size buffers)
-    dtype: str = "bfloat16"  # base weights and compute: bfloat16 or float32; adapters and optimizer are float32
-    max_steps: int = 0  # 0: run `epochs` epochs
-    epochs: float = 1.0
-    batch_size: int = 8  # packed rows per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 2e-4
-    schedule: str = "cosine"  # cosine, linear or constant, after warmup
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0  # the schedule's end, as a fraction of lr
-    weight_decay: float = 0.0
-    clip_norm: float = 1.0  # 0 disables clipping
-    adam_b1: float = 0.9
-    adam_b2: float = 0.999
-    adam_eps: float = 1e-8
-    remat: str = "block"  # none, block (recompute each layer in the backward pass) or full
-    # Positions per chunk of the loss; full [batch, seq, vocab] logits never exist. 512: XLA CPU runs the
-    # [chunk, D] x [D, V] products about 6% faster than at 256 (256k vocabulary), for 0.2 GB more at V = 256k.
-    loss_chunk: int = 512
-    seed: int = 0
-    log_every: int = 1
-    eval_every: int = 0  # 0: only at the end (when there is validation data)
-    eval_prompts: tuple[str, ...] = ()  # chat prompts answered at each evaluation, logged
-    eval_max_new_tokens: int = 64
-    save_every: int = 0  # 0: only at the end
-    keep: int = 3  # checkpoints kept
-    resume: bool = False
-    overwrite: bool = False  # replace an output directory that holds another run
-    nonfinite: str = "stop"  # stop, or skip (the step's update is dropped and counted)
-    # Devices: "data=2,model=4" (axes data, fsdp, model; see sharding.py); empty: tensor parallelism over a host's
-    # devices (as far as the key/value heads divide), data parallelism across hosts.
-    mesh: str = ""
-    # Several processes (hosts): jax.distributed.initialize. `distributed` lets JAX find the cluster in the
-    # environment (TPU pod slice, SLURM, Open MPI, Kubernetes); coordinator_address (process 0's host:port),
-    # num_processes and process_id give it explicitly. Neither: one process.
-    distributed: bool = False
-    coordinator_address: str = ""
-    num_processes: int | None = None
-    process_id: int | None = None
+    model: str = setting(str(DEFAULT_MODEL), "a checkpoint directory (Hugging Face layout or a KerasHub preset), "
+                                             "tiny (the embedded demo model, the default), a Hugging Face Hub id "
+                                             "(google/gemma-2-2b-it[@revision]) or a Kaggle handle "
+                                             "(keras/gemma2/keras/gemma2_2b_en/1)")
+    output: str = setting("runs/gemmatune", "run directory: checkpoints, logs, config.yaml, the adapter")
+    data: DataConfig = setting(DataConfig(), "what to train on and how it becomes batches")
+    lora: LoraConfig = setting(LoraConfig(), "the adapters (with method lora)")
+    adapter: str = setting("", "start from this adapter directory (gemmatune's or PEFT's) instead of a fresh one")
+    method: str = setting("lora", "lora, or full (every weight trained; the optimizer then holds two model-size "
+                                  "buffers)")
+    dtype: str = setting("bfloat16", "base weights and compute: bfloat16 or float32; adapters and optimizer state "
+                                     "are float32")
+    max_steps: int = setting(0, "optimizer steps; 0: run `epochs` epochs")
+    epochs: float = setting(1.0, "passes over the data when max_steps is 0 (fractions allowed)")
+    batch_size: int = setting(8, "packed rows per micro-batch")
+    grad_accum: int = setting(1, "micro-batches per optimizer step")
+    lr: float = setting(2e-4, "peak learning rate")
+    schedule: str = setting("cosine", "learning rate after warmup: cosine, linear or constant")
+    warmup_steps: int = setting(0, "steps of linear warmup from 0 to lr")
+    min_lr_ratio: float = setting(0.0, "the schedule's end, as a fraction of lr")
+    weight_decay: float = setting(0.0, "AdamW weight decay (on the trained weights)")
+    clip_norm: float = setting(1.0, "clip the gradients' global norm to this; 0: no clipping")
+    adam_b1: float = setting(0.9, "AdamW beta1")
+    adam_b2: float = setting(0.999, "AdamW beta2")
+    adam_eps: float = setting(1e-8, "AdamW epsilon")
+    remat: str = setting("block", "recomputation in the backward pass: none, block (keep each layer's matrix "
+                                  "products) or full (keep only each layer's input)")
+    # Full [batch, seq, vocab] logits never exist. 512: XLA CPU runs the [chunk, D] x [D, V] products about 6%
+    # faster than at 256 (256k vocabulary), for 0.2 GB more at V = 256k.
+    loss_chunk: int = setting(512, "positions per chunk of the loss computation")
+    seed: int = setting(0, "seed of the adapters' initialisation and of dropout (the data order has data.seed)")
+    log_every: int = setting(1, "steps between log lines")
+    eval_every: int = setting(0, "steps between evaluations; 0: only at the end (when there is validation data)")
+    eval_prompts: tuple[str, ...] = setting((), "chat prompts answered at each evaluation and logged; one prompt "
+                                                "per value", commas=False)
+    eval_max_new_tokens: int = setting(64, "tokens generated per eval prompt")
+    save_every: int = setting(0, "steps between checkpoints; 0: only at the end")
+    keep: int = setting(3, "checkpoints kept")
+    resume: bool = setting(False, "continue from the latest checkpoint in output")
+    overwrite: bool = setting(False, "replace an output directory that holds another run")
+    nonfinite: str = setting("stop", "a NaN or inf loss or gradient: stop, or skip (the step's update is dropped "
+                                     "and counted)")
+    # Devices: see sharding.py. Empty: tensor parallelism over a host's devices (as far as the key/value heads
+    # divide), data parallelism across hosts.
+    mesh: str = setting("", "device mesh, e.g. data=2,model=4 (axes data, fsdp, model); empty: model parallel "
+                            "within a host, data parallel across hosts")
+    # Several processes (hosts): jax.distributed.initialize, from the environment (`distributed`) or from
+    # coordinator_address, num_processes and process_id. Neither: one process.
+    distributed: bool = setting(False, "several processes: find the cluster (TPU pod slice, SLURM, Open MPI, "
+                                       "Kubernetes) in the environment")
+    coordinator_address: str = setting("", "several processes: process 0's HOST:PORT")
+    num_processes: int | None = setting(None, "several processes: how many")
+    process_id: int | None = setting(None, "several processes: this one's index, 0 to num_processes - 1")
 
     def __post_init__(self) -> None:
         choices = {"method": ("lora", "full"), "dtype": ("bfloat16", "float32"),

@@ -1,9 +1,15 @@
-"""Settings: YAML files and command-line flags -> TrainConfig / DataConfig.
+"""Settings: YAML files and command-line options -> TrainConfig / DataConfig.
 
-Precedence: the dataclasses' defaults < the YAML file (`--config`) < flags and dotted overrides. Every source
-becomes a list of `_Item`s (a dotted field path and a raw value), read by one converter that derives the known
-keys and their types from the dataclasses' annotations, so a new config field is settable everywhere without
-touching this module.
+Precedence: the dataclasses' defaults < the YAML file (`--config`) < options. Every source becomes a list of
+`_Item`s (a dotted field path and a raw value), read by one converter that derives the known keys and their types
+from the dataclasses' annotations; the options and their --help text come from the same fields (the meaning of
+each is config.py's `setting(default, help)`), so a new config field is settable and documented everywhere
+without touching this module.
+
+Why not a library (tyro, jsonargparse, draccus, pydantic-settings were tried on these dataclasses): none reports a
+YAML error at its file:line, none takes both `--resume` and `--resume false`, or `--lora.targets q,v` and
+`--data.columns instruction=q`, and their errors are boxes or tracebacks rather than one message; what they would
+replace (argparse option building, ~80 lines here) is the small part. See README.md, Dependencies.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from typing import Any, NamedTuple
 
 import yaml
 
-from gemmatune.config import FORMATS, PLAIN_TEMPLATE, DataConfig, TrainConfig
+from gemmatune.config import PLAIN_TEMPLATE, DataConfig, TrainConfig
 from gemmatune.errors import GemmatuneError
 
 # Named values accepted for a field wherever it is set (YAML, flags, dotted overrides).
@@ -59,6 +65,19 @@ def _leaves(cls: type, prefix: str = "") -> dict[str, Any]:
         else:
             out[prefix + name] = tp
     return out
+
+
+@functools.cache
+def _free_text(cls: type, prefix: str = "") -> frozenset[str]:
+    """The list fields whose command-line values are one item each, commas and all (config.setting(commas=False))."""
+    out: set[str] = set()
+    for f in dataclasses.fields(cls):
+        tp = _fields(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            out |= _free_text(tp, f"{prefix}{f.name}.")
+        elif not f.metadata.get("commas", True):
+            out.add(prefix + f.name)
+    return frozenset(out)
 
 
 def _describe(tp: Any, text: bool) -> str:
@@ -120,28 +139,29 @@ def _convert(value: Any, tp: Any, label: str, text: bool) -> Any:
 # ---------------------------------------------------------------------------------------------- resolution
 
 def _unknown(item: _Item, schema: Mapping[str, Any]) -> GemmatuneError:
+    """A YAML key that is no field (options are checked by argparse: see unknown_argument)."""
     sections = {p.rpartition(".")[0] for p in schema} - {""}
     match = difflib.get_close_matches(item.path, [*schema, *sections], n=1)
-    show = (lambda p: f"--{p}") if item.text else (lambda p: p)
     if match:
-        hint = f"did you mean {show(match[0])}?"
+        hint = f"did you mean {match[0]}?"
     else:
         parent = item.path.rpartition(".")[0]
         known = [p for p in schema if p.rpartition(".")[0] == parent] or list(schema)
-        hint = f"known: {', '.join(map(show, known))}."
-    return GemmatuneError(f"{item.label}: unknown {'option' if item.text else 'key'}; {hint}")
+        hint = f"known: {', '.join(known)}."
+    return GemmatuneError(f"{item.label}: unknown key; {hint}")
 
 
-def _tokens(item: _Item, tp: Any) -> Any:
-    """Command-line tokens -> one value: a tuple field takes any number (each may hold commas), a boolean may
-    stand alone (`--lora.rslora` means true), any other field exactly one."""
+def _tokens(item: _Item, tp: Any, commas: bool) -> Any:
+    """Command-line tokens -> one value: a tuple field takes any number (each may hold several items separated by
+    commas, unless the items are free text), a boolean may stand alone (`--lora.rslora` means true), any other
+    field exactly one."""
     tokens = item.value
+    if typing.get_origin(tp) is tuple:  # no tokens: the empty tuple (`--data.val_paths` clears the file's list)
+        return ",".join(tokens) if commas else tokens
     if len(tokens) == 1:
         return tokens[0]
     if not tokens and tp is bool:
         return True
-    if typing.get_origin(tp) is tuple:  # no tokens: the empty tuple (`--data.val_paths` clears the file's list)
-        return ",".join(tokens)
     raise GemmatuneError(f"{item.label}: expected one value ({_describe(tp, True)}), got {len(tokens)}.")
 
 
@@ -155,13 +175,14 @@ def _resolve(base: Any, items: Iterable[_Item], source: str = "", prefix: str = 
     """Apply the items, in order (later ones win), to `base`, a config whose fields are at `prefix` in the
     item paths. The dataclasses validate the result once, after every source is in."""
     schema = {prefix + p: tp for p, tp in _leaves(type(base)).items()}
+    free_text = {prefix + p for p in _free_text(type(base))}
     changes: dict[str, Any] = {}
     setters: dict[str, _Item] = {}
     for item in items:
         if item.path not in schema:
             raise _unknown(item, schema)
         tp = schema[item.path]
-        value = _tokens(item, tp) if item.text else item.value
+        value = _tokens(item, tp, item.path not in free_text) if item.text else item.value
         if isinstance(value, str):
             value = _NAMED.get(item.path, {}).get(value, value)
         *parents, leaf = item.path.removeprefix(prefix).split(".")
@@ -279,118 +300,143 @@ def dump_yaml(cfg: Any) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- command line
+# Every setting is an option, built from the dataclasses: `--lora.rank` (the YAML path, words joined by `-`) and
+# `--lora-rank` are shown by --help with the field's meaning (config.py's `setting(default, help)`) and default;
+# `_` for `-` is accepted too (`--weight_decay`, `--data.max_seq_len`, the spelling of the YAML keys). Each option
+# records its tokens in command-line order and `_resolve` reads them with the field's type, as it reads YAML.
 
-class _Flag(NamedTuple):
-    names: tuple[str, ...]
-    path: str  # the field it sets; also the argparse dest
-    help: str
-    metavar: str | None = None
-
-
-# The data options, shared by `train` and `data inspect`.
-_DATA_FLAGS = (
-    _Flag(("--data",), "data.paths", "JSONL/JSON/CSV/TSV/Parquet files, globs, a datasets save_to_disk directory "
-                                     "or a Hub name", "PATH"),
-    _Flag(("--val-data",), "data.val_paths", "validation files (else --val-fraction)", "PATH"),
-    _Flag(("--val-fraction",), "data.val_fraction", "hold out this fraction of --data for validation"),
-    _Flag(("--format",), "data.format", f"{', '.join(FORMATS)}; auto detects it from the columns"),
-    _Flag(("--columns",), "data.columns", "instruction columns, e.g. instruction=question,input=context,"
-                                          "response=answer", "FIELD=COLUMN"),
-    _Flag(("--template",), "data.template", "instruction rows: 'chat' (Gemma chat template), 'plain' "
-                                            "(Instruction:/Response:) or a template with {instruction} and {response}"),
-    _Flag(("--train-on",), "data.train_on", "model: only model turns (with <end_of_turn>) and the final <eos>; "
-                                            "all: every token"),
-    _Flag(("--seq-len", "--max-seq-len"), "data.max_seq_len", "positions per packed row"),
-    _Flag(("--overflow",), "data.overflow", "too-long examples: truncate (keep their start) or drop"),
-    _Flag(("--packing",), "data.packing", "pack (several examples per row) or pad (one per row)"),
-    _Flag(("--skip-bad-rows",), "data.skip_bad_rows", "skip and count bad rows instead of stopping at the first"),
-)
-
-_TRAIN_FLAGS = (
-    _Flag(("--model",), "model", "Gemma 2 checkpoint directory in Hugging Face layout"),
-    _Flag(("--output",), "output", "run directory (checkpoints, logs, adapters)"),
-    _Flag(("--max-steps",), "max_steps", "optimizer steps; 0 runs --epochs epochs"),
-    _Flag(("--epochs",), "epochs", "passes over the data when --max-steps is 0"),
-    _Flag(("--batch-size",), "batch_size", "packed rows per micro-batch"),
-    _Flag(("--grad-accum",), "grad_accum", "micro-batches per optimizer step"),
-    _Flag(("--lr",), "lr", "peak learning rate"),
-    _Flag(("--lora-rank",), "lora.rank", "adapter rank"),
-    _Flag(("--lora-alpha",), "lora.alpha", "adapter scale is alpha / rank"),
-    _Flag(("--dtype",), "dtype", "base weights and compute: bfloat16 or float32"),
-    _Flag(("--save-every",), "save_every", "steps between checkpoints; 0: only at the end"),
-    _Flag(("--log-every",), "log_every", "steps between log lines"),
-    _Flag(("--eval-every",), "eval_every", "steps between evaluations; 0: only at the end"),
-    _Flag(("--resume",), "resume", "continue from the latest checkpoint in --output"),
-    _Flag(("--overwrite",), "overwrite", "replace an output directory that holds another run"),
-    _Flag(("--seed",), "seed", "random seed (the data order has its own: --data.seed)"),
-    _Flag(("--mesh",), "mesh", "device mesh, e.g. data=2,model=4 (axes data, fsdp, model); default: model "
-                               "parallel within a host, data parallel across hosts", "AXIS=N,..."),
-    _Flag(("--distributed",), "distributed", "several processes: find the cluster (TPU pod slice, SLURM, Open MPI, "
-                                             "Kubernetes) in the environment"),
-    _Flag(("--coordinator-address",), "coordinator_address", "several processes: process 0's HOST:PORT", "HOST:PORT"),
-    _Flag(("--num-processes",), "num_processes", "several processes: how many"),
-    _Flag(("--process-id",), "process_id", "several processes: this one's index, 0 to --num-processes - 1"),
-) + _DATA_FLAGS
+# Short names of the common data settings, shared by `train` and `data inspect`.
+_SHORT = {"data.paths": ("--data",), "data.val_paths": ("--val-data",), "data.val_fraction": ("--val-fraction",),
+          "data.format": ("--format",), "data.columns": ("--columns",), "data.template": ("--template",),
+          "data.train_on": ("--train-on",), "data.max_seq_len": ("--seq-len", "--max-seq-len"),
+          "data.overflow": ("--overflow",), "data.packing": ("--packing",), "data.skip_bad_rows": ("--skip-bad-rows",)}
+_GIVEN = "settings_given"  # the namespace attribute holding the `_Item`s of the options given, in order
 
 
-def _add_flags(parser: argparse.ArgumentParser, flags: Sequence[_Flag], title: str, required: str = "") -> None:
-    group = parser.add_argument_group(title, "Any setting can also be given as a dotted override, e.g. --lora.rank "
-                                             "16 --weight-decay 0.01 --lora.targets q,v --data.shuffle_buffer 512.")
-    defaults = TrainConfig()
-    for f in flags:
-        tp = _leaves(TrainConfig)[f.path]
-        default = to_dict(functools.reduce(getattr, f.path.split("."), defaults))
-        shown = f" (default: {','.join(map(str, default)) if isinstance(default, list) else default})"
-        # Flags default to SUPPRESS: a flag the user did not give is absent and leaves the YAML's value alone.
-        kwargs: dict[str, Any] = dict(dest=f.path, default=argparse.SUPPRESS, required=f.path == required,
-                                      help=(f.help + shown * (tp is not bool and default != [])).replace("%", "%%"))
-        if tp is bool:
-            # Alone it means true, like store_true; it also takes a value, so `--resume false` can undo a file's
-            # `resume: true` (argparse would otherwise reject the `--resume=false` dotted form).
-            kwargs.update(nargs="?", const="true", metavar="BOOL")
-        else:
-            kwargs.update(nargs="+" if typing.get_origin(tp) is tuple else None,
-                          metavar=f.metavar or f.names[0][2:].upper().replace("-", "_"))
-        group.add_argument(*f.names, **kwargs)
+def _spellings(path: str) -> tuple[str, ...]:
+    """The option names of a field: the ones --help shows (hyphens), then the same with underscores."""
+    dotted = "--" + path.replace("_", "-")
+    shown = [*_SHORT.get(path, ()), dotted, dotted.replace(".", "-")]
+    hidden = ["--" + name[2:].replace("-", "_") for name in shown]
+    return tuple(dict.fromkeys(shown + hidden))  # unique, in order
 
 
-def _cli_items(args: argparse.Namespace, flags: Sequence[_Flag], extra: Sequence[str]) -> list[_Item]:
-    """The flags the user gave, then the dotted overrides (the arguments argparse did not know) in order."""
-    items = [_Item(f.path, v if isinstance(v, list) else [v], f.names[0], "", True)
-             for f in flags if (v := getattr(args, f.path, None)) is not None]
-    i = 0
-    while i < len(extra):
-        arg = extra[i]
-        if not arg.startswith("--") or arg == "--":
-            raise GemmatuneError(f"{arg!r}: unexpected argument; settings are given as --name VALUE "
-                                 "(e.g. --lora.rank 16).")
-        name, eq, value = arg.partition("=")
-        i += 1
-        start = i
-        while not eq and i < len(extra) and not extra[i].startswith("--"):
-            i += 1
-        # `--weight-decay` and `--weight_decay` both name weight_decay
-        items.append(_Item(name[2:].replace("-", "_"), [value] if eq else list(extra[start:i]), name, "", True))
-    return items
+def _metavar(tp: Any, commas: bool = True) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        (tp,) = [a for a in args if a is not type(None)]
+        return _metavar(tp)
+    if origin is tuple:
+        item = "KEY=VALUE" if typing.get_origin(args[0]) is tuple else _metavar(args[0])
+        return f"{item},..." if commas else f"{item} ..."
+    return {bool: "[BOOL]", int: "INT", float: "FLOAT", str: "TEXT"}[tp]
+
+
+def _shown(value: Any) -> str:
+    """A default as it would be typed on the command line."""
+    if isinstance(value, tuple):
+        return ",".join("=".join(v) if isinstance(v, tuple) else v for v in value) or "none"
+    if isinstance(value, bool) or value is None:
+        return str(value).lower()
+    return str(value) if value != "" else '""'
+
+
+class _Set(argparse.Action):
+    """One settings option: appends its tokens (any number, checked by `_tokens`) to the namespace's list."""
+
+    def __init__(self, *args: Any, path: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.path = path  # the field it sets
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        given = [*getattr(namespace, _GIVEN, []), _Item(self.path, list(values), option_string or "", "", True)]
+        setattr(namespace, _GIVEN, given)
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Lists the hyphenated spellings only, and one metavar for any number of tokens."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if not isinstance(action, _Set):
+            return super()._format_action_invocation(action)
+        return f"{', '.join(s for s in action.option_strings if '_' not in s)} {action.metavar}"
+
+    def _format_args(self, action: argparse.Action, default_metavar: str) -> str:
+        return action.metavar if isinstance(action, _Set) else super()._format_args(action, default_metavar)
+
+
+def _add_options(parser: argparse.ArgumentParser, cls: type, prefix: str, title: str, about: str = "") -> None:
+    """One option per field of `cls` (at `prefix` in the field paths) in a help group; a help group per section."""
+    group = parser.add_argument_group(title, about or None)
+    defaults, hints = cls(), _fields(cls)
+    sections = []
+    for f in dataclasses.fields(cls):
+        path, tp = prefix + f.name, hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            sections.append((tp, path, f.metadata["help"]))
+            continue
+        if "help" not in f.metadata:
+            raise TypeError(f"{path}: declare the field with config.setting(default, help) so --help explains it")
+        group.add_argument(*_spellings(path), action=_Set, path=path, nargs="*", dest=_GIVEN,
+                           default=argparse.SUPPRESS, metavar=_metavar(tp, f.metadata.get("commas", True)),
+                           help=f"{f.metadata['help']} (default: {_shown(getattr(defaults, f.name))})"
+                                .replace("%", "%%"))
+    for tp, path, about in sections:
+        _add_options(parser, tp, path + ".", f"{path} settings (YAML section {path.rpartition('.')[2]}:)", about)
+
+
+def _prepare(parser: argparse.ArgumentParser, usage: str) -> None:
+    # An abbreviation must not silently set another setting (`--lora.r` for --lora.rank); the usage line would
+    # otherwise list every option.
+    parser.allow_abbrev = False
+    parser.formatter_class = _HelpFormatter
+    parser.usage = usage
+
+
+def given(args: argparse.Namespace, path: str) -> bool:
+    """Whether the command line set the field at `path` (e.g. "data.paths")."""
+    return any(item.path == path for item in getattr(args, _GIVEN, []))
+
+
+def unknown_argument(parser: argparse.ArgumentParser, extra: Sequence[str]) -> GemmatuneError:
+    """The error for the first of `extra` (what parse_known_args did not know), suggesting the closest option in
+    the spelling --help shows."""
+    arg = extra[0]
+    name = arg.partition("=")[0]
+    if not name.startswith("-") or name in ("-", "--"):
+        return GemmatuneError(f"{arg!r}: unexpected argument; options are given as --name VALUE (see "
+                              f"{parser.prog} --help).")
+    shown = {s.lstrip("-"): s for a in parser._actions  # argparse keeps no public list of a parser's options
+             for s in a.option_strings if "_" not in s and a.help != argparse.SUPPRESS}
+    match = difflib.get_close_matches(name.lstrip("-").replace("_", "-"), list(shown), n=1)
+    hint = f"did you mean {shown[match[0]]}?" if match else f"see {parser.prog} --help for the options."
+    return GemmatuneError(f"{name}: unknown option; {hint}")
 
 
 def add_train_args(parser: argparse.ArgumentParser) -> None:
-    """`gemmatune train`: --config FILE, flags for the common settings; parse with parse_known_args and pass the
-    unknown arguments (dotted overrides) to train_config_from_args."""
-    parser.add_argument("--config", metavar="FILE", default=None, help="YAML settings; flags override them")
-    _add_flags(parser, _TRAIN_FLAGS, "settings")
+    """`gemmatune train`: --config FILE and an option for every TrainConfig field."""
+    _prepare(parser, "%(prog)s [--config FILE] [--SETTING VALUE ...]")
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help="YAML settings (sections data: and lora:, every other key a training setting); options "
+                             "override them")
+    _add_options(parser, TrainConfig, "", "training settings")
 
 
-def train_config_from_args(args: argparse.Namespace, extra: Sequence[str] = ()) -> TrainConfig:
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Defaults < the YAML file (--config) < the options, in the order given."""
     path = args.config
     items = list(_yaml_items(load_yaml(path), TrainConfig, str(path))) if path else []
-    return _resolve(TrainConfig(), [*items, *_cli_items(args, _TRAIN_FLAGS, extra)], str(path or ""))
+    return _resolve(TrainConfig(), [*items, *getattr(args, _GIVEN, [])], str(path or ""))
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
-    """The data options (for `data inspect`), the same flags as `train` has; --data is required."""
-    _add_flags(parser, _DATA_FLAGS, "data", required="data.paths")
+    """The data options (for `data inspect`), the same as `train` has; --data is required."""
+    _prepare(parser, "%(prog)s --data PATH [--SETTING VALUE ...]")
+    _add_options(parser, DataConfig, "data.", "data settings")
 
 
-def data_config_from_args(args: argparse.Namespace, extra: Sequence[str] = ()) -> DataConfig:
-    return _resolve(DataConfig(), _cli_items(args, _DATA_FLAGS, extra), prefix="data.")
+def data_config_from_args(args: argparse.Namespace) -> DataConfig:
+    if not given(args, "data.paths"):
+        raise GemmatuneError("--data is required: the files (or Hub dataset) to read.")
+    return _resolve(DataConfig(), getattr(args, _GIVEN, []), prefix="data.")
