@@ -31,15 +31,16 @@ def _model_dir(path: str) -> str:
 
 def _load_merged(model: str, adapter: str | None, dtype: str, stacked: bool) -> tuple:
     """(config, parameters) of the base checkpoint, with an adapter (gemmatune's or PEFT's) folded in."""
-    from gemmatune.convert import load_model
-    from gemmatune.convert.peft import load_any_adapter
+    from gemmatune.convert import load_model, model_config
+    from gemmatune.convert.peft import load_adapter_for
     from gemmatune.lora import merge
     from gemmatune.model import unstack
 
     if adapter is None:
         return load_model(_model_dir(model), dtype=dtype, stacked=stacked)
-    cfg, params = load_model(_model_dir(model), dtype=dtype)  # merging works on the stacked layers
-    adapters, lora_cfg = load_any_adapter(adapter, cfg)
+    # Checked before the weights are read: the adapter fits this base and is not already merged into it.
+    adapters, lora_cfg = load_adapter_for(model, adapter, model_config(_model_dir(model)))
+    cfg, params = load_model(model, dtype=dtype)  # merging works on the stacked layers
     params = merge(params, adapters, lora_cfg)
     return cfg, params if stacked else unstack(params)
 
