@@ -26,7 +26,7 @@ from sentencepiece import sentencepiece_model_pb2
 
 from gemmatune.atomic import staged_files
 from gemmatune.config import GLOBAL, LOCAL, ModelConfig
-from gemmatune.convert.common import GEMMATUNE_KEY, MERGED_ADAPTERS
+from gemmatune.convert.common import GEMMATUNE_KEY, MERGED_ADAPTERS, read_json
 from gemmatune.convert.hf import hf_keys, hf_shape, hf_state
 from gemmatune.errors import GemmatuneError
 from gemmatune.layout import Params
@@ -107,10 +107,7 @@ def _special_contents(tokenizer_dir: Path) -> set[str]:
         path = tokenizer_dir / fname
         if not path.is_file():
             continue
-        try:
-            entries = json.loads(path.read_text(encoding="utf-8")).get(table, [])
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-            raise GemmatuneError(f"{path}: not a valid tokenizer file ({e}); re-download it.") from None
+        entries = read_json(path, "re-download the tokenizer files").get(table, [])
         entries = entries.values() if isinstance(entries, dict) else entries
         found |= {t["content"] for t in entries if isinstance(t, dict) and t.get("special") and "content" in t}
     return found
