@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -119,6 +120,41 @@ def test_failed_write_leaves_nothing(tmp_path: Path, data: tuple[ExampleStore, l
     assert ExampleStore(tmp_path / "s").digest == store.digest and len(ExampleStore(tmp_path / "s")) == 10
     write_store(tmp_path / "s", 3)
     assert len(ExampleStore(tmp_path / "s")) == 3 and [p.name for p in tmp_path.iterdir()] == ["s"]
+
+
+KILLED_WRITER = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from gemmatune.data.loader import StoreWriter
+    from gemmatune.data.records import Example
+
+    w = StoreWriter(sys.argv[1], buffer_tokens=1000)
+    for i in range(200):  # 200 k tokens flushed to disk: a writer killed well into its data
+        w.append(Example(np.arange(1000, dtype=np.int32) + i, np.ones(1000, bool)))
+    print("written", flush=True)
+    sys.stdin.read()  # wait to be killed
+""")
+
+
+def test_a_killed_writers_leftover_is_removed_by_the_next_writer(tmp_path: Path) -> None:
+    """SIGKILL gives the writer no chance to clean up: its hidden staging directory stays, as large as the data
+    written so far, until the next preparation of the same store removes it."""
+    old, _ = write_store(tmp_path / "s", 5)
+    child = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(tmp_path / "s")], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "written\n"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    leftovers = [p for p in tmp_path.iterdir() if p.name != "s"]
+    assert [p.name for p in leftovers] == [f".s.partial-{child.pid}"]
+    assert (leftovers[0] / "tokens.bin").stat().st_size >= 199_000 * 4
+    assert ExampleStore(tmp_path / "s").digest == old.digest  # the killed writer did not touch the store
+    (tmp_path / ".other.partial-1").mkdir()  # another store's leftover is not this writer's to remove
+    new, examples = write_store(tmp_path / "s", 7, seed=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.partial-1", "s"]
+    assert len(new) == 7 and new[6].tokens.tolist() == examples[6].tokens.tolist()
 
 
 def test_writer_refuses_to_replace_a_directory_that_is_not_a_store(tmp_path: Path) -> None:

@@ -119,6 +119,17 @@ def test_validation_split_and_separate_validation_files(tmp_path):
     assert len(p.val.store) == 3 and len(p.train.indices) == 40
 
 
+def test_preparation_removes_what_a_killed_preparation_left(tmp_path):
+    """A preparation killed while writing leaves its hidden staging directory (".train.partial-PID", as large as
+    the data); the next one removes it and succeeds. (test_data_loader kills a real writer.)"""
+    path = write_jsonl(tmp_path / "d.jsonl", [json.dumps(r) for r in GOOD])
+    leftover = tmp_path / "w" / ".train.partial-999999"
+    leftover.mkdir(parents=True)
+    (leftover / "tokens.bin").write_bytes(bytes(1 << 20))
+    p = prepare(DataConfig(paths=(str(path),)), TOK, tmp_path / "w")
+    assert len(p.train.store) == len(GOOD) and sorted(q.name for q in (tmp_path / "w").iterdir()) == ["train"]
+
+
 def test_batches_carry_exactly_the_trained_tokens(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [json.dumps(r) for r in GOOD])
     cfg = DataConfig(paths=(str(path),), max_seq_len=64)

@@ -9,10 +9,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import shutil
-import sys
 from pathlib import Path
 
+import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,9 +25,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import SMALL, hf_logits, strong_params
 from gemmatune.checkpoint import save_adapter
+from gemmatune.cli import main
 from gemmatune.config import DEFAULT_MODEL, LORA_TARGETS, LoraConfig, ModelConfig
+from gemmatune.convert.gguf import OLLAMA_STOPS, OLLAMA_TEMPLATE
 from gemmatune.convert.hf import save_hf, to_hf
-from gemmatune.convert.peft import load_any_adapter, load_peft, save_peft
+from gemmatune.convert.peft import adapter_digest, load_any_adapter, load_peft, save_peft
 from gemmatune.errors import GemmatuneError
 from gemmatune.export import export
 from gemmatune.layout import adapter_shapes
@@ -89,6 +92,10 @@ def test_export_hf_loads_in_transformers_with_the_adapter_merged(params, base_lo
     adapters = random_adapters(lora_cfg)
     save_adapter(tmp_path / "adapter", adapters, lora_cfg, CFG, base_model=str(base_dir))
     out = export(base_dir, tmp_path / "adapter", "hf", tmp_path / "merged")
+    # The merged checkpoint records which adapter it holds, under a key transformers keeps but does not use.
+    [record] = json.loads((out / "config.json").read_text())["gemmatune"]["merged_adapters"]
+    assert record == {"digest": adapter_digest(adapters, lora_cfg), "scale": 2.0,
+                      "source": str((tmp_path / "adapter").resolve())}
 
     model = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager", dtype=torch.float32)
     assert_same_logits(hf_logits(model, TOKENS), ours(params, adapters, lora_cfg), base_logits)
@@ -289,24 +296,87 @@ def test_export_output_guard(base_dir, peft_dir, tmp_path):
         export(base_dir, peft_dir, "hf", tmp_path / "x", dtype="f16")
 
 
-def test_export_gguf_writes_the_merged_weights(params, base_dir, tmp_path):
-    gguf = pytest.importorskip("gguf")
+def test_export_gguf_writes_the_merged_weights_and_a_modelfile(params, base_dir, tmp_path):
     lora_cfg = LoraConfig(rank=4, targets=("gate",))
     adapters = random_adapters(lora_cfg)
     save_adapter(tmp_path / "adapter", adapters, lora_cfg, CFG, base_model=str(base_dir))
-    out = export(base_dir, tmp_path / "adapter", "gguf", tmp_path / "model.gguf", dtype="float32")
+    out = tmp_path / "gguf" / "model.gguf"
+    assert main(["export", "--model", str(base_dir), "--adapter", str(tmp_path / "adapter"), "--format", "gguf",
+                 "--output", str(out), "--dtype", "float32"]) == 0
 
-    stored = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(out).tensors}["blk.1.ffn_gate.weight"]
+    reader = gguf.GGUFReader(out)
+    stored = {t.name: np.asarray(t.data) for t in reader.tensors}["blk.1.ffn_gate.weight"]
     want = to_hf("gate_proj", np.asarray(merge(params, adapters, lora_cfg)["layers"]["gate_proj"][1]))
     assert np.abs(want - to_hf("gate_proj", np.asarray(params["layers"]["gate_proj"][1]))).max() > 0.1
     np.testing.assert_array_equal(stored.reshape(want.shape), want)
-    with pytest.raises(GemmatuneError, match="file exists; pass --force"):
+    [record] = json.loads(reader.fields["gemmatune.merged_adapters"].contents())
+    assert record["digest"] == adapter_digest(adapters, lora_cfg)
+
+    # The Ollama Modelfile beside it: the GGUF by its name relative to the Modelfile, the template, the stops.
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.Modelfile", "model.gguf"]
+    text = (out.parent / "model.Modelfile").read_text()
+    assert text.splitlines()[0] == "FROM ./model.gguf"
+    assert re.search(r'TEMPLATE """(.*?)"""', text, re.DOTALL)[1] == OLLAMA_TEMPLATE
+    assert re.findall(r'^PARAMETER stop "(.*)"$', text, re.MULTILINE) == list(OLLAMA_STOPS)
+
+    with pytest.raises(GemmatuneError, match="model.gguf: file exists; pass --force"):
+        export(base_dir, tmp_path / "adapter", "gguf", out)
+    out.unlink()  # the Modelfile alone also needs --force, and is checked before the weights are read
+    with pytest.raises(GemmatuneError, match="model.Modelfile: file exists; pass --force"):
         export(base_dir, tmp_path / "adapter", "gguf", out)
     with pytest.raises(GemmatuneError, match="dtype 'q4_0' is not one of auto, float32, bfloat16, f32, f16"):
         export(base_dir, tmp_path / "adapter", "gguf", out, dtype="q4_0", force=True)
+    assert export(base_dir, tmp_path / "adapter", "gguf", out, dtype="q8_0", force=True) == out
+    assert (out.parent / "model.Modelfile").read_text() == text
 
 
-def test_export_gguf_without_a_writer_says_so(base_dir, peft_dir, tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "gemmatune.convert.gguf", None)  # as if convert/gguf.py did not exist
-    with pytest.raises(GemmatuneError, match="gguf export is not available"):
-        export(base_dir, peft_dir, "gguf", tmp_path / "model.gguf")
+# --- an adapter is applied once ---------------------------------------------------------------------------------
+
+def test_the_same_adapter_is_not_applied_twice_to_a_merged_checkpoint(base_dir, tmp_path, capsys):
+    """A merged checkpoint records its adapter; generate, merge, export and train refuse to apply that adapter (or
+    its PEFT export) again, and accept another one."""
+    lora_cfg = LoraConfig(rank=4, alpha=8.0)
+    adapter, peft_copy, merged = tmp_path / "adapter", tmp_path / "peft", tmp_path / "merged"
+    save_adapter(adapter, random_adapters(lora_cfg), lora_cfg, CFG, base_model=str(base_dir))
+    assert main(["export", "--model", str(base_dir), "--adapter", str(adapter), "--format", "peft",
+                 "--output", str(peft_copy)]) == 0
+    assert main(["merge", "--model", str(base_dir), "--adapter", str(adapter), "--output", str(merged)]) == 0
+    capsys.readouterr()
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Q{i}?", "response": f"A{i}."}) + "\n" for i in range(4)))
+    uses = [["generate", "--max-new-tokens", "2"], ["merge", "--output", str(tmp_path / "again")],
+            ["export", "--format", "gguf", "--output", str(tmp_path / "again.gguf")],
+            ["export", "--format", "peft", "--output", str(tmp_path / "again-peft")],
+            ["train", "--data", str(data), "--output", str(tmp_path / "run"), "--overwrite", "--max-steps", "1",
+             "--seq-len", "32", "--batch-size", "1", "--lora-rank", "4", "--lora-alpha", "8", "--dtype", "float32"]]
+    for use in uses:
+        for same in (adapter, peft_copy)[:1 if use[0] == "train" else 2]:  # train is slower to reach the check
+            assert main([*use, "--model", str(merged), "--adapter", str(same)]) == 2, use
+            err = capsys.readouterr().err
+            assert f"{same}: this adapter is already merged into {merged}" in err, err
+            assert "would add its update twice" in err
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("again")]
+
+    # Another adapter still applies to the merged checkpoint, and a second merge records both.
+    other = tmp_path / "other"
+    save_adapter(other, random_adapters(lora_cfg, seed=2), lora_cfg, CFG, base_model=str(merged))
+    assert main(["generate", "--max-new-tokens", "2", "--model", str(merged), "--adapter", str(other)]) == 0
+    assert main(["merge", "--model", str(merged), "--adapter", str(other), "--output", str(tmp_path / "both")]) == 0
+    records = json.loads((tmp_path / "both" / "config.json").read_text())["gemmatune"]["merged_adapters"]
+    assert [r["source"] for r in records] == [str(adapter.resolve()), str(other.resolve())]
+    assert main(["generate", "--model", str(tmp_path / "both"), "--adapter", str(adapter)]) == 2
+    assert "already merged" in capsys.readouterr().err
+
+
+def test_a_gemmatune_adapter_and_its_peft_export_have_one_digest(tmp_path):
+    lora_cfg = LoraConfig(rank=4, alpha=8.0, targets=("q", "down"))
+    adapters = random_adapters(lora_cfg)
+    save_adapter(tmp_path / "ours", adapters, lora_cfg, CFG, base_model="base")
+    save_peft(tmp_path / "peft", adapters, lora_cfg, CFG, "base")
+    digests = {adapter_digest(*load_any_adapter(tmp_path / d, CFG)) for d in ("ours", "peft")}
+    assert digests == {adapter_digest(adapters, lora_cfg)}
+    # Any change to what the adapter adds changes the digest: a tensor, or the scale.
+    changed = {**adapters, "q_proj": {**adapters["q_proj"], "b": adapters["q_proj"]["b"] * 1.001}}
+    assert adapter_digest(changed, lora_cfg) not in digests
+    assert adapter_digest(adapters, dataclasses.replace(lora_cfg, alpha=16.0)) not in digests

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import strong_params
 from gemmatune.config import DEFAULT_MODEL, GLOBAL, PRESETS, ModelConfig
-from gemmatune.convert.gguf import DTYPES, save_gguf, write_modelfile
+from gemmatune.convert.gguf import DTYPES, modelfile, modelfile_path, save_gguf
 from gemmatune.convert.hf import load_hf
 from gemmatune.errors import GemmatuneError
 from gemmatune.generate import generate
@@ -192,10 +192,12 @@ def _ollama_render(template: str, system: str, prompt: str) -> str:
     return text.replace("{{ .System }}", system).replace("{{ .Prompt }}", prompt)
 
 
-def test_modelfile(tmp_path):
-    write_modelfile(tmp_path / "Modelfile", "tuned")
-    text = (tmp_path / "Modelfile").read_text()
-    assert text.startswith("FROM ./tuned.gguf\n")
+def test_modelfile_is_written_beside_the_gguf(tmp_path, strong):
+    path = _export(tmp_path, STRONG, strong, "f32")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model-f32.Modelfile", "model-f32.gguf"]  # no leftovers
+    text = modelfile_path(path).read_text()
+    assert text == modelfile("model-f32.gguf")
+    assert text.startswith("FROM ./model-f32.gguf\n")  # relative: Ollama resolves it from the Modelfile's folder
     assert text.count('PARAMETER stop "<end_of_turn>"\n') == text.count('PARAMETER stop "<eos>"\n') == 1
     template = re.search(r'TEMPLATE """(.*?)"""', text, re.DOTALL)[1]
     # The prompt Ollama builds is the one gemmatune trained on (a system prompt folded into the user turn).
@@ -203,10 +205,26 @@ def test_modelfile(tmp_path):
         messages = [{"role": "system", "content": system}] if system else []
         messages.append({"role": "user", "content": "Hello?"})
         assert _ollama_render(template, system, "Hello?") == render_chat(messages, add_generation_prompt=True)
-    write_modelfile(tmp_path / "Modelfile", "tuned.gguf")
-    assert (tmp_path / "Modelfile").read_text() == text
     with pytest.raises(GemmatuneError, match="without a directory"):
-        write_modelfile(tmp_path / "Modelfile", "sub/tuned")
+        modelfile("sub/tuned.gguf")
+    with pytest.raises(GemmatuneError, match="must not end in .Modelfile"):
+        save_gguf(tmp_path / "x.Modelfile", STRONG, strong, DEFAULT_MODEL)
+
+
+def test_an_existing_modelfile_needs_force_and_a_failed_write_leaves_both_files(tmp_path, strong):
+    path = tmp_path / "m.gguf"
+    modelfile_path(path).write_text("mine")
+    with pytest.raises(GemmatuneError, match=r"m\.Modelfile: file exists; pass --force"):
+        save_gguf(path, STRONG, strong, DEFAULT_MODEL)
+    assert not path.exists() and modelfile_path(path).read_text() == "mine"
+    path.write_text("old gguf")
+    bad = dataclasses.replace(STRONG, vocab_size=STRONG.vocab_size - 1)  # the tokenizer no longer fits: fails late
+    with pytest.raises(GemmatuneError, match="tokens, but the model's embedding has only"):
+        save_gguf(path, bad, strong, DEFAULT_MODEL, force=True)
+    assert path.read_text() == "old gguf" and modelfile_path(path).read_text() == "mine"  # neither half of the pair
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.Modelfile", "m.gguf"]  # nor a staged leftover
+    save_gguf(path, STRONG, strong, DEFAULT_MODEL, force=True)
+    assert modelfile_path(path).read_text() == modelfile("m.gguf")
 
 
 def test_missing_tokenizer_model(tmp_path, strong):
@@ -215,7 +233,7 @@ def test_missing_tokenizer_model(tmp_path, strong):
     shutil.copy(DEFAULT_MODEL / "tokenizer.json", tokenizer_dir)
     with pytest.raises(GemmatuneError, match="tokenizer.model: not found. GGUF stores the SentencePiece vocabulary"):
         save_gguf(tmp_path / "m.gguf", STRONG, strong, tokenizer_dir)
-    assert list(tmp_path.iterdir()) == [tokenizer_dir]  # nothing half-written
+    assert list(tmp_path.iterdir()) == [tokenizer_dir]  # nothing half-written: neither the GGUF nor its Modelfile
 
 
 def test_refusals(tmp_path, strong):

@@ -8,7 +8,7 @@ import contextlib
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from gemmatune.errors import GemmatuneError
@@ -66,47 +66,76 @@ def refuse_to_replace(out: Path, force: bool, what: str) -> None:
                              f"another {what} directory.")
 
 
-@contextlib.contextmanager
-def staged_dir(final: Path) -> Iterator[Path]:
-    """Yield an empty staging directory; when the block ends normally it becomes `final` (replacing what is
-    there), durably; when it raises, the staging directory is removed and `final` is untouched."""
+def begin_dir(final: Path) -> Path:
+    """Remove what killed writers of `final` left behind and create an empty staging directory for it; a writer
+    that cannot use a `with` block (one that streams over many calls) pairs this with `commit_dir`, and removes
+    the staging directory itself when it gives up."""
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(final.parent, final.name)
     staged = aside(final, "partial")
     staged.mkdir()
+    return staged
+
+
+def commit_dir(staged: Path, final: Path) -> None:
+    """Make the staging directory from `begin_dir` become `final` (replacing what is there), durably."""
+    for f in staged.iterdir():
+        fsync(f)
+    fsync(staged)
+    parked = aside(final, "old")
+    if final.exists():
+        os.replace(final, parked)  # a directory cannot be renamed over a non-empty one
+    os.replace(staged, final)
+    fsync(final.parent)  # makes the rename itself durable
+    if parked.exists():
+        shutil.rmtree(parked)
+
+
+@contextlib.contextmanager
+def staged_dir(final: Path) -> Iterator[Path]:
+    """Yield an empty staging directory; when the block ends normally it becomes `final` (replacing what is
+    there), durably; when it raises, the staging directory is removed and `final` is untouched."""
+    staged = begin_dir(final)
     try:
         yield staged
-        for f in staged.iterdir():
-            fsync(f)
-        fsync(staged)
-        parked = aside(final, "old")
-        if final.exists():
-            os.replace(final, parked)  # a directory cannot be renamed over a non-empty one
-        os.replace(staged, final)
-        fsync(final.parent)  # makes the rename itself durable
-        if parked.exists():
-            shutil.rmtree(parked)
+        commit_dir(staged, final)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
 
 
 @contextlib.contextmanager
-def staged_file(path: Path, force: bool) -> Iterator[Path]:
-    """Yield a hidden sibling to write; it replaces `path` only when the block ends normally, so an interrupted
-    write leaves whatever was there. An existing file is replaced only with force."""
-    if path.is_dir():
-        raise GemmatuneError(f"{path}: is a directory; give a file path (e.g. {path / 'model.gguf'}).")
-    if path.exists() and not force:
-        raise GemmatuneError(f"{path}: file exists; pass --force to replace it, or choose another path.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(path.parent, path.name)
-    staged = aside(path, "partial")
+def staged_files(paths: Sequence[Path], force: bool) -> Iterator[list[Path]]:
+    """Yield one hidden sibling to write for each of `paths`; they replace `paths`, in the order given, only when the
+    block ends normally, so an interrupted or failed write leaves every path as it was. An existing file is replaced
+    only with force. Several files are renamed one after the other: order them so that the last one completes the
+    set (a GGUF file after its Modelfile, whose text depends only on the GGUF's name)."""
+    for path in paths:
+        if path.is_dir():
+            raise GemmatuneError(f"{path}: is a directory; give a file path (e.g. {path / 'model.gguf'}).")
+        if path.exists() and not force:
+            raise GemmatuneError(f"{path}: file exists; pass --force to replace it, or choose another path.")
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(path.parent, path.name)
+    staged = [aside(path, "partial") for path in paths]
     try:
         yield staged
-        fsync(staged)
-        os.replace(staged, path)
-        fsync(path.parent)
+        for s in staged:
+            fsync(s)
+        for s, path in zip(staged, paths):
+            os.replace(s, path)
+        for parent in dict.fromkeys(path.parent for path in paths):
+            fsync(parent)
     except BaseException:
-        staged.unlink(missing_ok=True)
+        for s in staged:
+            s.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def staged_file(path: Path, force: bool) -> Iterator[Path]:
+    """`staged_files` for one file: yield a hidden sibling to write; it replaces `path` only when the block ends
+    normally."""
+    with staged_files([path], force) as [staged]:
+        yield staged

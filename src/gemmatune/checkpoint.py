@@ -33,6 +33,7 @@ from gemmatune.atomic import (
     write_text,
 )
 from gemmatune.config import LoraConfig, ModelConfig
+from gemmatune.convert.common import fields_of, read_json
 from gemmatune.errors import GemmatuneError
 from gemmatune.layout import adapter_shapes
 from gemmatune.safetensors_io import SafetensorsReader, write_safetensors
@@ -62,18 +63,6 @@ NOT_IN_DIGEST = frozenset({"resume", "overwrite", "output", "log_every", "save_e
                            "coordinator_address", "num_processes", "process_id"})
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-def read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise GemmatuneError(f"{path}: missing; {what}.") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise GemmatuneError(f"{path}: not valid JSON ({e}); {what}.") from None
-    if not isinstance(d, dict):
-        raise GemmatuneError(f"{path}: expected a JSON object; {what}.")
-    return d
 
 
 def _tree_key(path: tuple[Any, ...], separator: str) -> str:
@@ -253,16 +242,10 @@ def load_adapter(adapter_dir: str | Path, model_cfg: ModelConfig) -> tuple[dict[
     if cfg.get("version") != ADAPTER_VERSION:
         raise GemmatuneError(f"{cfg_path}: adapter format version {cfg.get('version')!r}; this gemmatune reads "
                              f"version {ADAPTER_VERSION}. Use the gemmatune version that wrote it.")
-    try:
+    with fields_of(cfg_path, "re-export the adapter"):
         lora_cfg = LoraConfig(rank=int(cfg["rank"]), alpha=float(cfg["alpha"]), dropout=float(cfg["dropout"]),
                               targets=tuple(cfg["targets"]), rslora=bool(cfg["rslora"]))
         base = {k: cfg["base_config"][k] for k in BASE_FIELDS}
-    except KeyError as e:
-        raise GemmatuneError(f"{cfg_path}: missing field {e.args[0]!r}; re-export the adapter.") from None
-    except (TypeError, ValueError) as e:
-        raise GemmatuneError(f"{cfg_path}: a field has the wrong type ({e}); re-export the adapter.") from None
-    except GemmatuneError as e:
-        raise GemmatuneError(f"{cfg_path}: {e}") from None
     differ = [f"{k} {base[k]}, this model has {getattr(model_cfg, k)}" for k in BASE_FIELDS
               if base[k] != getattr(model_cfg, k)]
     if differ:

@@ -33,15 +33,16 @@ def _model_dir(spec: str) -> Path:
 
 def _load_merged(model: Path, adapter: str | None, dtype: str, stacked: bool) -> tuple:
     """(config, parameters) of the base checkpoint directory, with an adapter (gemmatune's or PEFT's) folded in."""
-    from gemmatune.convert import load_model
-    from gemmatune.convert.peft import load_any_adapter
+    from gemmatune.convert import load_model, model_config
+    from gemmatune.convert.peft import load_adapter_for
     from gemmatune.lora import merge
     from gemmatune.model import unstack
 
     if adapter is None:
         return load_model(model, dtype=dtype, stacked=stacked)
+    # Checked before the weights are read: the adapter fits this base and is not already merged into it.
+    adapters, lora_cfg = load_adapter_for(model, adapter, model_config(model))
     cfg, params = load_model(model, dtype=dtype)  # merging works on the stacked layers
-    adapters, lora_cfg = load_any_adapter(adapter, cfg)
     params = merge(params, adapters, lora_cfg)
     return cfg, params if stacked else unstack(params)
 

@@ -3,32 +3,31 @@
     hf    the adapter merged into the weights: a Hugging Face Gemma 2 checkpoint (tied head, no lm_head), with the
           base's tokenizer and the chat template in tokenizer_config.json
     peft  the adapter alone, as a PEFT LoRA adapter for transformers + peft
-    gguf  the merged weights as one GGUF file for llama.cpp and Ollama (convert/gguf.py, when importable)
+    gguf  the merged weights as one GGUF file for llama.cpp and Ollama, with an Ollama Modelfile beside it
 
 The base is a Hugging Face directory or a KerasHub preset. The adapter is checked against the base's config
-before any weight is read, and every output is written
-atomically (an interrupted export leaves the output as it was).
+before any weight is read, and refused if the base already has it merged. Merged outputs record the adapters
+folded into them (config.json's "gemmatune" key; GGUF metadata), so that applying one again is refused. Every
+output is written atomically (an interrupted export leaves the output as it was).
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 
 from gemmatune.atomic import refuse_to_replace
-from gemmatune.checkpoint import read_json
-from gemmatune.convert import load_model, model_config
-from gemmatune.convert.hf import TOKENIZER_FILES, WEIGHT_DTYPES, save_hf
+from gemmatune.convert import gguf, load_model, model_config
+from gemmatune.convert.common import WEIGHT_DTYPES, read_json
+from gemmatune.convert.hf import TOKENIZER_FILES, save_hf
 from gemmatune.convert.kerashub import is_kerashub_preset
-from gemmatune.convert.peft import load_any_adapter, save_peft
+from gemmatune.convert.peft import load_adapter_for, merged_adapters, merged_record, save_peft
 from gemmatune.errors import GemmatuneError
 from gemmatune.lora import merge
 from gemmatune.tokenizer import GEMMA2_CHAT_TEMPLATE, KERAS_SPM, TOKENIZER_JSON, TOKENIZER_MODEL
@@ -42,14 +41,14 @@ GGUF_DTYPES = {"float32": "f32", "bfloat16": "bf16"}  # merged weights' dtype ->
 def export(model_dir: str | Path, adapter_dir: str | Path, fmt: str, output: str | Path, *, dtype: str = "auto",
            force: bool = False) -> Path:
     """Export `adapter_dir` on the base `model_dir` as `fmt` (hf, peft or gguf) to `output` (a directory; a file
-    for gguf). dtype: the merged weights', "auto" (the base's), "float32" or "bfloat16"; for gguf also the GGUF
-    writer's own types (f32, f16, bf16, q8_0). The PEFT adapter stays float32. An existing non-empty output is
-    replaced only with force=True."""
+    for gguf, with its Ollama Modelfile beside it, `convert.gguf.modelfile_path`). dtype: the merged weights',
+    "auto" (the base's), "float32" or "bfloat16"; for gguf also the GGUF writer's own types (f32, f16, bf16, q8_0).
+    The PEFT adapter stays float32. An existing output (non-empty directory; for gguf the file or its Modelfile)
+    is replaced only with force=True."""
     model_dir, adapter_dir, output = Path(model_dir), Path(adapter_dir), Path(output)
     if fmt not in FORMATS:
         raise GemmatuneError(f"export format {fmt!r} is not one of {', '.join(FORMATS)}.")
-    gguf = _gguf_module() if fmt == "gguf" else None  # an unavailable format fails before anything is read
-    choices = ("auto", *WEIGHT_DTYPES, *(gguf.DTYPES if gguf else ()))
+    choices = ("auto", *WEIGHT_DTYPES, *(gguf.DTYPES if fmt == "gguf" else ()))
     if dtype not in choices:
         raise GemmatuneError(f"dtype {dtype!r} is not one of {', '.join(choices)} for {fmt} export.")
     if output.resolve() in (model_dir.resolve(), adapter_dir.resolve()):
@@ -57,37 +56,32 @@ def export(model_dir: str | Path, adapter_dir: str | Path, fmt: str, output: str
                              "path.")
     _refuse_existing(output, fmt, force)  # before the (possibly long) loading; the writers check again
     cfg = model_config(model_dir)
-    adapters, lora_cfg = load_any_adapter(adapter_dir, cfg)  # refuses an adapter of another base, before the weights
+    # Refuses an adapter of another base, or one already merged into this one, before the weights are read.
+    adapters, lora_cfg = load_adapter_for(model_dir, adapter_dir, cfg)
     if fmt == "peft":
         return save_peft(output, adapters, lora_cfg, cfg, str(model_dir.resolve()), force=force)
+    merged = [*merged_adapters(model_dir), merged_record(adapter_dir, adapters, lora_cfg)]
     cfg, params = load_model(model_dir, dtype if dtype in WEIGHT_DTYPES else "auto")
     params = merge(params, adapters, lora_cfg)
     with _tokenizer_with_template(model_dir) as tokenizer_dir:
-        if gguf is not None:  # the GGUF writer reads tokenizer.model and writes the Gemma 2 chat template itself
+        if fmt == "gguf":  # the GGUF writer reads tokenizer.model and writes the Gemma 2 chat template itself
             gguf_dtype = dtype if dtype in gguf.DTYPES else GGUF_DTYPES[str(np.dtype(params["embed"].dtype))]
-            gguf.save_gguf(output, cfg, params, tokenizer_dir, dtype=gguf_dtype, force=force)
+            gguf.save_gguf(output, cfg, params, tokenizer_dir, dtype=gguf_dtype, force=force, merged_adapters=merged)
         else:
-            save_hf(output, cfg, params, tokenizer_dir=tokenizer_dir, force=force)
+            save_hf(output, cfg, params, tokenizer_dir=tokenizer_dir, force=force, merged_adapters=merged)
     return output
 
 
 def _refuse_existing(output: Path, fmt: str, force: bool) -> None:
     if fmt != "gguf":
         refuse_to_replace(output, force, "output")
-    elif output.is_dir():
+        return
+    if output.is_dir():
         raise GemmatuneError(f"{output}: is a directory; gguf export writes one file: name it (e.g. "
                              f"{output / 'model.gguf'}).")
-    elif output.exists() and not force:
-        raise GemmatuneError(f"{output}: file exists; pass --force to replace it, or choose another output file.")
-
-
-def _gguf_module() -> ModuleType:
-    """convert/gguf.py, which needs the `gguf` and `sentencepiece` packages."""
-    try:
-        return importlib.import_module("gemmatune.convert.gguf")
-    except ImportError as e:
-        raise GemmatuneError(f"gguf export is not available ({e}); export --format hf and convert the result with "
-                             "llama.cpp's convert_hf_to_gguf.py.") from None
+    for path in (output, gguf.modelfile_path(output)):
+        if path.exists() and not force:
+            raise GemmatuneError(f"{path}: file exists; pass --force to replace it, or choose another output file.")
 
 
 @contextlib.contextmanager

@@ -63,9 +63,9 @@ def split_trainable(base: Params, cfg: ModelConfig, tcfg: TrainConfig, key: jax.
         return jax.tree.map(lambda a: a.astype(jnp.float32), base), {}
     if not tcfg.adapter:
         return lora.init_adapters(cfg, tcfg.lora, key), base
-    from gemmatune.convert.peft import load_any_adapter
+    from gemmatune.convert.peft import load_adapter_for
 
-    adapters, found = load_any_adapter(tcfg.adapter, cfg)
+    adapters, found = load_adapter_for(tcfg.model, tcfg.adapter, cfg)  # refused if tcfg.model has it merged
     # Dropout is a training choice, free to change; the rest decides what the adapter computes.
     if (found.rank, found.alpha, found.rslora, set(found.targets)) != (
             tcfg.lora.rank, tcfg.lora.alpha, tcfg.lora.rslora, set(tcfg.lora.targets)):

@@ -7,7 +7,9 @@ from pathlib import Path
 from jax.sharding import Mesh
 
 from gemmatune import sharding
-from gemmatune.config import ModelConfig
+from gemmatune.config import ModelConfig, load_config
+from gemmatune.convert.hf import load_hf
+from gemmatune.convert.kerashub import is_kerashub_preset, kerashub_config, load_kerashub
 from gemmatune.layout import Params
 from gemmatune.model import unstack
 
@@ -17,9 +19,6 @@ def load_model(model_dir: str | Path, dtype: str = "auto", *, stacked: bool = Tr
     """A Gemma 2 checkpoint: a Hugging Face directory, or a KerasHub preset (config.json + model.weights.h5, as
     downloaded from Kaggle), converted on load. stacked=False gives the per-layer list decoding takes. With a
     mesh, the parameters are split over it (sharding.param_shardings)."""
-    from gemmatune.convert.hf import load_hf
-    from gemmatune.convert.kerashub import is_kerashub_preset, load_kerashub
-
     if is_kerashub_preset(model_dir):
         cfg, params = load_kerashub(model_dir, dtype)
         params = params if stacked else unstack(params)
@@ -31,7 +30,4 @@ def load_model(model_dir: str | Path, dtype: str = "auto", *, stacked: bool = Tr
 
 def model_config(model_dir: str | Path) -> ModelConfig:
     """The configuration of a checkpoint `load_model` reads, without its weights."""
-    from gemmatune.config import load_config
-    from gemmatune.convert.kerashub import is_kerashub_preset, kerashub_config
-
     return kerashub_config(model_dir) if is_kerashub_preset(model_dir) else load_config(model_dir)

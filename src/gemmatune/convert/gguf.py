@@ -1,4 +1,4 @@
-"""GGUF export for llama.cpp and Ollama (architecture "gemma2"), and an Ollama Modelfile.
+"""GGUF export for llama.cpp and Ollama (architecture "gemma2"), with an Ollama Modelfile beside the file.
 
 The tensors are the Hugging Face ones (`hf_state`) renamed to llama.cpp's gemma2 names, with the numbers llama.cpp
 expects rather than transformers' (both from llama.cpp's convert_hf_to_gguf.py and its gemma2 loader):
@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import gguf
 import ml_dtypes
@@ -23,8 +24,9 @@ import numpy as np
 from google.protobuf.message import DecodeError
 from sentencepiece import sentencepiece_model_pb2
 
-from gemmatune.atomic import staged_file, write_text
+from gemmatune.atomic import staged_files
 from gemmatune.config import GLOBAL, LOCAL, ModelConfig
+from gemmatune.convert.common import GEMMATUNE_KEY, MERGED_ADAPTERS, read_json
 from gemmatune.convert.hf import hf_keys, hf_shape, hf_state
 from gemmatune.errors import GemmatuneError
 from gemmatune.layout import Params
@@ -64,6 +66,7 @@ OLLAMA_TEMPLATE = """<start_of_turn>user
 {{ .Response }}<end_of_turn>
 """
 OLLAMA_STOPS = ("<end_of_turn>", "<eos>")
+MODELFILE_SUFFIX = ".Modelfile"  # out/mine.gguf -> out/mine.Modelfile: one per GGUF file in a directory
 
 
 def llama_cpp_query_scalar(cfg: ModelConfig) -> float:
@@ -104,10 +107,7 @@ def _special_contents(tokenizer_dir: Path) -> set[str]:
         path = tokenizer_dir / fname
         if not path.is_file():
             continue
-        try:
-            entries = json.loads(path.read_text(encoding="utf-8")).get(table, [])
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-            raise GemmatuneError(f"{path}: not a valid tokenizer file ({e}); re-download it.") from None
+        entries = read_json(path, "re-download the tokenizer files").get(table, [])
         entries = entries.values() if isinstance(entries, dict) else entries
         found |= {t["content"] for t in entries if isinstance(t, dict) and t.get("special") and "content" in t}
     return found
@@ -210,14 +210,36 @@ def _tensor_plan(cfg: ModelConfig, qtype: gguf.GGMLQuantizationType) -> list[tup
     return plan
 
 
+def modelfile_path(path: str | Path) -> Path:
+    """Where the Ollama Modelfile of the GGUF file `path` goes: beside it, named after it."""
+    if Path(path).suffix == MODELFILE_SUFFIX:
+        raise GemmatuneError(f"{path}: a GGUF file name must not end in {MODELFILE_SUFFIX}, the name of the Modelfile "
+                             "written beside it; name it NAME.gguf.")
+    return Path(path).with_suffix(MODELFILE_SUFFIX)
+
+
+def modelfile(gguf_file: str) -> str:
+    """An Ollama Modelfile for the GGUF file `gguf_file` in the same directory: `FROM ./NAME.gguf` (Ollama resolves
+    FROM relative to the Modelfile), the Gemma 2 chat template (a system prompt is folded into the user turn, as
+    gemmatune's render_chat does) and <end_of_turn>/<eos> as stop strings."""
+    if Path(gguf_file).name != gguf_file:
+        raise GemmatuneError(f"Modelfile: {gguf_file!r} must be a file name without a directory; Ollama resolves "
+                             "FROM relative to the Modelfile, so the Modelfile goes next to the GGUF file.")
+    stops = "".join(f'PARAMETER stop "{s}"\n' for s in OLLAMA_STOPS)
+    return f'FROM ./{gguf_file}\nTEMPLATE """{OLLAMA_TEMPLATE}"""\n{stops}'
+
+
 def save_gguf(path: str | Path, cfg: ModelConfig, params: Params, tokenizer_dir: str | Path, *, dtype: str = "f32",
-              force: bool = False) -> None:
+              force: bool = False, merged_adapters: list[dict[str, Any]] | None = None) -> None:
     """Write a GGUF file that llama.cpp (and Ollama) load as "gemma2": hyper-parameters, the SentencePiece vocabulary
-    from tokenizer_dir/tokenizer.model with its special tokens and the chat template, and every weight.
+    from tokenizer_dir/tokenizer.model with its special tokens and the chat template, and every weight; and beside
+    it the Ollama Modelfile for it (`modelfile_path`: `ollama create NAME -f out/NAME.Modelfile`).
 
     dtype: "f32", "f16", "bf16" or "q8_0" for the matrices (norms stay float32). params: stacked, merged weights
-    (no LoRA adapters). Tensors are converted and written one at a time, so host memory holds about one tensor.
-    Atomic: the file appears complete or not at all; an existing file is replaced only with force."""
+    (no LoRA adapters). merged_adapters: the records of the adapters folded into them (`convert.peft.merged_record`),
+    kept as JSON under the key "gemmatune.merged_adapters". Tensors are converted and written one at a time, so host
+    memory holds about one tensor. Atomic: both files are staged and appear complete or not at all; existing files
+    are replaced only with force."""
     if dtype not in DTYPES:
         raise GemmatuneError(f"GGUF dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
     path, tokenizer_dir = Path(path), Path(tokenizer_dir)
@@ -226,10 +248,15 @@ def save_gguf(path: str | Path, cfg: ModelConfig, params: Params, tokenizer_dir:
     plan = _tensor_plan(cfg, qtype)
     q_scale = math.sqrt(llama_cpp_query_scalar(cfg) / cfg.query_pre_attn_scalar)
 
-    with staged_file(path, force) as staged:
+    # The Modelfile is renamed into place first: its text depends only on the GGUF's name, so a kill between the
+    # two renames leaves a Modelfile that is right for the GGUF file that follows.
+    with staged_files([modelfile_path(path), path], force) as (staged_modelfile, staged):
+        staged_modelfile.write_text(modelfile(path.name), encoding="utf-8")
         w = gguf.GGUFWriter(staged, gguf.MODEL_ARCH_NAMES[ARCH])
         try:
             w.add_name(path.stem)
+            if merged_adapters:
+                w.add_string(f"{GEMMATUNE_KEY}.{MERGED_ADAPTERS}", json.dumps(merged_adapters))
             w.add_file_type(int(file_type))
             w.add_quantization_version(gguf.GGML_QUANT_VERSION)
             w.add_context_length(cfg.max_position_embeddings)
@@ -258,15 +285,3 @@ def save_gguf(path: str | Path, cfg: ModelConfig, params: Params, tokenizer_dir:
                 del t, data  # host memory: one tensor at a time
         finally:
             w.close()
-
-
-def write_modelfile(path: str | Path, gguf_name: str) -> None:
-    """Write an Ollama Modelfile for the GGUF file `gguf_name` ("NAME" or "NAME.gguf") in the same directory:
-    `FROM ./NAME.gguf`, the Gemma 2 chat template (a system prompt is folded into the user turn, as gemmatune's
-    render_chat does) and <end_of_turn>/<eos> as stop strings. Then: `ollama create NAME -f Modelfile`."""
-    gguf_file = gguf_name if gguf_name.endswith(".gguf") else f"{gguf_name}.gguf"
-    if Path(gguf_file).name != gguf_file:
-        raise GemmatuneError(f"Modelfile: {gguf_name!r} must be a file name without a directory; Ollama resolves "
-                             "FROM relative to the Modelfile, so write the Modelfile next to the GGUF file.")
-    stops = "".join(f'PARAMETER stop "{s}"\n' for s in OLLAMA_STOPS)
-    write_text(Path(path), f'FROM ./{gguf_file}\nTEMPLATE """{OLLAMA_TEMPLATE}"""\n{stops}')

@@ -8,7 +8,6 @@ embedding is not pre-scaled, and there is no lm_head (the output projection is t
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 import json
 import re
@@ -18,17 +17,28 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from gemmatune import sharding
 from gemmatune.atomic import refuse_to_replace, staged_dir
 from gemmatune.config import ModelConfig, load_config
+from gemmatune.convert.common import (
+    DTYPE_NAMES,
+    GEMMATUNE_KEY,
+    MERGED_ADAPTERS,
+    WEIGHT_DTYPES,
+    check_dtype,
+    load_dtype,
+    read_json,
+    set_layer,
+    zero_stacks,
+)
 from gemmatune.errors import GemmatuneError
 from gemmatune.layout import Params, param_shapes
 from gemmatune.safetensors_io import SafetensorsReader, tensor_nbytes, write_safetensors
+from gemmatune.tokenizer import load_tokenizer
 
 # gemmatune per-layer name -> Hugging Face name inside model.layers.{i}.
 LAYER_KEYS = {
@@ -115,9 +125,6 @@ def hf_state(cfg: ModelConfig, params: dict, convert: Callable[[object], np.ndar
 
 WEIGHTS, INDEX, LM_HEAD = "model.safetensors", "model.safetensors.index.json", "lm_head.weight"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
-# float16 is left out on purpose: Gemma 2's activations overflow it (NaN logits).
-WEIGHT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
-_DTYPE_NAMES = {v: k for k, v in WEIGHT_DTYPES.items()}
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16))
 _SHOW = 5  # how many names an error message lists
 
@@ -126,11 +133,7 @@ def _listing(names: list[str]) -> str:
     return ", ".join(names[:_SHOW]) + (f", ... ({len(names)} in all)" if len(names) > _SHOW else "")
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise GemmatuneError(f"{path}: not valid JSON ({e}); re-download or re-export it.") from None
+_REFETCH = "re-download or re-export it"
 
 
 def _weight_files(model_dir: Path) -> list[Path]:
@@ -139,8 +142,7 @@ def _weight_files(model_dir: Path) -> list[Path]:
     if single.is_file():
         return [single]
     if index.is_file():
-        d = _read_json(index)
-        weight_map = d.get("weight_map") if isinstance(d, dict) else None
+        weight_map = read_json(index, _REFETCH).get("weight_map")
         # Shard names must be plain file names: an index must not point outside the checkpoint directory.
         if not (isinstance(weight_map, dict) and weight_map
                 and all(isinstance(f, str) and Path(f).name == f for f in weight_map.values())):
@@ -214,24 +216,6 @@ def _check_tied(embed: SafetensorsReader, head: SafetensorsReader, chunk_bytes: 
                              f"checkpoint without a separate {LM_HEAD}.")
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _zeros(shapes: tuple[tuple[str, tuple[int, ...]], ...], dtype: np.dtype,
-           shardings: tuple[tuple[str, NamedSharding], ...] | None) -> Params:
-    """Every layer stack, zero-filled, from one compiled program: each compiled program keeps some host memory
-    (~2 MB on CPU), so one program rather than one per stack. With shardings ({name: NamedSharding}, frozen as a
-    tuple of pairs), each device allocates only its own part."""
-    out = {name: jnp.zeros(shape, dtype) for name, shape in shapes}
-    return out if shardings is None else {n: jax.lax.with_sharding_constraint(out[n], s) for n, s in shardings}
-
-
-@functools.partial(jax.jit, donate_argnums=0)
-def _set_layer(stacks: Params, layer: Params, i: jax.Array) -> Params:
-    """Write one layer's arrays ({name: [...]}) at index i of the stacks ({name: [L, ...]}). The stacks are
-    donated, so XLA updates them in place instead of allocating a second copy of the model."""
-    return {name: jax.lax.dynamic_update_index_in_dim(s, layer[name].astype(s.dtype), i, axis=0)
-            for name, s in stacks.items()}
-
-
 def load_hf(model_dir: str | Path, dtype: str = "auto", *, stacked: bool = True,
             mesh: Mesh | None = None) -> tuple[ModelConfig, Params]:
     """A Hugging Face Gemma 2 checkpoint directory -> (config, parameters on the default JAX device, or split over
@@ -243,24 +227,19 @@ def load_hf(model_dir: str | Path, dtype: str = "auto", *, stacked: bool = True,
     preallocated device arrays: beyond the loaded model, host memory holds one tensor and one layer at most.
     stacked=False gives the per-layer list that decoding takes (`model.unstack`) without a second copy."""
     model_dir = Path(model_dir)
-    if dtype != "auto" and dtype not in WEIGHT_DTYPES:
-        raise GemmatuneError(f"dtype {dtype!r} is not one of auto, {', '.join(WEIGHT_DTYPES)}.")
+    check_dtype(dtype)
     config_path = model_dir / "config.json"
     cfg = load_config(config_path)
     files = _weight_files(model_dir)
     with contextlib.ExitStack() as stack:
         readers = [stack.enter_context(SafetensorsReader(f)) for f in files]
         where = _check_tensors(cfg, readers, config_path)
-        if dtype == "auto":
-            stored = where[TOP_KEYS["embed"]].tensors[TOP_KEYS["embed"]].dtype
-            target = WEIGHT_DTYPES["bfloat16" if stored == WEIGHT_DTYPES["bfloat16"] else "float32"]
-        else:
-            target = WEIGHT_DTYPES[dtype]
+        target = load_dtype(dtype, where[TOP_KEYS["embed"]].tensors[TOP_KEYS["embed"]].dtype)
         stacks = sharding.param_shardings(cfg, mesh)["layers"] if mesh is not None else None
         # One layer's shardings (the stacks' without the layer axis) and the top-level tensors'.
         placement = sharding.param_shardings(cfg, mesh, stacked=False) if mesh is not None else None
-        params: Params = {"layers": _zeros(tuple(param_shapes(cfg)["layers"].items()), target,
-                                           None if stacks is None else tuple(sorted(stacks.items())))
+        params: Params = {"layers": zero_stacks(tuple(param_shapes(cfg)["layers"].items()), target,
+                                                None if stacks is None else tuple(sorted(stacks.items())))
                           if stacked else []}
         # hf_keys lists the embedding, then each layer's tensors, then the final norm: grouped by layer index.
         # Each tensor's host copy is freed once it is on its devices; waiting for each placement keeps asynchronous
@@ -280,7 +259,7 @@ def load_hf(model_dir: str | Path, dtype: str = "auto", *, stacked: bool = True,
             elif not stacked:
                 params["layers"].append(arrays)
             else:
-                params["layers"] = jax.block_until_ready(_set_layer(params["layers"], arrays, i))
+                params["layers"] = jax.block_until_ready(set_layer(params["layers"], arrays, i))
             del arrays
     return cfg, params
 
@@ -290,12 +269,11 @@ def _end_of_turn_id(tokenizer_files: list[Path]) -> int | None:
     SentencePiece model (a KerasHub preset's tokenizer has only that)."""
     for f in tokenizer_files:
         if f.name == "tokenizer.json":
-            table = {t.get("content"): t.get("id") for t in _read_json(f).get("added_tokens", [])}
+            table = {t.get("content"): t.get("id") for t in read_json(f, _REFETCH).get("added_tokens", [])}
         elif f.name == "tokenizer_config.json":
-            table = {t.get("content"): int(i) for i, t in _read_json(f).get("added_tokens_decoder", {}).items()}
+            added = read_json(f, _REFETCH).get("added_tokens_decoder", {})
+            table = {t.get("content"): int(i) for i, t in added.items()}
         elif f.name == "tokenizer.model":
-            from gemmatune.tokenizer import load_tokenizer
-
             table = {"<end_of_turn>": load_tokenizer(f.parent).end_of_turn_id}
         else:
             continue
@@ -325,9 +303,11 @@ def _write_json(path: Path, d: dict[str, Any]) -> None:
 
 
 def _write_checkpoint(out: Path, cfg: ModelConfig, params: Params, dtype: np.dtype, max_shard_bytes: int,
-                      tokenizer_files: list[Path]) -> None:
-    _write_json(out / "config.json", {**cfg.to_hf_dict(), "torch_dtype": _DTYPE_NAMES[dtype],
-                                      "dtype": _DTYPE_NAMES[dtype]})
+                      tokenizer_files: list[Path], merged_adapters: list[dict[str, Any]]) -> None:
+    config = {**cfg.to_hf_dict(), "torch_dtype": DTYPE_NAMES[dtype], "dtype": DTYPE_NAMES[dtype]}
+    if merged_adapters:
+        config[GEMMATUNE_KEY] = {MERGED_ADAPTERS: merged_adapters}
+    _write_json(out / "config.json", config)
     eot = _end_of_turn_id(tokenizer_files)
     _write_json(out / "generation_config.json", {
         "bos_token_id": cfg.bos_token_id, "pad_token_id": cfg.pad_token_id,
@@ -352,16 +332,19 @@ def _write_checkpoint(out: Path, cfg: ModelConfig, params: Params, dtype: np.dty
 
 
 def save_hf(out_dir: str | Path, cfg: ModelConfig, params: Params, *, dtype: str | None = None,
-            max_shard_bytes: int = 5 * 2**30, tokenizer_dir: str | Path | None = None, force: bool = False) -> None:
+            max_shard_bytes: int = 5 * 2**30, tokenizer_dir: str | Path | None = None, force: bool = False,
+            merged_adapters: list[dict[str, Any]] | None = None) -> None:
     """Write a Hugging Face Gemma 2 checkpoint directory (config.json, generation_config.json, safetensors
     weights, tokenizer files), loadable by transformers' Gemma2ForCausalLM. The output head stays tied (no
-    lm_head). dtype: "float32" or "bfloat16"; None keeps the embedding's dtype.
+    lm_head). dtype: "float32" or "bfloat16"; None keeps the embedding's dtype. merged_adapters: the records of
+    the adapters folded into `params` (`convert.peft.merged_record`), kept in config.json under "gemmatune" so
+    that applying one of them again is refused.
 
     Atomic: everything is written into a temporary sibling directory that is renamed into place at the end,
     so an interrupted save leaves out_dir as it was."""
     out = Path(out_dir)
     refuse_to_replace(out, force, "output")
-    name = _DTYPE_NAMES.get(np.dtype(params["embed"].dtype)) if dtype is None else dtype
+    name = DTYPE_NAMES.get(np.dtype(params["embed"].dtype)) if dtype is None else dtype
     if name not in WEIGHT_DTYPES:
         raise GemmatuneError(f"cannot save weights as {dtype or params['embed'].dtype}: choose one of "
                              f"{', '.join(WEIGHT_DTYPES)}.")
@@ -374,4 +357,5 @@ def save_hf(out_dir: str | Path, cfg: ModelConfig, params: Params, *, dtype: str
             raise GemmatuneError(f"{tokenizer_dir}: holds none of the tokenizer files {', '.join(TOKENIZER_FILES)}; "
                                  "point tokenizer_dir at the base model's directory.")
     with staged_dir(out) as staged:
-        _write_checkpoint(staged, cfg, params, WEIGHT_DTYPES[name], max_shard_bytes, tokenizer_files)
+        _write_checkpoint(staged, cfg, params, WEIGHT_DTYPES[name], max_shard_bytes, tokenizer_files,
+                          merged_adapters or [])

@@ -30,7 +30,7 @@ import ml_dtypes
 import numpy as np
 
 from gemmatune.config import GLOBAL, ModelConfig
-from gemmatune.convert.hf import WEIGHT_DTYPES, _set_layer, _zeros
+from gemmatune.convert.common import check_dtype, fields_of, load_dtype, read_json, set_layer, zero_stacks
 from gemmatune.errors import GemmatuneError
 from gemmatune.layout import Params, param_shapes
 
@@ -80,7 +80,7 @@ def kerashub_config(model_dir: str | Path) -> ModelConfig:
     if not is_kerashub_preset(model_dir):
         raise GemmatuneError(f"{path}: missing or not a KerasHub preset config (a JSON object with class_name "
                              "and config).")
-    d = json.loads(path.read_text(encoding="utf-8"))
+    d = read_json(path, "re-download the preset")
     cls = d["class_name"]
     if cls != "GemmaBackbone":
         what = _OTHER_BACKBONES.get(cls, f"a {cls!r}")
@@ -91,7 +91,7 @@ def kerashub_config(model_dir: str | Path) -> ModelConfig:
     if not (c.get("use_post_attention_norm") and c.get("use_post_ffw_norm")):
         raise GemmatuneError(f"{path}: this is a Gemma 1 preset (use_post_attention_norm / use_post_ffw_norm are "
                              "off); gemmatune fine-tunes Gemma 2 only (KerasHub presets gemma2_*).")
-    try:
+    with fields_of(path, "re-download the complete preset"):
         heads, hidden, head_dim = int(c["num_query_heads"]), int(c["hidden_dim"]), int(c["head_dim"])
         if int(c["intermediate_dim"]) % 2:
             raise GemmatuneError(f"intermediate_dim {c['intermediate_dim']} is odd; KerasHub stores twice the "
@@ -112,12 +112,6 @@ def kerashub_config(model_dir: str | Path) -> ModelConfig:
             rms_norm_eps=float(c.get("layer_norm_epsilon", 1e-6)),
             layer_types=() if c.get("use_sliding_window_attention") else (GLOBAL,) * int(c["num_layers"]),
         )
-    except KeyError as e:
-        raise GemmatuneError(f"{path}: missing field {e.args[0]!r}; is this a complete KerasHub preset?") from None
-    except GemmatuneError as e:
-        raise GemmatuneError(f"{path}: {e}") from None
-    except (TypeError, ValueError) as e:
-        raise GemmatuneError(f"{path}: a field has the wrong type ({e}).") from None
 
 
 def _read(f: h5py.File, group: str, shape: tuple[int, ...], path: Path) -> np.ndarray:
@@ -146,11 +140,10 @@ def _block(f: h5py.File, i: int, path: Path) -> str:
 def load_kerashub(model_dir: str | Path, dtype: str = "auto") -> tuple[ModelConfig, Params]:
     """A KerasHub Gemma 2 preset directory -> (config, stacked parameters on the default JAX device).
 
-    dtype as `gemmatune.convert.hf.load_hf`: "auto" keeps bfloat16 and loads anything else as float32. Datasets
+    dtype: "auto" keeps bfloat16 and loads anything else as float32 (`convert.common.load_dtype`). Datasets
     are read one at a time and written a layer at a time into preallocated device arrays."""
     model_dir = Path(model_dir)
-    if dtype != "auto" and dtype not in WEIGHT_DTYPES:
-        raise GemmatuneError(f"dtype {dtype!r} is not one of auto, {', '.join(WEIGHT_DTYPES)}.")
+    check_dtype(dtype)
     cfg = kerashub_config(model_dir)
     path = model_dir / WEIGHTS
     if not path.is_file():
@@ -168,14 +161,11 @@ def load_kerashub(model_dir: str | Path, dtype: str = "auto") -> tuple[ModelConf
         raise GemmatuneError(f"{path}: not a readable HDF5 weights file ({e}). Re-download the preset.") from None
     with f:
         embed = _read(f, TOP_KEYS["embed"], shapes["embed"], path)
-        if dtype == "auto":
-            target = WEIGHT_DTYPES["bfloat16" if embed.dtype == WEIGHT_DTYPES["bfloat16"] else "float32"]
-        else:
-            target = WEIGHT_DTYPES[dtype]
+        target = load_dtype(dtype, embed.dtype)
         params: Params = {"embed": jax.device_put(embed.astype(target, copy=False)),
                           "final_norm": jax.device_put(_read(f, TOP_KEYS["final_norm"], shapes["final_norm"],
                                                              path).astype(target)),
-                          "layers": _zeros(tuple(shapes["layers"].items()), target, None)}
+                          "layers": zero_stacks(tuple(shapes["layers"].items()), target, None)}
         del embed
         for i in range(cfg.num_layers):
             group = _block(f, i, path)
@@ -185,7 +175,7 @@ def load_kerashub(model_dir: str | Path, dtype: str = "auto") -> tuple[ModelConf
                 a = _read(f, f"{group}/{sub}", want, path)
                 layer[name] = (a if axes is None else a.transpose(axes)).astype(target)
             # Wait for each write so the host holds one layer at a time (see load_hf).
-            params["layers"] = jax.block_until_ready(_set_layer(params["layers"], layer, i))
+            params["layers"] = jax.block_until_ready(set_layer(params["layers"], layer, i))
             del layer
     return cfg, params
 

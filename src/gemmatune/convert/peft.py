@@ -9,6 +9,7 @@ lora_B @ lora_A == to_hf(name, A B) layer by layer.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -17,15 +18,9 @@ from typing import Any
 import numpy as np
 
 from gemmatune.atomic import refuse_to_replace, staged_dir, write_text
-from gemmatune.checkpoint import (
-    ADAPTER_CONFIG,
-    ADAPTER_FILE,
-    ADAPTER_FORMAT,
-    check_adapter_shapes,
-    load_adapter,
-    read_json,
-)
+from gemmatune.checkpoint import ADAPTER_CONFIG, ADAPTER_FILE, ADAPTER_FORMAT, check_adapter_shapes, load_adapter
 from gemmatune.config import LoraConfig, ModelConfig
+from gemmatune.convert.common import GEMMATUNE_KEY, MERGED_ADAPTERS, fields_of, read_json
 from gemmatune.convert.hf import LAYER_KEYS, hf_shape
 from gemmatune.errors import GemmatuneError
 from gemmatune.layout import PROJECTIONS, adapter_shapes, target_names
@@ -87,12 +82,8 @@ def _refuse_unsupported(path: Path, cfg: dict[str, Any]) -> tuple[int, float]:
     peft_type = cfg.get("peft_type")
     if peft_type != "LORA":
         raise GemmatuneError(f"{path}: peft_type {peft_type!r}; {_SUPPORTED} (peft_type \"LORA\") only.")
-    try:
+    with fields_of(path, "re-save the adapter with PEFT"):
         r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
-    except KeyError as e:
-        raise GemmatuneError(f"{path}: missing field {e.args[0]!r}; re-save the adapter with PEFT.") from None
-    except (TypeError, ValueError) as e:
-        raise GemmatuneError(f"{path}: a field has the wrong type ({e}); re-save the adapter with PEFT.") from None
     unsupported = {  # field: (whether it asks for something gemmatune cannot hold, what that is)
         "use_dora": (bool(cfg.get("use_dora")), "DoRA (weight-decomposed LoRA)"),
         "bias": (cfg.get("bias", "none") != "none", f"trained biases (bias {cfg.get('bias')!r})"),
@@ -201,3 +192,56 @@ def load_any_adapter(adapter_dir: str | Path, model_cfg: ModelConfig) -> tuple[d
     if "peft_type" in cfg:
         return load_peft(d, model_cfg)
     raise GemmatuneError(f"{d / ADAPTER_CONFIG}: neither format; {expected}.")
+
+
+# --- adapters already merged into a checkpoint ------------------------------------------------------------------
+
+def adapter_digest(adapters: dict[str, dict[str, np.ndarray]], lora_cfg: LoraConfig) -> str:
+    """A hash of what an adapter adds to the weights: its scale and its tensors as float32 in gemmatune's layout,
+    in sorted order. A gemmatune adapter and its PEFT export load to the same arrays, so they hash the same."""
+    h = hashlib.sha256(f"scale {float(lora_cfg.scale)!r}".encode())
+    for name in sorted(adapters):
+        for part in ("a", "b"):
+            a = np.ascontiguousarray(np.asarray(adapters[name][part]), dtype="<f4")
+            h.update(f"{name}.{part} {list(a.shape)}".encode())
+            h.update(a.tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def merged_record(adapter_dir: str | Path, adapters: dict[str, dict[str, np.ndarray]],
+                  lora_cfg: LoraConfig) -> dict[str, Any]:
+    """What a merged checkpoint records about one adapter folded into it (config.json, "gemmatune" key)."""
+    return {"digest": adapter_digest(adapters, lora_cfg), "scale": float(lora_cfg.scale),
+            "source": str(Path(adapter_dir).resolve())}
+
+
+def merged_adapters(model_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of the adapters gemmatune merged into the checkpoint `model_dir` (none for a checkpoint that
+    gemmatune did not merge, such as a downloaded one or a KerasHub preset)."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        return []
+    mine = read_json(path, "re-download or re-export the checkpoint").get(GEMMATUNE_KEY, {})
+    records = mine.get(MERGED_ADAPTERS, []) if isinstance(mine, dict) else None
+    if not (isinstance(records, list) and all(isinstance(r, dict) and isinstance(r.get("digest"), str)
+                                              for r in records)):
+        raise GemmatuneError(f"{path}: field {GEMMATUNE_KEY}.{MERGED_ADAPTERS} must be a list of records with a "
+                             "\"digest\"; re-export the merged checkpoint, or remove the field.")
+    return records
+
+
+def load_adapter_for(model_dir: str | Path, adapter_dir: str | Path, model_cfg: ModelConfig
+                     ) -> tuple[dict[str, dict[str, np.ndarray]], LoraConfig]:
+    """`load_any_adapter`, for applying it to the checkpoint `model_dir` (generate, merge, export, train
+    --adapter): refuses an adapter that is already merged into that checkpoint, which would add its update a
+    second time."""
+    adapters, lora_cfg = load_any_adapter(adapter_dir, model_cfg)
+    digest = adapter_digest(adapters, lora_cfg)
+    for record in merged_adapters(model_dir):
+        if record["digest"] == digest:
+            raise GemmatuneError(
+                f"{adapter_dir}: this adapter is already merged into {model_dir} (its config.json records it under "
+                f"{GEMMATUNE_KEY}.{MERGED_ADAPTERS}, merged from {record.get('source')}); applying it again would add "
+                "its update twice. Use the merged model without --adapter, or apply the adapter to the base model "
+                "it was trained on.")
+    return adapters, lora_cfg

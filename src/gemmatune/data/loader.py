@@ -22,7 +22,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -30,6 +29,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
+from gemmatune.atomic import begin_dir, commit_dir
 from gemmatune.data.packing import assign_rows, build_rows, pad_rows
 from gemmatune.data.records import Example
 from gemmatune.errors import GemmatuneError
@@ -45,9 +45,10 @@ STATE_VERSION = 1
 
 class StoreWriter:
     """Writes an ExampleStore at `path`, streaming: examples are buffered up to `buffer_tokens` tokens and then
-    appended to the files, so memory stays bounded whatever the dataset size. Everything goes into a temporary
-    sibling directory that replaces `path` only in `close()`; `abort()` (or an exception inside a `with` block)
-    removes it, so a failed write never leaves a half-written store and never harms an existing one."""
+    appended to the files, so memory stays bounded whatever the dataset size. Everything goes into a hidden sibling
+    (".NAME.partial-PID", `atomic.begin_dir`) that replaces `path` only in `close()`; `abort()` (or an exception
+    inside a `with` block) removes it, so a failed write never leaves a half-written store and never harms an
+    existing one. What a killed writer left (as large as the data) is removed by the next writer of `path`."""
 
     def __init__(self, path: str | Path, *, buffer_tokens: int = 1 << 20) -> None:
         self.path = Path(path)
@@ -55,8 +56,7 @@ class StoreWriter:
             # Replacing is only safe for our own store; never delete a directory a user pointed at by mistake.
             raise GemmatuneError(f"{self.path}: exists and is not an example store; refusing to overwrite it. "
                                  "Choose an empty or new directory.")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent))
+        self._tmp = begin_dir(self.path)
         # offsets.npy needs its length in the header, unknown until close: stream the raw int64s now and put the
         # header in front at close (offsets are 8 bytes per example, cheap to copy once).
         self._offsets_raw = self._tmp / (OFFSETS + ".raw")
@@ -129,15 +129,7 @@ class StoreWriter:
         meta = {"format": FORMAT, "version": VERSION, "count": self.count, "tokens": self.total,
                 "truncated": self.truncated, "digest": digest.hexdigest()}
         (self._tmp / META).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-        if self.path.exists():
-            # A directory cannot be renamed over a non-empty one: move the old store aside first (a crash between
-            # the two renames leaves it whole in the .old sibling, and no store at `path`).
-            old = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".old", dir=self.path.parent))
-            os.replace(self.path, old / "store")
-            os.replace(self._tmp, self.path)
-            shutil.rmtree(old)
-        else:
-            os.replace(self._tmp, self.path)
+        commit_dir(self._tmp, self.path)  # replaces an older store at `path`
 
     def abort(self) -> None:
         """Discard everything written; `path` is left as it was."""

@@ -1,0 +1,97 @@
+"""What every converter shares: the dtype rule, zero-filled layer stacks and per-layer placement into them, JSON
+reading, the one way an error names its file and field, and the config.json key where gemmatune records what it
+merged. The Hugging Face and KerasHub loaders, PEFT, GGUF, export and the checkpoint files all use these; none of
+them borrows another's private helpers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from jax.sharding import NamedSharding
+
+from gemmatune.errors import GemmatuneError
+from gemmatune.layout import Params
+
+# The dtypes weights are loaded and computed in. float16 is left out on purpose: Gemma's activations overflow it
+# (NaN logits, transformers #30004, #36822); a float16 checkpoint loads as float32.
+WEIGHT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+DTYPE_NAMES = {v: k for k, v in WEIGHT_DTYPES.items()}
+
+# config.json key (transformers keeps unknown keys as attributes and ignores them) under which a checkpoint that
+# gemmatune wrote records what it holds: {"merged_adapters": [{"digest", "scale", "source"}, ...]}.
+GEMMATUNE_KEY = "gemmatune"
+MERGED_ADAPTERS = "merged_adapters"
+
+
+def check_dtype(dtype: str) -> None:
+    """Refuse a requested load dtype other than "auto", "float32" or "bfloat16", saying why float16 is missing."""
+    if dtype != "auto" and dtype not in WEIGHT_DTYPES:
+        why = " (float16 overflows in Gemma's activations: use bfloat16)" if dtype == "float16" else ""
+        raise GemmatuneError(f"dtype {dtype!r} is not one of auto, {', '.join(WEIGHT_DTYPES)}{why}.")
+
+
+def load_dtype(dtype: str, stored: np.dtype) -> np.dtype:
+    """The dtype weights stored as `stored` load in: "auto" keeps bfloat16 and loads anything else (float32, and
+    float16, which overflows in Gemma) as float32; "float32" / "bfloat16" as asked."""
+    check_dtype(dtype)
+    if dtype == "auto":
+        return WEIGHT_DTYPES["bfloat16" if np.dtype(stored) == WEIGHT_DTYPES["bfloat16"] else "float32"]
+    return WEIGHT_DTYPES[dtype]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def zero_stacks(shapes: tuple[tuple[str, tuple[int, ...]], ...], dtype: np.dtype,
+                shardings: tuple[tuple[str, NamedSharding], ...] | None) -> Params:
+    """Every layer stack ({name: [L, ...]}), zero-filled, from one compiled program: each compiled program keeps some
+    host memory (~2 MB on CPU), so one program rather than one per stack. With shardings ({name: NamedSharding},
+    frozen as a tuple of pairs), each device allocates only its own part."""
+    out = {name: jnp.zeros(shape, dtype) for name, shape in shapes}
+    return out if shardings is None else {n: jax.lax.with_sharding_constraint(out[n], s) for n, s in shardings}
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def set_layer(stacks: Params, layer: Params, i: jax.Array) -> Params:
+    """Write one layer's arrays ({name: [...]}) at index i of the stacks ({name: [L, ...]}). The stacks are
+    donated, so XLA updates them in place instead of allocating a second copy of the model; callers wait for the
+    result (jax.block_until_ready) so that the host holds one layer at a time."""
+    return {name: jax.lax.dynamic_update_index_in_dim(s, layer[name].astype(s.dtype), i, axis=0)
+            for name, s in stacks.items()}
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object from `path`; a missing file, invalid JSON or another JSON value is an error that names the
+    file and ends with `what` (what the file should be, or what to do)."""
+    try:
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise GemmatuneError(f"{path}: missing; {what}.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GemmatuneError(f"{path}: not valid JSON ({e}); {what}.") from None
+    if not isinstance(d, dict):
+        raise GemmatuneError(f"{path}: expected a JSON object; {what}.")
+    return d
+
+
+@contextlib.contextmanager
+def fields_of(path: Path, fix: str) -> Iterator[None]:
+    """Read fields of the file `path` inside this block: a missing field (KeyError), a field of the wrong type
+    (TypeError, ValueError) or a value refused by a config's own check (GemmatuneError) becomes one error that names
+    the file and the field and ends with `fix`."""
+    try:
+        yield
+    except KeyError as e:
+        raise GemmatuneError(f"{path}: missing field {e.args[0]!r}; {fix}.") from None
+    except (TypeError, ValueError) as e:
+        raise GemmatuneError(f"{path}: a field has the wrong type ({e}); {fix}.") from None
+    except GemmatuneError as e:
+        raise GemmatuneError(f"{path}: {e}") from None
