@@ -430,3 +430,18 @@ def test_processes_read_only_their_rows_and_together_make_the_batch(
             np.testing.assert_array_equal(np.concatenate([g[k] for g, _ in got]), want[k])
         assert sum(m for _, m in got) == n  # each process read the examples of its own rows, no others
         assert [p.state() for p in parts] == [whole.state()] * 2  # and every process keeps the same position
+
+
+@pytest.mark.parametrize(("shuffle", "packing"), [(True, "pack"), (True, "pad"), (False, "pack")])
+def test_row_plan_is_what_the_batches_hold(data: tuple[ExampleStore, list[Example]], shuffle: bool,
+                                           packing: str) -> None:
+    """row_plan (what `data inspect` measures packing on) lists exactly the rows the batches then carry."""
+    store, _ = data
+    indices = np.arange(1, len(store), 3)
+    for epoch in (0, 1) if shuffle else (0,):
+        it = iterator(store, indices, seed=5, shuffle=shuffle, packing=packing)
+        plan = it.row_plan(epoch)
+        assert len(plan) == it.epoch_rows(epoch)
+        skip = sum(it.epoch_rows(e) for e in range(epoch))  # the rows of earlier epochs
+        batches = [next(it) for _ in range(-(-(skip + len(plan)) // BATCH))]
+        assert row_examples(batches)[skip:skip + len(plan)] == [row.tolist() for row in plan]

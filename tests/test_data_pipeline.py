@@ -14,6 +14,7 @@ import pytest
 
 from gemmatune.cli import main
 from gemmatune.config import DEFAULT_MODEL, DataConfig
+from gemmatune.data.inspect import summarize
 from gemmatune.data.loader import BatchIterator
 from gemmatune.data.pipeline import prepare
 from gemmatune.errors import GemmatuneError
@@ -159,6 +160,62 @@ def test_data_inspect_reports_everything(tmp_path, capsys):
     assert s["packing"]["packed_fill"] >= 0.95 > 0.5 > s["packing"]["padded_fill"]
     assert main(["data", "inspect", "--data", str(tmp_path / "nope.jsonl")]) == 2
     assert "nope.jsonl" in capsys.readouterr().err
+
+
+def test_each_file_has_its_own_layout(tmp_path, capsys):
+    """`--data chat.jsonl dolly.jsonl` (and validation files of a third layout) read each file in its own layout,
+    and `data inspect` reports every file's."""
+    chats = write_jsonl(tmp_path / "chat.jsonl", [json.dumps(r) for r in GOOD[:3]])
+    dolly = write_jsonl(tmp_path / "dolly.jsonl", [json.dumps({"instruction": f"Question {i}?", "context": "",
+                                                               "response": f"Answer number {i}."})
+                                                   for i in range(3, 6)])
+    sharegpt = write_jsonl(tmp_path / "val.jsonl", [json.dumps({"conversations": [
+        {"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."}]})])
+    cfg = DataConfig(paths=(str(chats), str(dolly)), val_paths=(str(sharegpt),), max_seq_len=64)
+    p = prepare(cfg, TOK, tmp_path / "w")
+    assert {k: v.name for k, v in p.train.layouts.items()} == {str(chats): "chat messages", str(dolly): "Dolly"}
+    assert {k: v.name for k, v in p.val.layouts.items()} == {str(sharegpt): "ShareGPT"}
+    # The same conversations, whichever layout spells them.
+    trained = [TOK.decode(e.tokens[e.mask].tolist()) for e in p.train.store.get_many(range(6))]
+    assert trained == [f"Answer number {i}." for i in range(6)]
+    assert len(p.val.store) == 1 and p.val.report.used == 1
+
+    args = ["data", "inspect", "--data", str(chats), str(dolly), "--val-data", str(sharegpt), "--max-seq-len", "64"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"  {chats}: kind=chat, name=chat messages" in out and f"  {dolly}: kind=instruction, name=Dolly" in out
+    assert f"  {sharegpt} (validation): kind=chat, name=ShareGPT" in out
+    assert main(args + ["--json"]) == 0
+    formats = json.loads(capsys.readouterr().out)["formats"]
+    assert [(f["split"], f["source"], f["name"]) for f in formats] == [
+        ("train", str(chats), "chat messages"), ("train", str(dolly), "Dolly"),
+        ("validation", str(sharegpt), "ShareGPT")]
+
+
+def test_a_file_of_no_known_layout_is_named(tmp_path):
+    good = write_jsonl(tmp_path / "chat.jsonl", [json.dumps(r) for r in GOOD])
+    odd = write_jsonl(tmp_path / "odd.jsonl", [json.dumps({"question": "q", "answer": "a"})])
+    with pytest.raises(GemmatuneError, match=f"^{odd}:1: cannot tell the data layout"):
+        prepare(DataConfig(paths=(str(good), str(odd))), TOK, tmp_path / "w")
+
+
+def test_inspect_packs_exactly_as_training_does(tmp_path):
+    """The packed fill `data inspect` reports is the fill of training's first epoch of batches, several shuffle
+    buffers with a non-zero seed and a validation split included."""
+    rng = np.random.default_rng(1)
+    rows = [chat("why " * int(rng.integers(1, 30)), "because " * int(rng.integers(1, 60))) for _ in range(300)]
+    path = write_jsonl(tmp_path / "d.jsonl", [json.dumps(r) for r in rows])
+    cfg = DataConfig(paths=(str(path),), max_seq_len=128, shuffle_buffer=40, seed=7, val_fraction=0.1)
+    p = prepare(cfg, TOK, tmp_path / "w")
+    s = summarize(p, cfg, TOK)
+    for packing in ("pack", "pad"):
+        it = BatchIterator(p.train.store, p.train.indices, seq_len=128, batch_size=4, pad_id=TOK.pad_id,
+                           packing=packing, shuffle_buffer=40, seed=7)  # as trainer.py builds it
+        rows_ = it.epoch_rows()
+        batches = [next(it) for _ in range(-(-rows_ // 4))]
+        segments = np.concatenate([b["segment_ids"] for b in batches])[:rows_]  # [rows, 128]: epoch 0 only
+        assert s["packing"][{"pack": "packed_fill", "pad": "padded_fill"}[packing]] == (segments > 0).mean()
+    assert s["packing"]["training_examples"] == len(p.train.indices) == 270
 
 
 @pytest.mark.slow

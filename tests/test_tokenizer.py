@@ -17,6 +17,7 @@ from gemmatune.tokenizer import (
     GEMMA2_CHAT_TEMPLATE,
     StreamDecoder,
     Tokenizer,
+    chat_turns,
     load_tokenizer,
     render_chat,
 )
@@ -281,6 +282,28 @@ def test_chat_errors(messages, expected: str, json_tok: Tokenizer) -> None:
         render_chat(messages)
     with pytest.raises(GemmatuneError, match=expected):
         json_tok.encode_chat(messages)
+
+
+@pytest.mark.parametrize(
+    ("messages", "expected"),
+    [
+        ([("human", "a"), ("gpt", "b"), ("gpt", "c")],
+         r"conversations\[2\]: expected a 'user' message, got role 'gpt'"),
+        ([("gpt", "a")], r"conversations\[0\]: expected a 'user' message, got role 'gpt'"),
+        ([("human", "a"), ("human", "b")], r"conversations\[1\]: expected a 'model' message, got role 'human'"),
+        ([("human", "a"), ("system", "b")], r"conversations\[1\]: a 'system' message is only allowed as the first"),
+        ([("system", "s")], r"conversations\[0\] \(role 'system'\): .* followed by a 'user' message"),
+        ([("human", "a"), ("bard", "b")], r"conversations\[1\]: unknown role 'bard'; use 'system', 'human', 'gpt'"),
+    ],
+)
+def test_chat_errors_quote_the_role_as_written(messages: list[tuple[str, str]], expected: str) -> None:
+    """A caller's own role names (the data pipeline's ShareGPT rows) appear in errors as the file spells them,
+    never as the template's user/model."""
+    roles = {"system": "system", "human": "user", "gpt": "model"}
+    with pytest.raises(GemmatuneError, match=expected):
+        chat_turns([{"role": r, "content": c} for r, c in messages], roles, "conversations")
+    good = [{"role": r, "content": c} for r, c in [("system", "s"), ("human", "a"), ("gpt", "b")]]
+    assert chat_turns(good, roles, "conversations") == [("user", "s\n\na"), ("model", "b")]
 
 
 # --- streaming -----------------------------------------------------------------------------------------------

@@ -101,8 +101,14 @@ def _inspect(args: argparse.Namespace) -> None:
         print(json.dumps(s, indent=2))
         return
     t, p, h = s["tokens"], s["packing"], s["histogram"]
-    layout = ", ".join(f"{k}={v}" for k, v in s["format"].items() if v)
-    print(f"format: {layout}")
+    layouts = [(f["split"], f["source"], ", ".join(f"{k}={v}" for k, v in f.items()
+                                                    if v and k not in ("split", "source"))) for f in s["formats"]]
+    if len(layouts) == 1:
+        print(f"format: {layouts[0][2]}")
+    else:  # each file is detected on its own
+        print("formats:")
+        for split, source, layout in layouts:
+            print(f"  {source}{' (validation)' if split == 'validation' else ''}: {layout}")
     print(f"rows: {describe(prepared.train.report)}")
     for reason, where in s["rows"]["first_bad"].items():
         print(f"  first {reason}: {where}")
@@ -114,8 +120,9 @@ def _inspect(args: argparse.Namespace) -> None:
     top = max(h["counts"]) or 1
     for lo, hi, n in zip(h["edges"], h["edges"][1:], h["counts"]):
         print(f"  {lo:>6}-{hi:<6} {n:>8}  {'#' * round(40 * n / top)}")
-    print(f"packing at max_seq_len {p['max_seq_len']}: packed rows {100 * p['packed_fill']:.1f}% full, one example "
-          f"per padded row {100 * p['padded_fill']:.1f}% (training uses: {p['mode']})")
+    print(f"packing the {p['training_examples']} training examples at max_seq_len {p['max_seq_len']} as epoch 0 "
+          f"does: packed rows {100 * p['packed_fill']:.1f}% full, one example per padded row "
+          f"{100 * p['padded_fill']:.1f}% (training uses: {p['mode']})")
     print(f"example (trained tokens between {TRAINED_OPEN} and {TRAINED_CLOSE}):")
     print(s["example"])
 

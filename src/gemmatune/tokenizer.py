@@ -215,42 +215,48 @@ def render_chat(messages: Sequence[Mapping[str, object]], add_generation_prompt:
     return text + "<start_of_turn>model\n" if add_generation_prompt else text
 
 
-def chat_turns(messages: Sequence[Mapping[str, object]]) -> list[tuple[str, str]]:
+def chat_turns(messages: Sequence[Mapping[str, object]], roles: Mapping[str, str] | None = None,
+               column: str = "messages") -> list[tuple[str, str]]:
     """Validated (template role "user" | "model", content as given) pairs, a leading system message folded into
-    the first user turn; render_chat writes them out, and the data pipeline tokenises them part by part."""
+    the first user turn; render_chat writes them out, and the data pipeline tokenises them part by part.
+
+    `roles` maps each role as the caller's rows spell it (ShareGPT's "human"/"gpt", ...) to system / user / model
+    (default: system, user, assistant and model); `column` names the conversation. Errors quote the role as
+    written, so a user finds it in the file."""
+    roles = {"system": "system", **_ROLES} if roles is None else roles
     if len(messages) == 0:
-        raise GemmatuneError("messages: the conversation is empty; it needs at least one user message")
-    checked: list[tuple[str, str]] = []
+        raise GemmatuneError(f"{column}: the conversation is empty; it needs at least one user message")
+    checked: list[tuple[str, str]] = []  # (role as written, content)
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
-            raise GemmatuneError(f"messages[{i}]: expected a mapping with 'role' and 'content', got {message!r}")
+            raise GemmatuneError(f"{column}[{i}]: expected a mapping with 'role' and 'content', got {message!r}")
         role, content = message["role"], message["content"]
-        if role not in ("system", *_ROLES):  # a tuple, so an unhashable role is reported rather than a TypeError
-            raise GemmatuneError(
-                f"messages[{i}]: unknown role {role!r}; use 'user', 'assistant' (or 'model'), or a first 'system'"
-            )
+        if role not in tuple(roles):  # a tuple, so an unhashable role is reported rather than a TypeError
+            raise GemmatuneError(f"{column}[{i}]: unknown role {role!r}; use "
+                                 + ", ".join(map(repr, roles)) + " (a system one only first)")
         if not isinstance(content, str):
             raise GemmatuneError(
-                f"messages[{i}] (role {role!r}): content must be a string, got {type(content).__name__}"
+                f"{column}[{i}] (role {role!r}): content must be a string, got {type(content).__name__}"
             )
-        if role == "system" and i > 0:
+        if roles[role] == "system" and i > 0:
             raise GemmatuneError(
-                f"messages[{i}]: a 'system' message is only allowed as the first message (role {role!r})"
+                f"{column}[{i}]: a 'system' message is only allowed as the first message (role {role!r})"
             )
         checked.append((role, content))
 
-    first = 1 if checked[0][0] == "system" else 0
+    first = 1 if roles[checked[0][0]] == "system" else 0
     if first and len(checked) == 1:
         raise GemmatuneError(
-            "messages[0] (role 'system'): a system message must be followed by a 'user' message to fold it into"
+            f"{column}[0] (role {checked[0][0]!r}): a system message must be followed by a 'user' message to fold "
+            "it into"
         )
     turns: list[tuple[str, str]] = []
     for i in range(first, len(checked)):
         role, content = checked[i]
         expected = "user" if (i - first) % 2 == 0 else "model"
-        if _ROLES[role] != expected:
+        if roles[role] != expected:
             raise GemmatuneError(
-                f"messages[{i}]: expected a {expected!r} message, got role {role!r}; roles must alternate "
+                f"{column}[{i}]: expected a {expected!r} message, got role {role!r}; roles must alternate "
                 "user/assistant starting with user (after an optional first system message)"
             )
         turns.append((expected, content))

@@ -202,7 +202,7 @@ class Formatter:
         return instruction, input_, response
 
     def _messages(self, data: Mapping[str, Any]) -> list[dict[str, str]]:
-        """The row's conversation as render_chat messages with roles user / model / system."""
+        """The row's conversation as chat_turns messages, each role as written (one of the flavour's roles)."""
         flavour = _FLAVOURS[self._layout.flavour]
         conversation = _get(data, flavour.column, (list, tuple))
         if not conversation:
@@ -219,12 +219,15 @@ class Formatter:
             content = _get(message, flavour.content_key, str, where)
             if flavour.roles[role] == "model" and not content.strip():
                 raise RowError(EMPTY_MODEL_TURN, f"{where}: the model turn is empty; there is nothing to learn")
-            messages.append({"role": flavour.roles[role], "content": content})
+            messages.append({"role": role, "content": content})
         return messages
 
     def _chat(self, messages: list[dict[str, str]]) -> Example:
-        try:
-            turns = chat_turns(messages)  # checks the order of the roles and folds a system message
+        """Roles as the row spells them (the flavour's names; instruction rows use user/model), so that errors
+        quote the file."""
+        flavour = _FLAVOURS[self._layout.flavour or MESSAGES]
+        try:  # checks the order of the roles and folds a system message
+            turns = chat_turns(messages, flavour.roles, flavour.column)
         except GemmatuneError as e:
             raise RowError(ROLES_OUT_OF_ORDER, str(e)) from None
         if turns[-1][0] == "user":

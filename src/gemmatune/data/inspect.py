@@ -1,5 +1,5 @@
-"""What `gemmatune data inspect` reports: the detected layout, what happened to every row, token length statistics,
-how full packed rows are, and one example with its trained tokens marked."""
+"""What `gemmatune data inspect` reports: the layout detected for each file, what happened to every row, token length
+statistics, how full packed rows are, and one example with its trained tokens marked."""
 
 from __future__ import annotations
 
@@ -9,22 +9,21 @@ from typing import Any
 import numpy as np
 
 from gemmatune.config import DataConfig
-from gemmatune.data.packing import assign_rows
-from gemmatune.data.pipeline import Prepared
+from gemmatune.data.loader import BatchIterator
+from gemmatune.data.packing import efficiency
+from gemmatune.data.pipeline import Prepared, Split
 from gemmatune.data.records import Example
 from gemmatune.tokenizer import Tokenizer
 
 TRAINED_OPEN, TRAINED_CLOSE = "«", "»"  # visible in a terminal and in a pipe alike
 
 
-def packed_fill(lengths: np.ndarray, cfg: DataConfig) -> float:
-    """Fraction of row slots holding example tokens when lengths (slots per example) are packed as training
-    packs them: shuffled with the seed, best-fit decreasing within each shuffle buffer."""
-    order = np.random.default_rng(cfg.seed).permutation(len(lengths))
-    rows = 0
-    for lo in range(0, len(order), cfg.shuffle_buffer):
-        rows += len(assign_rows(lengths[order[lo:lo + cfg.shuffle_buffer]].tolist(), cfg.max_seq_len))
-    return float(lengths.sum()) / (rows * cfg.max_seq_len)
+def packed_fill(split: Split, cfg: DataConfig, packing: str) -> float:
+    """Fraction of row slots holding example tokens in training's first epoch over `split`, with packing "pack" or
+    "pad": the rows are the training loader's own (BatchIterator.row_plan), so the figure is exactly training's."""
+    rows = BatchIterator(split.store, split.indices, seq_len=cfg.max_seq_len, batch_size=1, pad_id=0,
+                         packing=packing, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed).row_plan(0)
+    return efficiency(rows, split.store.lengths(), cfg.max_seq_len)
 
 
 def render_marked(example: Example, tokenizer: Tokenizer) -> str:
@@ -39,14 +38,18 @@ def render_marked(example: Example, tokenizer: Tokenizer) -> str:
 
 
 def summarize(prepared: Prepared, cfg: DataConfig, tokenizer: Tokenizer) -> dict[str, Any]:
-    """Figures over every example read from data.paths (validation ones included, as the row counts are)."""
+    """Row counts and token figures over every example read from data.paths (validation ones included, as the row
+    counts are); packing over the training split, as training packs it. "formats" lists each source's layout."""
     store, report = prepared.train.store, prepared.train.report
     lengths = store.lengths() + 1  # tokens per example ([n]); slots + 1
     edges = np.linspace(0, cfg.max_seq_len + 1, 11).round().astype(int)
     counts, _ = np.histogram(lengths, bins=edges)
-    slots = lengths - 1
+    splits = [("train", prepared.train)]
+    if prepared.val is not None and prepared.val.store is not store:  # validation files of their own
+        splits.append(("validation", prepared.val))
     return {
-        "format": dataclasses.asdict(prepared.layout),
+        "formats": [{"split": name, "source": source, **dataclasses.asdict(layout)}
+                    for name, split in splits for source, layout in split.layouts.items()],
         "rows": report.to_dict(),
         "validation_examples": 0 if prepared.val is None else len(prepared.val.indices),
         "tokens": {"examples": int(len(lengths)), "total": report.tokens, "trained": report.trained,
@@ -54,7 +57,8 @@ def summarize(prepared: Prepared, cfg: DataConfig, tokenizer: Tokenizer) -> dict
                    "p95": float(np.percentile(lengths, 95)), "max": int(lengths.max())},
         "histogram": {"edges": edges.tolist(), "counts": counts.tolist()},
         "packing": {"max_seq_len": cfg.max_seq_len, "mode": cfg.packing,
-                    "packed_fill": packed_fill(slots, cfg),
-                    "padded_fill": float(slots.sum()) / (len(slots) * cfg.max_seq_len)},
+                    "training_examples": len(prepared.train.indices),
+                    "packed_fill": packed_fill(prepared.train, cfg, "pack"),
+                    "padded_fill": packed_fill(prepared.train, cfg, "pad")},
         "example": render_marked(store[0], tokenizer),
     }

@@ -325,6 +325,15 @@ class BatchIterator(Iterator[Batch]):
             rows = [rows[r] for r in visit.tolist()]
         return members, rows
 
+    def row_plan(self, epoch: int = 0) -> list[np.ndarray]:
+        """Epoch `epoch`'s rows in the order batches take them, each as the store indices of its examples in
+        their places left to right: exactly what the batches hold (from the lengths alone, nothing is read)."""
+        rows: list[np.ndarray] = []
+        for g in range(self.groups):
+            members, plan = self._plan(epoch, g)
+            rows += [members[r] for r in plan]
+        return rows
+
     def epoch_rows(self, epoch: int = 0) -> int:
         """Rows in epoch `epoch` (from the lengths alone, nothing is read). Packing depends on which examples share
         a group, so with shuffling this can differ by a row or so per group from epoch to epoch."""

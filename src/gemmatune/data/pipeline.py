@@ -21,27 +21,28 @@ from gemmatune.tokenizer import Tokenizer
 
 @dataclasses.dataclass
 class Split:
-    """One side of the data: the store holding its examples, which of them belong to it, and what happened to
-    the rows read for it."""
+    """One side of the data: the store holding its examples, which of them belong to it, the layout detected for
+    each source it was read from, and what happened to the rows read for it."""
 
     store: ExampleStore
     indices: np.ndarray  # [n] int64, example indices into the store
+    layouts: dict[str, Layout]  # source (file path or "hub:name", as in row locations) -> its layout, reading order
     report: Report
 
 
 @dataclasses.dataclass
 class Prepared:
-    layout: Layout
     train: Split
     val: Split | None
 
 
-def _tokenise(paths: Sequence[str], cfg: DataConfig, tokenizer: Tokenizer, out: Path,
-              layout: Layout | None) -> tuple[Layout, ExampleStore, Report]:
-    """Stream rows from paths into a store at out. The layout is detected from the first readable row unless
-    given (validation files must look like the training files)."""
+def _tokenise(paths: Sequence[str], cfg: DataConfig, tokenizer: Tokenizer,
+              out: Path) -> tuple[dict[str, Layout], ExampleStore, Report]:
+    """Stream rows from paths into a store at out. Each source file's layout is detected from its first readable
+    row: `--data chat.jsonl dolly.jsonl` mixes layouts, and a directory may hold files of several."""
     report = Report()
-    formatter: Formatter | None = None
+    layouts: dict[str, Layout] = {}
+    source, formatter = "", None  # the file being read and its Formatter; rows arrive file by file
 
     def bad(where: Location, reason: str, detail: str) -> None:
         if not cfg.skip_bad_rows:
@@ -55,9 +56,14 @@ def _tokenise(paths: Sequence[str], cfg: DataConfig, tokenizer: Tokenizer, out: 
             if isinstance(item, BadRow):
                 bad(item.where, item.reason, item.detail)
                 continue
-            if formatter is None:
-                layout = layout or detect_layout(item.data.keys(), cfg)
-                formatter = Formatter(cfg, tokenizer, layout)
+            if formatter is None or item.where.path != source:
+                source = item.where.path
+                if source not in layouts:
+                    try:
+                        layouts[source] = detect_layout(item.data.keys(), cfg)
+                    except GemmatuneError as e:
+                        raise GemmatuneError(f"{item.where}: {e}") from None
+                formatter = Formatter(cfg, tokenizer, layouts[source])
             try:
                 example = formatter.encode(item.data)
             except RowError as e:
@@ -76,8 +82,7 @@ def _tokenise(paths: Sequence[str], cfg: DataConfig, tokenizer: Tokenizer, out: 
     if report.used == 0:
         raise GemmatuneError(f"{', '.join(paths)}: no usable rows ({describe(report)}). "
                              + _hint(report))
-    assert layout is not None
-    return layout, ExampleStore(out), report
+    return layouts, ExampleStore(out), report
 
 
 def _hint(report: Report) -> str:
@@ -105,12 +110,11 @@ def prepare(cfg: DataConfig, tokenizer: Tokenizer, workdir: str | Path) -> Prepa
     if not cfg.paths:
         raise GemmatuneError("data.paths is empty: pass --data with a file, glob, directory or Hub dataset name.")
     workdir = Path(workdir)
-    layout, store, report = _tokenise(cfg.paths, cfg, tokenizer, workdir / "train", None)
-    if cfg.val_paths:
-        _, val_store, val_report = _tokenise(cfg.val_paths, cfg, tokenizer, workdir / "val", layout)
-        val = Split(val_store, np.arange(len(val_store)), val_report)
-        return Prepared(layout, Split(store, np.arange(len(store)), report), val)
+    layouts, store, report = _tokenise(cfg.paths, cfg, tokenizer, workdir / "train")
+    if cfg.val_paths:  # detected on their own: validation files need not share the training files' layout
+        val_layouts, val_store, val_report = _tokenise(cfg.val_paths, cfg, tokenizer, workdir / "val")
+        val = Split(val_store, np.arange(len(val_store)), val_layouts, val_report)
+        return Prepared(Split(store, np.arange(len(store)), layouts, report), val)
     train_idx, val_idx = split_indices(len(store), cfg.val_fraction, cfg.seed)
-    val = Split(store, val_idx, Report()) if len(val_idx) else None
-    return Prepared(layout, Split(store, train_idx, report), val)
-
+    val = Split(store, val_idx, layouts, Report()) if len(val_idx) else None
+    return Prepared(Split(store, train_idx, layouts, report), val)
