@@ -4,7 +4,7 @@ Layout of a run directory (`--output`):
     run.json                        {"config_digest": ...}: which configuration this run belongs to
     checkpoints/step-00000100/      state.safetensors (every train-state leaf, keyed by its tree path) + meta.json
     adapter/                        adapter.safetensors + adapter_config.json
-    metrics.jsonl, tensorboard/, config.yaml, loss.png, summary.txt, data/   (written by the trainer)
+    metrics.jsonl, tensorboard/, wandb/, mlflow/, config.yaml, loss.png, summary.txt, data/   (the trainer's)
 
 Every directory that must appear whole (a checkpoint, an adapter) is staged in a hidden sibling
 `.NAME.partial-PID`, fsynced, and renamed into place. A rename is atomic, so whenever the writer is killed a reader

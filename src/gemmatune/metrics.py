@@ -194,7 +194,9 @@ class Progress:
                                      TextColumn("{task.fields[stats]}"), TimeElapsedColumn(),
                                      TextColumn("eta {task.fields[eta]}"), console=Console(stderr=True),
                                      redirect_stdout=True, redirect_stderr=True)
-            self._task = self._bar.add_task("train", total=total_steps, completed=start_step, stats="", eta="-")
+            # Until the first update: its step compiles first, which takes from seconds to minutes.
+            self._task = self._bar.add_task("train", total=total_steps, completed=start_step,
+                                            stats="compiling the train step", eta="-")
             self._bar.start()
 
     def eta_s(self) -> float | None:

@@ -111,17 +111,18 @@ class Wandb(Tracker):
         root = run_dir / WANDB_DIR
         root.mkdir(parents=True, exist_ok=True)
         id_file = root / "run_id"
-        # A resumed run continues the same wandb run (steps it already has are skipped by wandb with a warning;
-        # an exact resume logs the same values there anyway).
-        run_id = id_file.read_text().strip() if start_step > 0 and id_file.exists() else wandb.util.generate_id()
+        # A resumed run continues the same wandb run. Online, wandb drops (with a warning) the steps the interrupted
+        # run logged after its checkpoint; an exact resume logs the same values for them anyway.
+        run_id = id_file.read_text().strip() if start_step > 0 and id_file.exists() else None  # None: a new id
         try:
             self._run = wandb.init(project=os.environ.get("WANDB_PROJECT", PROJECT), name=run_dir.resolve().name,
                                    dir=str(run_dir), id=run_id, resume="allow", config=dict(config or {}))
         except Exception as e:  # wandb raises its own errors (UsageError, CommError) for login and network
             raise GemmatuneError(f"report_to: wandb could not start a run ({e}). Log in with `wandb login`, or "
                                  "set WANDB_MODE=offline to keep the run on disk and `wandb sync` it later.") from None
-        write_text(id_file, run_id + "\n")
-        self.where = self._run.url or str(Path(self._run.dir).parent)  # offline: the directory to `wandb sync`
+        write_text(id_file, self._run.id + "\n")
+        offline = self._run.settings.mode in ("offline", "dryrun")  # (asking an offline run for its url warns)
+        self.where = str(Path(self._run.dir).parent) if offline else self._run.url  # offline: what `wandb sync` takes
         self._samples: list[list[Any]] = []
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
@@ -139,8 +140,8 @@ class Wandb(Tracker):
 
 class Mlflow(Tracker):
     """MLflow through its client (no global active run): to MLFLOW_TRACKING_URI when set (a server, a database),
-    else to the SQLite store RUN/mlflow/mlflow.db, which needs no server (`mlflow ui --backend-store-uri
-    sqlite:///RUN/mlflow/mlflow.db` shows it)."""
+    else to the SQLite store RUN/mlflow/mlflow.db, which needs no server (the full mlflow package's `mlflow ui
+    --backend-store-uri sqlite:///RUN/mlflow/mlflow.db` shows it)."""
 
     name = "mlflow"
     PARAM_LIMIT = 6000  # characters MLflow keeps of a parameter's value
