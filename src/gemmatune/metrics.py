@@ -90,14 +90,15 @@ class MetricsLog:
 
     def _report(self, call: str, step: int, *args: Any) -> None:
         """Passes a record to every tracker. One that fails mid-run (a tracking server gone away) is named once on
-        stderr and dropped, so training goes on: metrics.jsonl still gets every value."""
+        stderr and dropped, so training goes on: the JSON-lines files still get every record."""
         for tracker in list(self._trackers):
             try:
                 getattr(tracker, call)(step, *args)
             except Exception as e:
                 self._trackers.remove(tracker)
                 print(f"warning: {tracker.name} failed at step {step} ({e}); the rest of this run is not reported "
-                      f"to it ({self.run_dir / METRICS_FILE} has every value).", file=sys.stderr)
+                      f"to it ({self.run_dir / METRICS_FILE} and {SAMPLES_FILE} have every record).",
+                      file=sys.stderr)
 
     def log(self, step: int, **values: float) -> None:
         self._append(METRICS_FILE, {"step": int(step), **{k: _finite_or_none(v) for k, v in values.items()}})
@@ -113,7 +114,10 @@ class MetricsLog:
         for f in self._files.values():
             f.close()
         for tracker in self._trackers:
-            tracker.close(failed)
+            try:
+                tracker.close(failed)
+            except Exception as e:  # the run's own files are complete; one tracker must not stop the others closing
+                print(f"warning: {tracker.name} failed to close ({e}).", file=sys.stderr)
         self._trackers = []
 
     def __enter__(self) -> MetricsLog:
