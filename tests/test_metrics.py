@@ -10,7 +10,6 @@ import os
 import pty
 import re
 import select
-import signal
 import struct
 import subprocess
 import sys
@@ -202,27 +201,29 @@ def screen(raw: str) -> list[str]:
 
 
 def run_in_terminal(args: list[str], env: dict[str, str] | None = None, timeout: float = 300) -> tuple[int, str]:
-    """(exit status, everything written) of `args` run with stdout and stderr on a pseudo-terminal, 160 wide."""
-    pid, fd = pty.fork()
-    if pid == 0:  # the child: its stdin, stdout and stderr are the terminal
-        os.execvpe(args[0], args, {**(env or os.environ), "COLUMNS": "160", "LINES": "40", "TERM": "xterm"})
+    """(exit status, everything written) of `args` run with stdin, stdout and stderr on a pseudo-terminal, 160
+    columns wide. (subprocess, not pty.fork: forking a process that runs JAX's threads is unsafe.)"""
+    main, child = pty.openpty()
+    env = {**(env or os.environ), "COLUMNS": "160", "LINES": "40", "TERM": "xterm"}
+    proc = subprocess.Popen(args, stdin=child, stdout=child, stderr=child, env=env, start_new_session=True)
+    os.close(child)  # the child holds the only other end: reading ends (EIO) when it exits
     out, deadline = b"", time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
-            if select.select([fd], [], [], 1.0)[0]:
+            if select.select([main], [], [], 1.0)[0]:
                 try:
-                    chunk = os.read(fd, 65536)
+                    chunk = os.read(main, 65536)
                 except OSError:  # EIO: the child closed the terminal
                     break
                 if not chunk:
                     break
                 out += chunk
         else:
-            os.kill(pid, signal.SIGKILL)
+            proc.kill()
     finally:
-        status = os.waitpid(pid, 0)[1]
-        os.close(fd)
-    return os.waitstatus_to_exitcode(status), out.decode(errors="replace")
+        rc = proc.wait()
+        os.close(main)
+    return rc, out.decode(errors="replace")
 
 
 BAR = re.compile(r"^step +(\d+)/(\d+) ━")  # the bar's line, as the terminal shows it
