@@ -133,8 +133,9 @@ def wandb_run(sync_dir: Path) -> tuple[dict, dict[int, dict]]:
     config, history = {}, {}
     for record in wandb_records(events):
         kind = record.WhichOneof("record_type")
-        if kind == "run":
-            config.update({item.key: json.loads(item.value_json) for item in record.run.config.update})
+        if kind in ("run", "config"):  # the config comes with the run record or in config records after it
+            updates = record.run.config.update if kind == "run" else record.config.update
+            config.update({item.key: json.loads(item.value_json) for item in updates})
         elif kind == "history":
             row = {".".join(item.nested_key) or item.key: json.loads(item.value_json) for item in record.history.item}
             history.setdefault(row["_step"], {}).update(row)
