@@ -155,8 +155,8 @@ class Mlflow(Tracker):
             raise _missing("mlflow", "mlflow-skinny") from None
         root = (run_dir / MLFLOW_DIR).resolve()
         root.mkdir(parents=True, exist_ok=True)
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
-        local = "MLFLOW_TRACKING_URI" not in os.environ
+        local = not os.environ.get("MLFLOW_TRACKING_URI")
+        uri = f"sqlite:///{root / 'mlflow.db'}" if local else os.environ["MLFLOW_TRACKING_URI"]
         ids_file = root / "run.json"
         saved = json.loads(ids_file.read_text()) if start_step > 0 and ids_file.exists() else {}
         try:
