@@ -1,11 +1,20 @@
 """Metrics files (JSON lines and TensorBoard events, read back from the TFRecord framing), truncation on resume,
-the loss plot, the progress line and the end-of-run summary."""
+the loss plot, the progress bar (in a pseudo-terminal) and its plain lines (through a pipe), and the end-of-run
+summary."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import pty
+import re
+import select
 import struct
+import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +57,7 @@ def scalars(run_dir: Path) -> dict[tuple[str, int], float]:
 
 
 def test_jsonl_values_and_nan_as_null(tmp_path):
-    with MetricsLog(tmp_path, tensorboard=False) as log:
+    with MetricsLog(tmp_path, report_to=()) as log:
         log.log(1, loss=2.5, lr=np.float32(1e-4), tokens_per_s=1234.0)
         log.log(2, loss=math.nan, grad_norm=math.inf)
         log.log_text(2, "eval/0", 'a "quoted"\nline')
@@ -60,21 +69,21 @@ def test_jsonl_values_and_nan_as_null(tmp_path):
 
 
 def test_resume_drops_later_lines_and_fresh_run_starts_empty(tmp_path):
-    with MetricsLog(tmp_path, tensorboard=False) as log:
+    with MetricsLog(tmp_path, report_to=()) as log:
         for step in range(1, 7):
             log.log(step, loss=float(step))
             log.log_text(step, "eval", f"text {step}")
     with (tmp_path / "metrics.jsonl").open("a") as f:
         f.write('{"step": 7, "lo')  # the partial line of a run killed mid-write
 
-    with MetricsLog(tmp_path, start_step=4, tensorboard=False) as log:
+    with MetricsLog(tmp_path, start_step=4, report_to=()) as log:
         log.log(5, loss=50.0)
     assert [(r["step"], r["loss"]) for r in read_jsonl(tmp_path / "metrics.jsonl")] == \
         [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 50.0)]
     assert [r["step"] for r in read_jsonl(tmp_path / "samples.jsonl")] == [1, 2, 3, 4]
     assert not list(tmp_path.glob("*.tmp"))
 
-    MetricsLog(tmp_path, tensorboard=False).close()
+    MetricsLog(tmp_path, report_to=()).close()
     assert (tmp_path / "metrics.jsonl").read_text() == (tmp_path / "samples.jsonl").read_text() == ""
 
 
@@ -133,24 +142,27 @@ def test_plot_of_empty_run_still_writes_png(tmp_path):
     assert pixels(plot_losses(tmp_path / "metrics.jsonl", tmp_path / "loss.png")).var() > 0
 
 
-def test_progress_disabled_prints_fields_and_eta_from_recent_rate(capsys, monkeypatch):
+def test_progress_plain_lines_every_log_step_with_recent_rates(capsys, monkeypatch):
     now = [100.0]
     monkeypatch.setattr(metrics.time, "monotonic", lambda: now[0])
-    with Progress(100, enabled=False) as p:
-        now[0] += 60.0  # the first 10 steps include a minute of compilation
-        p.update(10, loss=2.34567, lr=2e-4, tokens_per_s=12345.6)
-        assert p.eta_s() is None
-        now[0] += 20.0  # then 1 s per step
-        p.update(30, loss=1.5)
+    with Progress(25, every=10, enabled=False) as p:
+        now[0] += 60.0  # the first step includes a minute of compilation
+        p.update(1, loss=9.0, tokens=1000)
+        assert p.eta_s() is None and p.tokens_per_s() is None
+        for step in range(2, 26):  # then 2 s and 500 tokens per step
+            now[0] += 2.0
+            p.update(step, loss=2.34567 if step < 25 else 1.5, lr=2e-4, tokens=1000 + 500 * (step - 1))
     lines = capsys.readouterr().err.splitlines()
-    assert lines == ["step 10/100 | loss 2.3457 | lr 2.00e-04 | 12,346 tok/s | elapsed 0:01:00 | eta -",
-                     "step 30/100 | loss 1.5000 | elapsed 0:01:20 | eta 0:01:10"]  # 70 steps left at 1 step/s
+    # Only every 10th step and the last: the rates come from the updates in between, compilation left out.
+    assert lines == ["step 10/25 | loss 2.3457 | lr 2.00e-04 | 250 tok/s | elapsed 0:01:18 | eta 0:00:30",
+                     "step 20/25 | loss 2.3457 | lr 2.00e-04 | 250 tok/s | elapsed 0:01:38 | eta 0:00:10",
+                     "step 25/25 | loss 1.5000 | lr 2.00e-04 | 250 tok/s | elapsed 0:01:48 | eta 0:00:00"]
 
 
 def test_progress_eta_uses_recent_window(monkeypatch):
     now = [0.0]
     monkeypatch.setattr(metrics.time, "monotonic", lambda: now[0])
-    p = Progress(1000, enabled=False)
+    p = Progress(1000, enabled=False, every=1000)
     for step in range(1, metrics.RATE_WINDOW + 1):  # a slow start: 10 s per step
         now[0] += 10.0
         p.update(step)
@@ -162,9 +174,118 @@ def test_progress_eta_uses_recent_window(monkeypatch):
 
 def test_progress_enabled_renders_rich_bar(capsys):
     with Progress(50, start_step=5, enabled=True) as p:
-        p.update(25, loss=0.75, lr=1e-3, tokens_per_s=999.0)
+        p.update(24, loss=0.5, tokens=0)
+        p.update(25, loss=0.75, lr=1e-3, tokens=999)
     err = capsys.readouterr().err
-    assert "25/50" in err and "loss 0.7500" in err and "999 tok/s" in err
+    assert "25/50" in err and "loss 0.7500" in err and " tok/s" in err
+
+
+def screen(raw: str) -> list[str]:
+    """The lines a terminal shows after `raw`, for what rich writes: text, carriage return and newline, erase line
+    (ESC[2K) and cursor up (ESC[nA); colours and other sequences are dropped."""
+    rows, r, col = [""], 0, 0
+    for part in re.split(r"(\x1b\[[0-9;?]*[A-Za-z]|\r|\n)", raw):
+        if part == "\r":
+            col = 0
+        elif part == "\n":
+            r, col = r + 1, 0
+            rows += [""] * (r + 1 - len(rows))
+        elif part == "\x1b[2K":
+            rows[r] = ""
+        elif m := re.fullmatch(r"\x1b\[(\d*)A", part):
+            r -= int(m[1] or 1)
+        elif part and not part.startswith("\x1b"):
+            rows[r] = rows[r][:col].ljust(col) + part + rows[r][col + len(part):]
+            col += len(part)
+    return [row.rstrip() for row in rows]
+
+
+def run_in_terminal(args: list[str], env: dict[str, str] | None = None, timeout: float = 300) -> tuple[int, str]:
+    """(exit status, everything written) of `args` run with stdin, stdout and stderr on a pseudo-terminal, 160
+    columns wide. (subprocess, not pty.fork: forking a process that runs JAX's threads is unsafe.)"""
+    main, child = pty.openpty()
+    env = {**(env or os.environ), "COLUMNS": "160", "LINES": "40", "TERM": "xterm"}
+    proc = subprocess.Popen(args, stdin=child, stdout=child, stderr=child, env=env, start_new_session=True)
+    os.close(child)  # the child holds the only other end: reading ends (EIO) when it exits
+    out, deadline = b"", time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if select.select([main], [], [], 1.0)[0]:
+                try:
+                    chunk = os.read(main, 65536)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                out += chunk
+        else:
+            proc.kill()
+    finally:
+        rc = proc.wait()
+        os.close(main)
+    return rc, out.decode(errors="replace")
+
+
+BAR = re.compile(r"^step +(\d+)/(\d+) ━")  # the bar's line, as the terminal shows it
+
+
+def test_progress_bar_in_a_terminal_updates_in_place_with_messages_above():
+    code = textwrap.dedent("""
+        import sys, time
+        from gemmatune.metrics import Progress
+        with Progress(6, every=3) as p:
+            for step in range(1, 7):
+                p.update(step, loss=1.0 / step, lr=1e-3, tokens=100 * step)
+                time.sleep(0.3)  # rich redraws 10 times a second
+                if step == 4:
+                    print("step 4: validation loss 0.25", file=sys.stderr)
+        """)
+    rc, raw = run_in_terminal([sys.executable, "-c", code])
+    assert rc == 0, raw
+    # Every step is drawn, not only every 3rd, each over the last frame (carriage return, erase line).
+    frames = [m[1] for frame in raw.split("\r") if (m := re.match(r"(?:\x1b\[2K)?" + BAR.pattern[1:],
+                                                                  re.sub(r"\x1b\[[0-9;]*m", "", frame)))]
+    drawn = sorted({int(s) for s in frames} - {0})
+    assert len(drawn) >= 5 and drawn[-1] == 6, frames
+    assert raw.count("\r\x1b[2K") >= len(drawn)
+    lines = [line for line in screen(raw) if line]
+    # The message stays above the bar; the bar's last frame is the only bar line left, completed.
+    assert lines[0] == "step 4: validation loss 0.25", lines
+    assert len(lines) == 2 and BAR.match(lines[1]).groups() == ("6", "6"), lines
+    assert "loss 0.1667" in lines[1] and "tok/s" in lines[1] and "eta 0:00:00" in lines[1], lines
+
+
+# `gemmatune train` on the embedded tiny model, 6 steps, logged every 3; the two runs share compiled code.
+TRAIN = ["-m", "gemmatune.cli", "train", "--max-steps", "6", "--log-every", "3", "--eval-prompts",
+         "--report-to", "none"]
+
+
+@pytest.fixture(scope="module")
+def train_env(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("jax-cache")
+    return {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+
+
+@pytest.mark.slow
+def test_train_in_a_terminal_draws_the_bar(tmp_path, train_env):
+    rc, raw = run_in_terminal([sys.executable, *TRAIN, "--output", str(tmp_path / "run")], env=train_env)
+    assert rc == 0, raw[-3000:]
+    assert "\r\x1b[2K" in raw and "step 3/6 |" not in raw  # rich's frames, not the plain lines
+    lines = [line for line in screen(raw) if line]
+    bars = [line for line in lines if BAR.match(line)]
+    assert len(bars) == 1 and BAR.match(bars[0]).groups() == ("6", "6") and "tok/s" in bars[0], lines
+    assert lines.index(bars[0]) < next(i for i, line in enumerate(lines) if line.startswith("final train loss"))
+
+
+@pytest.mark.slow
+def test_train_through_a_pipe_prints_plain_lines(tmp_path, train_env):
+    r = subprocess.run([sys.executable, *TRAIN, "--output", str(tmp_path / "run")], env=train_env,
+                       capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "\x1b" not in r.stderr and "\r" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.startswith("step ")]
+    assert len(lines) == 2 and lines[0].startswith("step 3/6 | loss ") and lines[1].startswith("step 6/6 | loss ")
+    assert all(re.search(r" \| [\d,]+ tok/s \| elapsed \d+:\d\d:\d\d \| eta \d+:\d\d:\d\d$", line) for line in lines)
 
 
 def test_format_summary():

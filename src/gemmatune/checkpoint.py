@@ -4,7 +4,7 @@ Layout of a run directory (`--output`):
     run.json                        {"config_digest": ...}: which configuration this run belongs to
     checkpoints/step-00000100/      state.safetensors (every train-state leaf, keyed by its tree path) + meta.json
     adapter/                        adapter.safetensors + adapter_config.json
-    metrics.jsonl, tensorboard/, config.yaml, loss.png, summary.txt, data/   (written by the trainer)
+    metrics.jsonl, tensorboard/, wandb/, mlflow/, config.yaml, loss.png, summary.txt, data/   (the trainer's)
 
 Every directory that must appear whole (a checkpoint, an adapter) is staged in a hidden sibling
 `.NAME.partial-PID`, fsynced, and renamed into place. A rename is atomic, so whenever the writer is killed a reader
@@ -49,8 +49,8 @@ ADAPTER_FORMAT = "gemmatune-lora"
 ADAPTER_VERSION = 1
 RUN_FILE = "run.json"
 # What a run writes into its directory: the only names --overwrite may delete.
-RUN_OUTPUTS = frozenset({CHECKPOINTS, RUN_FILE, "metrics.jsonl", "samples.jsonl", "tensorboard", "adapter",
-                         "config.yaml", "loss.png", "summary.txt", "data"})
+RUN_OUTPUTS = frozenset({CHECKPOINTS, RUN_FILE, "metrics.jsonl", "samples.jsonl", "tensorboard", "wandb", "mlflow",
+                         "adapter", "config.yaml", "loss.png", "summary.txt", "data"})
 # The numbers that fix the shapes of an adapter's tensors; an adapter only fits a base that agrees on all of them.
 BASE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                "head_dim")
@@ -60,7 +60,7 @@ BASE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "
 # resume on other devices.
 NOT_IN_DIGEST = frozenset({"resume", "overwrite", "output", "log_every", "save_every", "keep", "eval_every",
                            "eval_prompts", "eval_max_new_tokens", "max_steps", "epochs", "mesh", "distributed",
-                           "coordinator_address", "num_processes", "process_id"})
+                           "coordinator_address", "num_processes", "process_id", "report_to"})
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 

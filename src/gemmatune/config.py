@@ -352,6 +352,9 @@ class TrainConfig:
     overwrite: bool = setting(False, "replace an output directory that holds another run")
     nonfinite: str = setting("stop", "a NaN or inf loss or gradient: stop, or skip (the step's update is dropped "
                                      "and counted)")
+    report_to: tuple[str, ...] = setting(("tensorboard",), "experiment trackers the metrics, evaluation texts and "
+                                         "this config also go to (metrics.jsonl is always written): tensorboard, "
+                                         "wandb, mlflow, or none")
     # Devices: see sharding.py. Empty: tensor parallelism over a host's devices (as far as the key/value heads
     # divide), data parallelism across hosts.
     mesh: str = setting("", "device mesh, e.g. data=2,model=4 (axes data, fsdp, model); empty: model parallel "
@@ -379,6 +382,10 @@ class TrainConfig:
         for name in ("max_steps", "warmup_steps", "eval_every", "save_every"):
             if getattr(self, name) < 0:
                 raise GemmatuneError(f"{name}: {getattr(self, name)!r} is not valid; expected 0 or more.")
+        trackers = ("tensorboard", "wandb", "mlflow")
+        if not set(self.report_to) <= {*trackers, "none"} or "none" in self.report_to and len(self.report_to) > 1:
+            raise GemmatuneError(f"report_to: {','.join(self.report_to)!r} is not valid; expected any of "
+                                 f"{', '.join(trackers)} (comma-separated), or none.")
         if self.num_processes is not None and self.num_processes < 1:
             raise GemmatuneError(f"num_processes: {self.num_processes!r} is not valid; expected a positive integer.")
         if self.process_id is not None and not 0 <= self.process_id < (self.num_processes or self.process_id + 1):

@@ -1,10 +1,10 @@
-"""What the user sees while and after training: metrics files (JSON lines + TensorBoard), a loss plot, a live
-progress line and the end-of-run summary.
+"""What the user sees while and after training: metrics files (JSON lines, mirrored to experiment trackers), a
+loss plot, a live progress bar (plain lines when stderr is not a terminal) and the end-of-run summary.
 
 Run directory layout written here:
     RUN/metrics.jsonl   one {"step": ..., name: value, ...} object per `MetricsLog.log` call
     RUN/samples.jsonl   one {"step": ..., "tag": ..., "text": ...} object per `MetricsLog.log_text` call
-    RUN/tensorboard/    the same scalars and texts as TensorBoard events
+    RUN/tensorboard/, RUN/wandb/, RUN/mlflow/   the same scalars and texts in the trackers of `report_to`
 """
 
 from __future__ import annotations
@@ -15,16 +15,17 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from gemmatune.atomic import staged_file, write_text
+from gemmatune.trackers import open_trackers
 
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
-TENSORBOARD_DIR = "tensorboard"
-RATE_WINDOW = 20  # updates the ETA's rate is averaged over: recent enough to follow slowdowns, long enough to be steady
+# Updates (steps) the ETA and tokens/s are averaged over: recent enough to follow slowdowns, long enough to be steady.
+RATE_WINDOW = 20
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -51,13 +52,17 @@ def _hms(seconds: float) -> str:
 
 
 class MetricsLog:
-    """Appends scalars to RUN/metrics.jsonl and generations to RUN/samples.jsonl, mirrored to TensorBoard.
+    """Appends scalars to RUN/metrics.jsonl and generations to RUN/samples.jsonl, mirrored to the experiment
+    trackers `report_to` names (tensorboard, wandb, mlflow; see trackers.py), which also get `config` (the run's
+    settings, nested) as hyper-parameters.
 
     `start_step` is the step the run resumes after (0 for a fresh run): lines logged after it by the interrupted
-    run are dropped, so the files read as one run; a fresh run starts with empty files.
+    run are dropped, so the files read as one run; a fresh run starts with empty files. Trackers that can continue
+    a run (wandb, mlflow) continue the interrupted run's.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, *, start_step: int = 0, tensorboard: bool = True) -> None:
+    def __init__(self, run_dir: str | os.PathLike, *, start_step: int = 0,
+                 report_to: Sequence[str] = ("tensorboard",), config: Mapping[str, Any] | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         # Steps count from 0, so keeping nothing on a fresh run is "keep steps <= -1".
@@ -69,45 +74,57 @@ class MetricsLog:
                 kept = [row for row in _read_jsonl(path) if row.get("step", math.inf) <= keep_through]
                 write_text(path, "".join(json.dumps(row) + "\n" for row in kept))
             self._files[name] = path.open("a")
-        self._writer = None
-        if tensorboard:
-            from tensorboardX import (
-                SummaryWriter,  # imported here: it takes ~2 s and is not needed otherwise
-            )
-
-            # purge_step writes a restart marker; TensorBoard then hides the interrupted run's events from that
-            # step on, matching the truncated JSON lines.
-            self._writer = SummaryWriter(str(self.run_dir / TENSORBOARD_DIR), purge_step=keep_through + 1)
+        try:
+            self._trackers = open_trackers(tuple(report_to), self.run_dir, start_step=start_step, config=config)
+        except BaseException:
+            for f in self._files.values():
+                f.close()
+            raise
+        # What the end-of-run summary lists, {tracker name: where its records are}; kept after a tracker fails.
+        self.where = {t.name: t.where for t in self._trackers}
 
     def _append(self, name: str, row: dict[str, Any]) -> None:
         f = self._files[name]
         f.write(json.dumps(row, allow_nan=False) + "\n")
         f.flush()  # a killed process keeps every line written so far
 
+    def _report(self, call: str, step: int, *args: Any) -> None:
+        """Passes a record to every tracker. One that fails mid-run (a tracking server gone away) is named once on
+        stderr and dropped, so training goes on: the JSON-lines files still get every record."""
+        for tracker in list(self._trackers):
+            try:
+                getattr(tracker, call)(step, *args)
+            except Exception as e:
+                self._trackers.remove(tracker)
+                print(f"warning: {tracker.name} failed at step {step} ({e}); the rest of this run is not reported "
+                      f"to it ({self.run_dir / METRICS_FILE} and {SAMPLES_FILE} have every record).",
+                      file=sys.stderr)
+
     def log(self, step: int, **values: float) -> None:
         self._append(METRICS_FILE, {"step": int(step), **{k: _finite_or_none(v) for k, v in values.items()}})
-        if self._writer is not None:
-            for tag, value in values.items():
-                self._writer.add_scalar(tag, float(value), int(step))  # TensorBoard shows NaN as a gap
-            self._writer.flush()
+        self._report("scalars", int(step), {k: float(v) for k, v in values.items()})
 
     def log_text(self, step: int, tag: str, text: str) -> None:
         self._append(SAMPLES_FILE, {"step": int(step), "tag": tag, "text": text})
-        if self._writer is not None:
-            self._writer.add_text(tag, text, int(step))
-            self._writer.flush()
+        self._report("text", int(step), tag, text)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Closes the files and ends the trackers' runs (as failed when `failed`: wandb's exit code, mlflow's
+        status)."""
         for f in self._files.values():
             f.close()
-        if self._writer is not None:
-            self._writer.close()
+        for tracker in self._trackers:
+            try:
+                tracker.close(failed)
+            except Exception as e:  # the run's own files are complete; one tracker must not stop the others closing
+                print(f"warning: {tracker.name} failed to close ({e}).", file=sys.stderr)
+        self._trackers = []
 
     def __enter__(self) -> MetricsLog:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        self.close(failed=exc_type is not None)
 
 
 def plot_losses(metrics_path: str | os.PathLike, out_png: str | os.PathLike) -> Path:
@@ -154,16 +171,17 @@ def plot_losses(metrics_path: str | os.PathLike, out_png: str | os.PathLike) -> 
 
 
 class Progress:
-    """Training progress on stderr: a live rich bar on a terminal, otherwise one plain line per `update` call
-    (the trainer calls it every log_every steps) so log files and CI show progress too."""
+    """Training progress on stderr. On a terminal, a live rich bar redrawn in place after every step (step/total,
+    loss, lr, tokens/s, elapsed, ETA); anything printed to stderr or stdout meanwhile appears above the bar. Not on
+    a terminal (a log file, a pipe, CI): one plain line every `every` steps and at the last step."""
 
-    def __init__(self, total_steps: int, *, start_step: int = 0, enabled: bool | None = None) -> None:
-        self.total_steps = total_steps
+    def __init__(self, total_steps: int, *, start_step: int = 0, every: int = 1, enabled: bool | None = None) -> None:
+        self.total_steps, self.every = total_steps, every
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
         self._t0 = time.monotonic()
-        # (time, step) of recent updates. The first update's interval includes compilation, so the rate is only
-        # measured from the first update on: no ETA until the second one.
-        self._recent: deque[tuple[float, int]] = deque(maxlen=RATE_WINDOW)
+        # (time, step, tokens seen) of recent updates. The first update's interval includes compilation, so rates
+        # are only measured from the first update on: no ETA or tokens/s until the second one.
+        self._recent: deque[tuple[float, int, int | None]] = deque(maxlen=RATE_WINDOW)
         self._bar = None
         if self.enabled:
             from rich.console import Console
@@ -175,32 +193,48 @@ class Progress:
             )
             from rich.progress import Progress as RichProgress
 
+            # Redirecting stdout and stderr (rich's default, made explicit) is what keeps other output above the bar.
             self._bar = RichProgress(TextColumn("step"), MofNCompleteColumn(), BarColumn(),
                                      TextColumn("{task.fields[stats]}"), TimeElapsedColumn(),
-                                     TextColumn("eta {task.fields[eta]}"), console=Console(stderr=True))
-            self._task = self._bar.add_task("train", total=total_steps, completed=start_step, stats="", eta="-")
+                                     TextColumn("eta {task.fields[eta]}"), console=Console(stderr=True),
+                                     redirect_stdout=True, redirect_stderr=True)
+            # Until the first update: its step compiles first, which takes from seconds to minutes.
+            self._task = self._bar.add_task("train", total=total_steps, completed=start_step,
+                                            stats="compiling the train step", eta="-")
             self._bar.start()
 
     def eta_s(self) -> float | None:
         """Seconds left at the recent rate; None before there are two updates to measure it from."""
         if len(self._recent) < 2:
             return None
-        (t0, s0), (t1, s1) = self._recent[0], self._recent[-1]
+        (t0, s0, _), (t1, s1, _) = self._recent[0], self._recent[-1]
         if s1 <= s0 or t1 <= t0:
             return None
         return (self.total_steps - s1) * (t1 - t0) / (s1 - s0)
 
+    def tokens_per_s(self) -> float | None:
+        """Input tokens per second over the recent updates; None before there are two updates with token counts."""
+        if len(self._recent) < 2:
+            return None
+        (t0, _, n0), (t1, _, n1) = self._recent[0], self._recent[-1]
+        if n0 is None or n1 is None or t1 <= t0:
+            return None
+        return (n1 - n0) / (t1 - t0)
+
     def update(self, step: int, *, loss: float | None = None, lr: float | None = None,
-               tokens_per_s: float | None = None) -> None:
+               tokens: int | None = None) -> None:
+        """Called after every step; `tokens`: input tokens seen so far in the run (what tokens/s counts)."""
         now = time.monotonic()
-        self._recent.append((now, step))
+        self._recent.append((now, step, tokens))
+        if self._bar is None and step % self.every != 0 and step != self.total_steps:
+            return
         stats = []
         if loss is not None:
             stats.append(f"loss {loss:.4f}")
         if lr is not None:
             stats.append(f"lr {lr:.2e}")
-        if tokens_per_s is not None:
-            stats.append(f"{tokens_per_s:,.0f} tok/s")
+        if (rate := self.tokens_per_s()) is not None:
+            stats.append(f"{rate:,.0f} tok/s")
         eta = self.eta_s()
         eta_text = "-" if eta is None else _hms(eta)
         if self._bar is not None:
@@ -234,6 +268,8 @@ _SUMMARY_ITEMS: list[tuple[str, str, Callable[[Any], str]]] = [
     ("adapter", "adapter", str),
     ("metrics", "metrics", str),
     ("tensorboard", "TensorBoard logs", str),
+    ("wandb", "wandb run", str),
+    ("mlflow", "MLflow run", str),
     ("plot", "loss plot", str),
 ]
 

@@ -380,7 +380,11 @@ def run(tcfg: TrainConfig) -> Result:
     val_loss = loss = None
     answers: list[tuple[str, str]] = []
     log_dir = run_dir if main else _private_dir()  # the other processes' logs are their own, then discarded
-    with MetricsLog(log_dir, start_step=start) as log, Progress(total, start_step=start) as progress:
+    # Only process 0 reports to experiment trackers; the bar is constructed after them, so their start-up messages
+    # print before it.
+    with MetricsLog(log_dir, start_step=start, report_to=tcfg.report_to if main else (),
+                    config=to_dict(tcfg)) as log, \
+            Progress(total, start_step=start, every=tcfg.log_every) as progress:
         t_log, tokens_at_log = time.perf_counter(), tokens_seen
         if start == total:  # the final evaluation was logged before the final checkpoint: only recompute it
             val_loss, answers = evaluate(total, record=False)
@@ -398,13 +402,13 @@ def run(tcfg: TrainConfig) -> Result:
                 skipped += 1
             else:
                 loss = float(m["loss"])
+            progress.update(step, loss=float(m["loss"]), lr=float(lr_at(step - 1)), tokens=tokens_seen)
             if step % tcfg.log_every == 0 or step == total:
                 now = time.perf_counter()
                 rate = (tokens_seen - tokens_at_log) / (now - t_log)
                 t_log, tokens_at_log = now, tokens_seen
                 log.log(step, loss=float(m["loss"]), lr=float(lr_at(step - 1)), tokens_per_s=rate,
                         grad_norm=float(m["grad_norm"]), trained_tokens=float(m["tokens"]), skipped=skipped)
-                progress.update(step, loss=float(m["loss"]), lr=float(lr_at(step - 1)), tokens_per_s=rate)
             if (tcfg.eval_every and step % tcfg.eval_every == 0) or step == total:
                 val_loss, answers = evaluate(step)
             if (tcfg.save_every and step % tcfg.save_every == 0) or step == total:
@@ -420,8 +424,7 @@ def run(tcfg: TrainConfig) -> Result:
                "tokens_per_s": (tokens_seen - tokens_at_start) / wall,  # this process's work, after a resume too
                "train_loss": loss, "val_loss": val_loss, "skipped_steps": skipped,
                "adapter": str(adapter_dir) if tcfg.method == "lora" else str(latest_checkpoint(run_dir)),
-               "metrics": str(run_dir / "metrics.jsonl"), "tensorboard": str(run_dir / "tensorboard"),
-               "plot": str(plot)}
+               "metrics": str(run_dir / "metrics.jsonl"), **log.where, "plot": str(plot)}
     summary = {k: v for k, v in summary.items() if v is not None}
     if main:
         write_text(run_dir / "summary.txt", format_summary(summary) + "\n")
