@@ -230,7 +230,7 @@ DIVERGE = ["--max-steps", "4", "--save-every", "1", "--lr", "1e30", "--warmup_st
 def test_nonfinite_stops_with_the_step_and_causes(tmp_path, capsys):
     from gemmatune.checkpoint import load_checkpoint
     from gemmatune.convert.hf import load_hf
-    from gemmatune.trainer import init_state, optimizer, split_trainable
+    from gemmatune.step import init_state, optimizer, split_trainable
 
     data = write_rows(tmp_path / "rows.jsonl", 12)
     out = tmp_path / "run"

@@ -15,9 +15,10 @@ from gemmatune import lora
 from gemmatune import model as M
 from gemmatune.config import LoraConfig, ModelConfig, TrainConfig
 from gemmatune.loss import chunked_loss
-from gemmatune.trainer import (
+from gemmatune.step import (
     Shapes,
     init_state,
+    make_eval_step,
     make_train_step,
     optimizer,
     split_trainable,
@@ -179,12 +180,25 @@ def test_nonfinite_step_changes_nothing(small_params):
 
 
 def test_lora_dropout_changes_training_only(small_params):
+    """Dropout changes the training update and nothing else: the eval step scores adapters as the reference
+    forward does without dropout, and the merged weights that generation runs on are the same."""
     b = rows(2)
     tcfg = dataclasses.replace(TCFG, lora=LoraConfig(rank=4, alpha=8.0, dropout=0.5))
     plain, _ = _step(TCFG, small_params, b, 1, 2)
     dropped, _ = _step(tcfg, small_params, b, 1, 2)
     assert any(not np.allclose(x, y) for x, y in zip(jax.tree.leaves(plain["params"]),
                                                       jax.tree.leaves(dropped["params"])))
+
+    adapters, batch = dropped["params"], {k: jnp.asarray(v) for k, v in b.items()}
+    ref_s, ref_c = full_loss(lora.attach(small_params, adapters), b, SMALL, TCFG.lora)
+    for cfg in (TCFG, tcfg):
+        s, c = make_eval_step(SMALL, cfg)(adapters, small_params, batch)
+        assert float(c) == float(ref_c)
+        np.testing.assert_allclose(float(s), float(ref_s), rtol=1e-5)
+    with_dropout, without = lora.merge(small_params, adapters, tcfg.lora), lora.merge(small_params, adapters,
+                                                                                        TCFG.lora)
+    for x, y in zip(jax.tree.leaves(with_dropout), jax.tree.leaves(without)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_full_fine_tuning_trains_every_weight(small_params):
@@ -250,7 +264,7 @@ def test_training_continues_from_a_peft_adapter(small_params, tmp_path):
 
 @pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
 def test_schedules_warm_up_then_decay_to_the_floor(kind):
-    from gemmatune.trainer import schedule
+    from gemmatune.step import schedule
 
     tcfg = dataclasses.replace(TCFG, lr=1e-3, schedule=kind, warmup_steps=10, min_lr_ratio=0.1)
     lr = schedule(tcfg, 110)

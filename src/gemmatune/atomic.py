@@ -67,6 +67,23 @@ def refuse_to_replace(out: Path, force: bool, what: str) -> None:
 
 
 @contextlib.contextmanager
+def provisional_dir(path: Path) -> Iterator[Path]:
+    """Create `path` (and its missing parents) for the block; when the block raises, the directories created here
+    are removed again if empty, so a failed start leaves the file system as it found it."""
+    created = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        yield path
+    except BaseException:
+        for p in created:
+            try:
+                p.rmdir()
+            except OSError:  # not empty (someone else writes there too) or already gone
+                break
+        raise
+
+
+@contextlib.contextmanager
 def staged_dir(final: Path) -> Iterator[Path]:
     """Yield an empty staging directory; when the block ends normally it becomes `final` (replacing what is
     there), durably; when it raises, the staging directory is removed and `final` is untouched."""

@@ -119,8 +119,8 @@ def _inspect(args: argparse.Namespace, extra: Sequence[str]) -> None:
 def _train(args: argparse.Namespace, extra: Sequence[str]) -> None:
     import dataclasses
 
+    from gemmatune.loop import train  # imported here: the other commands and --help start without JAX
     from gemmatune.settings import train_config_from_args
-    from gemmatune.trainer import run
 
     # argparse stores --data under its field path, "data.paths" (see settings._add_flags), not "data".
     sample = getattr(args, "config", None) is None and not hasattr(args, "data.paths") and not any(
@@ -133,7 +133,7 @@ def _train(args: argparse.Namespace, extra: Sequence[str]) -> None:
             cfg.data, paths=tuple(str(SAMPLE / p) for p in cfg.data.paths)))
         print(f"no --data or --config given: fine-tuning the embedded tiny model on {SAMPLE / 'chat.jsonl'}",
               file=sys.stderr)
-    result = run(cfg)
+    result = train(cfg)
     for prompt, text in result.answers:  # what the model now answers: the point of the run
         print(f"> {prompt}\n{text}")
 
