@@ -309,8 +309,8 @@ class TrainConfig:
     adam_b2: float = 0.999
     adam_eps: float = 1e-8
     remat: str = "block"  # none, block (recompute each layer in the backward pass) or full
-    # Positions per chunk of the loss; full [batch, seq, vocab] logits never exist. 512: XLA CPU runs the
-    # [chunk, D] x [D, V] products about 6% faster than at 256 (256k vocabulary), for 0.2 GB more at V = 256k.
+    # Positions per chunk of the loss; full [batch, seq, vocab] logits never exist, about 3 [chunk, vocab] float32
+    # arrays do (the choice of 512: BENCHMARKS.md).
     loss_chunk: int = 512
     seed: int = 0
     log_every: int = 1
