@@ -87,7 +87,7 @@ def run_gemmatune(w: Workload, steps: int, dtype: str) -> dict[str, Any]:
 
     from gemmatune.config import LoraConfig, TrainConfig
     from gemmatune.model import init_params
-    from gemmatune.trainer import (
+    from gemmatune.step import (
         Shapes,
         init_state,
         make_train_step,

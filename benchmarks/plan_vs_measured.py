@@ -28,7 +28,8 @@ CASES = [  # (name, model config, seq, batch, remat, dtype)
 MEASURE = r"""
 import dataclasses, json, sys
 import jax, jax.numpy as jnp
-from gemmatune import sharding, trainer
+from gemmatune import sharding
+from gemmatune.step import Shapes, abstract_step
 from gemmatune.config import from_hf_dict
 from gemmatune.settings import config_from_dict
 
@@ -41,8 +42,8 @@ job = json.loads(sys.argv[1])
 cfg = from_hf_dict(job["model"])
 tcfg = config_from_dict(job["train"])
 mesh = sharding.make_mesh(None, jax.devices()[:1], cfg)
-shapes = trainer.Shapes(1, tcfg.batch_size, tcfg.data.max_seq_len)
-step, args = trainer.abstract_step(cfg, tcfg, mesh, shapes)
+shapes = Shapes(1, tcfg.batch_size, tcfg.data.max_seq_len)
+step, args = abstract_step(cfg, tcfg, mesh, shapes)
 compiled = step.lower(*args).compile()
 before = status("VmRSS")
 open("/proc/self/clear_refs", "w").write("5")  # resets VmHWM to the current resident size

@@ -313,32 +313,39 @@ def test_config_digest_ignores_only_fields_that_do_not_change_the_math() -> None
     assert ck.config_digest({**base, "lora": {**base["lora"], "rank": 16}}) != digest
 
 
+def start(d: Path, digest: str, *, resume: bool, overwrite: bool) -> Path | None:
+    """What a run does with its --output: check it (reading only), then claim it."""
+    found = ck.check_run_dir(d, digest, resume=resume, overwrite=overwrite)
+    ck.claim_run_dir(d, digest, overwrite=overwrite)
+    return found
+
+
 def test_new_and_empty_directories_start_a_run(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     for d in (tmp_path / "new" / "run", tmp_path / "empty"):
-        assert ck.prepare_run_dir(d, "d1", resume=False, overwrite=False) is None
+        assert start(d, "d1", resume=False, overwrite=False) is None
         assert json.loads((d / "run.json").read_text()) == {"config_digest": "d1"}
 
 
 def test_resume(tmp_path: Path) -> None:
     with pytest.raises(GemmatuneError, match="nothing to resume .* holds no run"):
-        ck.prepare_run_dir(tmp_path, "d1", resume=True, overwrite=False)
-    ck.prepare_run_dir(tmp_path, "d1", resume=False, overwrite=False)
+        start(tmp_path, "d1", resume=True, overwrite=False)
+    start(tmp_path, "d1", resume=False, overwrite=False)
     with pytest.raises(GemmatuneError, match="nothing to resume .* no complete checkpoint"):
-        ck.prepare_run_dir(tmp_path, "d1", resume=True, overwrite=False)
+        start(tmp_path, "d1", resume=True, overwrite=False)
     path = ck.save_checkpoint(tmp_path, 5, {"x": np.zeros(2)}, {}, keep=1)
-    assert ck.prepare_run_dir(tmp_path, "d1", resume=True, overwrite=False) == path
+    assert start(tmp_path, "d1", resume=True, overwrite=False) == path
     with pytest.raises(GemmatuneError, match="differs from this one .* would not continue the same run"):
-        ck.prepare_run_dir(tmp_path, "d2", resume=True, overwrite=False)
+        start(tmp_path, "d2", resume=True, overwrite=False)
     with pytest.raises(GemmatuneError, match="pass only one"):
-        ck.prepare_run_dir(tmp_path, "d1", resume=True, overwrite=True)
+        start(tmp_path, "d1", resume=True, overwrite=True)
     (tmp_path / "run.json").unlink()  # checkpoints alone: still a run, but of an unknown configuration
     with pytest.raises(GemmatuneError, match="run.json: missing; cannot tell which configuration"):
-        ck.prepare_run_dir(tmp_path, "d1", resume=True, overwrite=False)
+        start(tmp_path, "d1", resume=True, overwrite=False)
 
 
 def make_run(d: Path) -> None:
-    ck.prepare_run_dir(d, "old", resume=False, overwrite=False)
+    start(d, "old", resume=False, overwrite=False)
     ck.save_checkpoint(d, 1, {"x": np.zeros(2)}, {}, keep=1)
     ck.save_adapter(d / "adapter", lora_tree(4), LORA, MODEL, "base")
     (d / "metrics.jsonl").write_text("{}\n")
@@ -350,8 +357,8 @@ def make_run(d: Path) -> None:
 def test_existing_run_needs_resume_or_overwrite(tmp_path: Path) -> None:
     make_run(tmp_path)
     with pytest.raises(GemmatuneError, match="pass --resume to continue it or --overwrite to replace it"):
-        ck.prepare_run_dir(tmp_path, "new", resume=False, overwrite=False)
-    assert ck.prepare_run_dir(tmp_path, "new", resume=False, overwrite=True) is None
+        start(tmp_path, "new", resume=False, overwrite=False)
+    assert start(tmp_path, "new", resume=False, overwrite=True) is None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json"]
     assert json.loads((tmp_path / "run.json").read_text()) == {"config_digest": "new"}
 
@@ -361,7 +368,7 @@ def test_overwrite_never_deletes_user_files(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("mine")
     before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
     with pytest.raises(GemmatuneError, match=r"files gemmatune did not write \(notes.txt\)"):
-        ck.prepare_run_dir(tmp_path, "new", resume=False, overwrite=True)
+        start(tmp_path, "new", resume=False, overwrite=True)
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
 
 
@@ -370,8 +377,35 @@ def test_a_directory_that_is_not_a_run_is_refused(tmp_path: Path, overwrite: boo
     (tmp_path / "data.jsonl").write_text("{}")
     (tmp_path / "metrics.jsonl").write_text("{}")  # one of our names, but no run.json: the user's file
     with pytest.raises(GemmatuneError, match="not a gemmatune run; gemmatune never deletes"):
-        ck.prepare_run_dir(tmp_path, "d", resume=False, overwrite=overwrite)
+        start(tmp_path, "d", resume=False, overwrite=overwrite)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl", "metrics.jsonl"]
     (tmp_path / "f").write_text("x")
     with pytest.raises(GemmatuneError, match="not a directory"):
-        ck.prepare_run_dir(tmp_path / "f", "d", resume=False, overwrite=overwrite)
+        start(tmp_path / "f", "d", resume=False, overwrite=overwrite)
+
+
+def test_the_check_reads_only(tmp_path: Path) -> None:
+    """check_run_dir accepts a new directory without creating it, and an --overwrite without deleting anything:
+    a start that fails after the check leaves --output as it was."""
+    assert ck.check_run_dir(tmp_path / "new", "d", resume=False, overwrite=False) is None
+    assert not (tmp_path / "new").exists()
+    make_run(tmp_path / "old")
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    assert ck.check_run_dir(tmp_path / "old", "new", resume=False, overwrite=True) is None
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+
+
+def test_leftovers_of_a_killed_start_count_as_nothing(tmp_path: Path) -> None:
+    """A start killed while staging its data leaves only a hidden .data.partial-PID: the next start takes the
+    directory as empty, and its claim deletes that leftover but keeps what the new start has staged."""
+    (tmp_path / ".data.partial-99").mkdir()
+    (tmp_path / ".data.partial-99" / "tokens.bin").write_bytes(b"x")
+    (tmp_path / ".run.json.partial-98").write_text("{")
+    (tmp_path / ".data.partial-7").mkdir()  # the starting run's own staging
+    assert ck.check_run_dir(tmp_path, "d", resume=False, overwrite=False) is None
+    ck.claim_run_dir(tmp_path, "d", overwrite=False, keep={".data.partial-7"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".data.partial-7", "run.json"]
+    (tmp_path / ".notes.partial-1").write_text("not ours: another name")
+    (tmp_path / "run.json").unlink()
+    with pytest.raises(GemmatuneError, match="not a gemmatune run"):
+        ck.check_run_dir(tmp_path, "d", resume=False, overwrite=False)

@@ -24,7 +24,7 @@ from test_train_step import rows
 
 from conftest import SMALL, strong_params
 from gemmatune import sharding as S
-from gemmatune import trainer as T
+from gemmatune import step as T
 from gemmatune.config import PRESETS, LoraConfig, ModelConfig, TrainConfig
 from gemmatune.errors import GemmatuneError
 from gemmatune.layout import adapter_shapes, is_shape, param_axes, param_shapes, trainable_axes

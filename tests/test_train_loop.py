@@ -208,6 +208,30 @@ def test_output_directory_refusals(tmp_path, capsys):
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # a refused run touches nothing
 
 
+def test_a_failed_start_writes_nothing(tmp_path, capsys):
+    """A start that fails on the user's input leaves --output as it was: absent (so the corrected command runs
+    without --overwrite), or with --overwrite, the previous run whole. A bad row is found while the data is
+    prepared, after the checks of the directory, model and mesh."""
+    data = write_rows(tmp_path / "rows.jsonl", 12)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(data.read_text() + '{"instruction": "unterminated\n')
+    out = tmp_path / "runs" / "run"
+    base = ["train", "--output", str(out), "--max-steps", "1", *TINY]
+    for wrong in (["--data", str(data), "--model", str(tmp_path / "no-such-model")], ["--data", str(bad)]):
+        assert main([*base, *wrong]) == 2
+        err = capsys.readouterr().err
+        assert err.splitlines()[-1].startswith("error: ") and "Traceback" not in err, err
+        assert not (tmp_path / "runs").exists(), list((tmp_path / "runs").rglob("*"))
+    assert main([*base, "--data", str(data)]) == 0
+    capsys.readouterr()
+
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    assert main([*base, "--data", str(bad), "--lr", "1e-3", "--overwrite"]) == 2
+    assert "bad.jsonl" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    assert checkpoint_steps(out) == [1]
+
+
 def test_overwrite_replaces_the_previous_run(tmp_path, capsys):
     data = write_rows(tmp_path / "rows.jsonl", 12)
     out = tmp_path / "run"
@@ -230,7 +254,7 @@ DIVERGE = ["--max-steps", "4", "--save-every", "1", "--lr", "1e30", "--warmup_st
 def test_nonfinite_stops_with_the_step_and_causes(tmp_path, capsys):
     from gemmatune.checkpoint import load_checkpoint
     from gemmatune.convert.hf import load_hf
-    from gemmatune.trainer import init_state, optimizer, split_trainable
+    from gemmatune.step import init_state, optimizer, split_trainable
 
     data = write_rows(tmp_path / "rows.jsonl", 12)
     out = tmp_path / "run"

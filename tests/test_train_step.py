@@ -15,12 +15,14 @@ from gemmatune import lora
 from gemmatune import model as M
 from gemmatune.config import LoraConfig, ModelConfig, TrainConfig
 from gemmatune.loss import chunked_loss
-from gemmatune.trainer import (
+from gemmatune.step import (
     Shapes,
     init_state,
+    make_eval_step,
     make_train_step,
     optimizer,
     split_trainable,
+    supervised_loss,
 )
 
 TCFG = TrainConfig(dtype="float32", lora=LoraConfig(rank=4, alpha=8.0), lr=1e-2, remat="none", loss_chunk=24,
@@ -99,13 +101,13 @@ def test_loss_equals_transformers(small_params, small_hf):
     np.testing.assert_allclose(float(s / c), ref, rtol=1e-5)
 
 
-def _step(tcfg: TrainConfig, params, batch_rows, k: int, B: int, steps: int = 1):
+def _step(tcfg: TrainConfig, params, batch_rows, k: int, B: int, steps: int = 1, loss_fn=None):
     opt = optimizer(tcfg, 10)
     trainable, frozen = split_trainable(params, SMALL, tcfg, jax.random.key(1))
     # Non-zero B, so the gradient of A is not trivially zero.
     trainable = jax.tree.map(lambda a: a + 0.01 * jax.random.normal(jax.random.key(2), a.shape), trainable)
     state = init_state(trainable, opt, jax.random.key(3))
-    step = make_train_step(SMALL, tcfg, opt)
+    step = make_train_step(SMALL, tcfg, opt, loss_fn=loss_fn)
     shapes = Shapes(k, B, batch_rows["inputs"].shape[1])
     metrics = []
     for _ in range(steps):
@@ -127,6 +129,30 @@ def test_grad_accumulation_equals_one_big_batch(small_params):
     ref_s, ref_c = full_loss(lora.attach(small_params, _step(TCFG, small_params, b, 1, 8, steps=0)[0]["params"]),
                              b, SMALL, TCFG.lora)
     np.testing.assert_allclose(float(m8[0]["loss"]), float(ref_s / ref_c), rtol=1e-5)
+
+
+def test_the_step_minimises_the_loss_function_it_is_given(small_params):
+    """The objective is a loss function of a batch: one that trains on every target of the rows gives the step
+    (and the evaluation) of the default objective on the same rows with every weight 1."""
+    b = rows(2)
+    every = {**b, "weights": (b["segment_ids"] > 0).astype(np.float32)}
+    supervised = supervised_loss(SMALL, TCFG)
+
+    def every_target(trainable, frozen, batch, key):
+        return supervised(trainable, frozen, {**batch, "weights": (batch["segment_ids"] > 0).astype(jnp.float32)},
+                          key)
+
+    got, [mg] = _step(TCFG, small_params, b, 1, 2, loss_fn=every_target)
+    want, [mw] = _step(TCFG, small_params, every, 1, 2)
+    assert float(mg["tokens"]) == float(mw["tokens"]) > b["weights"].sum()
+    np.testing.assert_allclose(float(mg["loss"]), float(mw["loss"]), rtol=1e-6)
+    for x, y in zip(jax.tree.leaves(got["params"]), jax.tree.leaves(want["params"])):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
+    s, c = make_eval_step(SMALL, TCFG, loss_fn=every_target)(got["params"], small_params,
+                                                             {k: jnp.asarray(v) for k, v in b.items()})
+    rs, rc = make_eval_step(SMALL, TCFG)(got["params"], small_params, {k: jnp.asarray(v) for k, v in every.items()})
+    assert float(c) == float(rc)
+    np.testing.assert_allclose(float(s), float(rs), rtol=1e-6)
 
 
 def test_train_state_holds_adapters_only(small_params):
@@ -179,12 +205,25 @@ def test_nonfinite_step_changes_nothing(small_params):
 
 
 def test_lora_dropout_changes_training_only(small_params):
+    """Dropout changes the training update and nothing else: the eval step scores adapters as the reference
+    forward does without dropout, and the merged weights that generation runs on are the same."""
     b = rows(2)
     tcfg = dataclasses.replace(TCFG, lora=LoraConfig(rank=4, alpha=8.0, dropout=0.5))
     plain, _ = _step(TCFG, small_params, b, 1, 2)
     dropped, _ = _step(tcfg, small_params, b, 1, 2)
     assert any(not np.allclose(x, y) for x, y in zip(jax.tree.leaves(plain["params"]),
                                                       jax.tree.leaves(dropped["params"])))
+
+    adapters, batch = dropped["params"], {k: jnp.asarray(v) for k, v in b.items()}
+    ref_s, ref_c = full_loss(lora.attach(small_params, adapters), b, SMALL, TCFG.lora)
+    for cfg in (TCFG, tcfg):
+        s, c = make_eval_step(SMALL, cfg)(adapters, small_params, batch)
+        assert float(c) == float(ref_c)
+        np.testing.assert_allclose(float(s), float(ref_s), rtol=1e-5)
+    with_dropout, without = lora.merge(small_params, adapters, tcfg.lora), lora.merge(small_params, adapters,
+                                                                                        TCFG.lora)
+    for x, y in zip(jax.tree.leaves(with_dropout), jax.tree.leaves(without)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_full_fine_tuning_trains_every_weight(small_params):
@@ -250,7 +289,7 @@ def test_training_continues_from_a_peft_adapter(small_params, tmp_path):
 
 @pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
 def test_schedules_warm_up_then_decay_to_the_floor(kind):
-    from gemmatune.trainer import schedule
+    from gemmatune.step import schedule
 
     tcfg = dataclasses.replace(TCFG, lr=1e-3, schedule=kind, warmup_steps=10, min_lr_ratio=0.1)
     lr = schedule(tcfg, 110)

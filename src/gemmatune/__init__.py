@@ -15,7 +15,7 @@ from gemmatune.config import (
 from gemmatune.errors import GemmatuneError
 
 if TYPE_CHECKING:
-    from gemmatune.trainer import Result
+    from gemmatune.loop import Result
 
 __version__ = "0.1.0"
 __all__ = ["PRESETS", "DataConfig", "GemmatuneError", "LoraConfig", "ModelConfig", "TrainConfig", "load_config",
@@ -24,7 +24,7 @@ __all__ = ["PRESETS", "DataConfig", "GemmatuneError", "LoraConfig", "ModelConfig
 
 def train(config: TrainConfig) -> Result:
     """Fine-tune as `gemmatune train` does: `gemmatune.train(TrainConfig(data=DataConfig(paths=("my.jsonl",))))`.
-    Imported lazily, so `import gemmatune` stays light."""
-    from gemmatune.trainer import run
+    Imported here, not at the top, so that `import gemmatune` stays light (no JAX)."""
+    from gemmatune import loop
 
-    return run(config)
+    return loop.train(config)

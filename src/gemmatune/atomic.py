@@ -66,6 +66,23 @@ def refuse_to_replace(out: Path, force: bool, what: str) -> None:
                              f"another {what} directory.")
 
 
+@contextlib.contextmanager
+def provisional_dir(path: Path) -> Iterator[Path]:
+    """Create `path` (and its missing parents) for the block; when the block raises, the directories created here
+    are removed again if empty, so a failed start leaves the file system as it found it."""
+    created = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        yield path
+    except BaseException:
+        for p in created:
+            try:
+                p.rmdir()
+            except OSError:  # not empty (someone else writes there too) or already gone
+                break
+        raise
+
+
 def begin_dir(final: Path) -> Path:
     """Remove what killed writers of `final` left behind and create an empty staging directory for it; a writer
     that cannot use a `with` block (one that streams over many calls) pairs this with `commit_dir`, and removes

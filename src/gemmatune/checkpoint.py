@@ -4,7 +4,7 @@ Layout of a run directory (`--output`):
     run.json                        {"config_digest": ...}: which configuration this run belongs to
     checkpoints/step-00000100/      state.safetensors (every train-state leaf, keyed by its tree path) + meta.json
     adapter/                        adapter.safetensors + adapter_config.json
-    metrics.jsonl, tensorboard/, wandb/, mlflow/, config.yaml, loss.png, summary.txt, data/   (the trainer's)
+    metrics.jsonl, tensorboard/, wandb/, mlflow/, config.yaml, loss.png, summary.txt, data/   (written by loop.py)
 
 Every directory that must appear whole (a checkpoint, an adapter) is staged in a hidden sibling
 `.NAME.partial-PID`, fsynced, and renamed into place. A rename is atomic, so whenever the writer is killed a reader
@@ -17,7 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Mapping
+import shutil
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -149,7 +150,7 @@ def _different_config(path: Path, detail: str) -> GemmatuneError:
 
 
 def load_checkpoint(path: str | Path, template: Any) -> tuple[Any, dict[str, Any]]:
-    """Restore a checkpoint into the structure of `template` (the state as freshly built by the trainer, or its
+    """Restore a checkpoint into the structure of `template` (the state as freshly built by loop.py, or its
     `jax.eval_shape`): every leaf must be stored with the template's path, shape and dtype. Restored leaves take the
     template's sharding (numpy leaves stay numpy). Returns (state, the meta given to save_checkpoint)."""
     path = Path(path)
@@ -275,15 +276,23 @@ def _is_run_output(name: str) -> bool:
     return (m["name"] if m else name) in RUN_OUTPUTS
 
 
-def prepare_run_dir(run_dir: str | Path, config_digest: str, *, resume: bool, overwrite: bool) -> Path | None:
-    """Make `run_dir` ready for a run of the configuration `config_digest`; returns the checkpoint to resume from,
-    or None for a fresh start. Never deletes a file gemmatune did not write."""
+def _is_leftover(name: str) -> bool:
+    """Whether `name` is what a killed writer left of one of a run's outputs."""
+    m = LEFTOVER.match(name)
+    return m is not None and m["name"] in RUN_OUTPUTS
+
+
+def check_run_dir(run_dir: str | Path, config_digest: str, *, resume: bool, overwrite: bool) -> Path | None:
+    """Whether a run of the configuration `config_digest` may use `run_dir`, reading only (a refused or failed
+    start leaves the directory as it was): returns the checkpoint to resume from, or None for a fresh start.
+    `claim_run_dir` then makes the directory the run's."""
     d = Path(run_dir)
     if resume and overwrite:
         raise GemmatuneError(f"--resume continues the run in {d} and --overwrite replaces it: pass only one.")
     if d.exists() and not d.is_dir():
         raise GemmatuneError(f"--output {d}: exists and is not a directory; choose another --output.")
-    entries = sorted(p.name for p in d.iterdir()) if d.exists() else []
+    # What killed writers left (a killed start's staged data, say) belongs to no run and counts as nothing.
+    entries = [n for n in sorted(p.name for p in d.iterdir()) if not _is_leftover(n)] if d.exists() else []
     is_run = RUN_FILE in entries or CHECKPOINTS in entries
     if entries and not is_run:
         raise GemmatuneError(f"--output {d}: not empty ({_some(entries)}) and not a gemmatune run; gemmatune never "
@@ -312,13 +321,28 @@ def prepare_run_dir(run_dir: str | Path, config_digest: str, *, resume: bool, ov
         if foreign:
             raise GemmatuneError(f"--output {d} holds files gemmatune did not write ({_some(foreign)}); --overwrite "
                                  "replaces only a run's own files. Move them away or choose another --output.")
-        # run.json stays until it is replaced below, so a kill midway leaves a directory still seen as a run.
-        for name in entries:
-            if name != RUN_FILE:
-                if (d / name).is_dir():
-                    remove_dir(d / name)
-                else:
-                    (d / name).unlink()
-    d.mkdir(parents=True, exist_ok=True)
-    write_text(d / RUN_FILE, json.dumps({"config_digest": config_digest}))
     return None
+
+
+def claim_run_dir(run_dir: str | Path, config_digest: str, *, overwrite: bool, keep: Collection[str] = ()) -> None:
+    """Make `run_dir`, accepted by `check_run_dir`, the run's: delete what killed writers left and, with
+    overwrite, the previous run's outputs (never a file gemmatune did not write), then record the configuration
+    in run.json. `keep`: names the starting run has already staged there."""
+    d = Path(run_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    # run.json stays until it is replaced below, so a kill midway leaves a directory still seen as a run.
+    for name in sorted(p.name for p in d.iterdir()):
+        path = d / name
+        if name in keep or name == RUN_FILE or not _is_run_output(name):
+            continue
+        if _is_leftover(name):  # half-written or half-deleted: nothing reads it, so no atomic removal is needed
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        elif overwrite:
+            if path.is_dir():
+                remove_dir(path)
+            else:
+                path.unlink()
+    write_text(d / RUN_FILE, json.dumps({"config_digest": config_digest}))

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from gemmatune.config import DEFAULT_MODEL
+from gemmatune.config import EMBEDDED_MODEL
 from gemmatune.errors import GemmatuneError
 from gemmatune.hub import CONFIG_PRESETS, MODEL_HELP
 from gemmatune.settings import add_data_args, add_train_args, unknown_argument
@@ -130,8 +130,8 @@ def _inspect(args: argparse.Namespace) -> None:
 def _train(args: argparse.Namespace) -> None:
     import dataclasses
 
+    from gemmatune.loop import train  # imported here: the other commands and --help start without JAX
     from gemmatune.settings import given, train_config_from_args
-    from gemmatune.trainer import run
 
     sample = args.config is None and not given(args, "data.paths")
     if sample:  # no config and no data: the embedded default job
@@ -142,7 +142,7 @@ def _train(args: argparse.Namespace) -> None:
             cfg.data, paths=tuple(str(SAMPLE / p) for p in cfg.data.paths)))
         print(f"no --data or --config given: fine-tuning the embedded tiny model on {SAMPLE / 'chat.jsonl'}",
               file=sys.stderr)
-    result = run(cfg)
+    result = train(cfg)
     for prompt, text in result.answers:  # what the model now answers: the point of the run
         print(f"> {prompt}\n{text}")
 
@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="continue a prompt (or answer it with --chat)",
                        description="Generate text; only the generated text is written to stdout, streamed.")
-    g.add_argument("--model", default=str(DEFAULT_MODEL), help=MODEL_HELP + "; default: tiny")
+    g.add_argument("--model", default=EMBEDDED_MODEL, help=MODEL_HELP + "; default: tiny")
     g.add_argument("--adapter", default=None, help="a gemmatune adapter directory (OUTPUT/adapter) to apply")
     g.add_argument("--prompt", default="The quick brown fox", help="prompt text")
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
@@ -243,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, what in (("merge", "fold an adapter into the base weights: a Hugging Face checkpoint"),
                        ("export", "write a merged Hugging Face model, a PEFT adapter or a GGUF file")):
         e = sub.add_parser(name, help=what, description=what[0].upper() + what[1:] + ".")
-        e.add_argument("--model", default=str(DEFAULT_MODEL), help="the base model: " + MODEL_HELP + "; default: tiny")
+        e.add_argument("--model", default=EMBEDDED_MODEL, help="the base model: " + MODEL_HELP + "; default: tiny")
         e.add_argument("--adapter", required=True, help="the adapter directory (OUTPUT/adapter, or a PEFT adapter)")
         if name == "merge":
             e.add_argument("--output", required=True, help="output directory for the merged checkpoint")
@@ -287,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = data.add_parser("inspect", help="formats, counts, lengths, packing and a rendered example",
                         description="Read, format and pack a dataset exactly as training would, and report on it. "
                                     "The data settings are the same options as train's.")
-    i.add_argument("--model", default=str(DEFAULT_MODEL), help="whose tokenizer to use: " + MODEL_HELP +
+    i.add_argument("--model", default=EMBEDDED_MODEL, help="whose tokenizer to use: " + MODEL_HELP +
                    "; default: tiny")
     i.add_argument("--json", action="store_true", help="the same figures as JSON")
     add_data_args(i)

@@ -310,10 +310,10 @@ class LoraConfig:
 class TrainConfig:
     """Everything `gemmatune train` does; YAML sections `data:` and `lora:` fill the nested configs."""
 
-    model: str = setting(str(DEFAULT_MODEL), "a checkpoint directory (Hugging Face layout or a KerasHub preset), "
-                                             "tiny (the embedded demo model, the default), a Hugging Face Hub id "
-                                             "(google/gemma-2-2b-it[@revision]) or a Kaggle handle "
-                                             "(keras/gemma2/keras/gemma2_2b_en/1)")
+    model: str = setting(EMBEDDED_MODEL, "a checkpoint directory (Hugging Face layout or a KerasHub preset), "
+                                         "tiny (the embedded demo model, the default), a Hugging Face Hub id "
+                                         "(google/gemma-2-2b-it[@revision]) or a Kaggle handle "
+                                         "(keras/gemma2/keras/gemma2_2b_en/1)")
     output: str = setting("runs/gemmatune", "run directory: checkpoints, logs, config.yaml, the adapter")
     data: DataConfig = setting(DataConfig(), "what to train on and how it becomes batches")
     lora: LoraConfig = setting(LoraConfig(), "the adapters (with method lora)")
@@ -337,8 +337,8 @@ class TrainConfig:
     adam_eps: float = setting(1e-8, "AdamW epsilon")
     remat: str = setting("block", "recomputation in the backward pass: none, block (keep each layer's matrix "
                                   "products) or full (keep only each layer's input)")
-    # Full [batch, seq, vocab] logits never exist. 512: XLA CPU runs the [chunk, D] x [D, V] products about 6%
-    # faster than at 256 (256k vocabulary), for 0.2 GB more at V = 256k.
+    # Full [batch, seq, vocab] logits never exist, about 3 [chunk, vocab] float32 arrays do (the choice of 512:
+    # BENCHMARKS.md).
     loss_chunk: int = setting(512, "positions per chunk of the loss computation")
     seed: int = setting(0, "seed of the adapters' initialisation and of dropout (the data order has data.seed)")
     log_every: int = setting(1, "steps between log lines")

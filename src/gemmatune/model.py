@@ -102,9 +102,8 @@ def project(x: jax.Array, p: Params, names: tuple[str, ...], adapter: LoraConfig
 
     The LoRA products run on x flattened to [N, inputs] with A as [inputs, r] and B as [r, outputs]: with the
     einsum layouts (batch and time as separate axes), XLA's CPU backend transposed the [N, outputs] gradient for
-    the weight gradient of B, a full extra pass (measured: flattening made a `small` step 25% faster). Projections
-    that read the same x (q, k, v; gate, up) share one x A product, with their A's side by side; with dropout each
-    draws its own mask, so each has its own product."""
+    the weight gradient of B, a full extra pass. Projections that read the same x (q, k, v; gate, up) share one
+    x A product, with their A's side by side; with dropout each draws its own mask, so each has its own product."""
     ys = [jnp.einsum(PROJECTIONS[name], x, p[name]) for name in names]
     lora = p.get("lora", {})
     adapted = [i for i, name in enumerate(names) if name in lora]
@@ -247,8 +246,8 @@ def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, **kw: Any) -> j
 # Global layers keep every time; local layers keep a ring of the last `sliding_window` times (slot = t % W).
 #
 # Decoding runs the layers in a Python loop over per-layer weights and per-layer caches. Slicing a layer out of
-# the stacked [L, ...] arrays inside a scan makes XLA's CPU backend copy that layer's weights at every step
-# (measured: 16 -> 6 ms per token on the `small` preset at batch 1), and per-layer caches are updated in place.
+# the stacked [L, ...] arrays inside a scan makes XLA's CPU backend copy that layer's weights at every step, and
+# per-layer caches are updated in place.
 
 def unstack(params: Params) -> Params:
     """Stacked layers ({name: [L, ...]}) -> a list of per-layer dicts, the layout `forward_cached` takes.

@@ -1,6 +1,6 @@
 """`gemmatune plan`: whether a training run fits a device, before renting it.
 
-The real train step (trainer.abstract_step: the same function, shardings and settings `gemmatune train` compiles)
+The real train step (step.abstract_step: the same function, shardings and settings `gemmatune train` compiles)
 is compiled ahead of time from abstract shapes, with no weights and no accelerator, and XLA's own buffer figures
 are read back per device:
 
@@ -220,7 +220,7 @@ def _child(job: dict[str, Any], devices: list[Any]) -> dict[str, Any]:
     """One plan: job holds the device (compiler, devices, topology, capacity) and the request."""
     from gemmatune import sharding
     from gemmatune.settings import config_from_dict
-    from gemmatune.trainer import Shapes, abstract_step
+    from gemmatune.step import Shapes, abstract_step
 
     cfg = from_hf_dict(job["model"])
     tcfg = config_from_dict(job["train"])

@@ -3,8 +3,8 @@
 A mesh has three named axes: "data" (rows of the batch; everything else replicated), "fsdp" (rows of the batch,
 and the weights' hidden axis split too, gathered layer by layer) and "model" (tensor parallelism: attention heads,
 the MLP's hidden units and the vocabulary split). Arrays name their axes logically (layout.py: "heads", "mlp",
-...); RULES maps each logical axis to the mesh axes it is split over, MaxText style, so the layout of a parameter, its
-LoRA adapter, its optimizer moments and the activations that flow through it all follow from the same table.
+...); RULES maps each logical axis to the mesh axes it is split over, MaxText style, so the layout of a parameter,
+its LoRA adapter, its optimizer moments and the activations that flow through it all follow from the same table.
 
 A dimension that a mesh axis does not divide (gemma2-2b's 4 key/value heads on model=8) is replicated over that
 axis instead: `spec` drops mesh axes from the end of a rule until the rest divides the dimension, so any model runs

@@ -35,6 +35,13 @@ class Prepared:
     train: Split
     val: Split | None
 
+    def moved(self, old: str | Path, new: str | Path) -> None:
+        """Read the stores from `new` from now on: the directory `prepare` wrote them into, `old`, was renamed
+        there (files and contents unchanged)."""
+        stores = {id(split.store): split.store for split in (self.train, self.val) if split is not None}
+        for store in stores.values():
+            store.path = Path(new) / store.path.relative_to(old)
+
 
 def _tokenise(paths: Sequence[str], cfg: DataConfig, tokenizer: Tokenizer,
               out: Path) -> tuple[dict[str, Layout], ExampleStore, Report]:
