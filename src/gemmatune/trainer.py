@@ -303,7 +303,7 @@ def run(tcfg: TrainConfig) -> Result:
     distributed.barrier("run_dir")
     if not main:  # --output must be shared by all hosts for a resume: the others read process 0's checkpoint
         resume_from = latest_checkpoint(run_dir) if tcfg.resume else None
-    mesh = sharding.make_mesh(tcfg.mesh, cfg=model_config(tcfg.model))
+    mesh = sharding.make_mesh(tcfg.mesh, cfg=model_config(tcfg.model), batch_size=tcfg.batch_size)
     sharding.check_batch(mesh, tcfg.batch_size)
     print(f"mesh {sharding.describe(mesh)}: {jax.device_count()} {jax.devices()[0].platform} device(s) in "
           f"{jax.process_count()} process(es)", file=sys.stderr)
