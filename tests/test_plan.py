@@ -101,6 +101,18 @@ def test_refusals(monkeypatch: pytest.MonkeyPatch) -> None:
         plan(cfg, _tcfg(64, 2), "t4")
 
 
+def test_the_suggested_fsdp_mesh_fits_the_batch() -> None:
+    """The last suggestion splits the weights over fsdp, whose groups take whole rows: as many as divide the batch,
+    the model axis the rest, and none when one row cannot be split."""
+    from gemmatune.plan import _candidates
+
+    def meshes(batch: int) -> list[str]:
+        return [c["mesh"] for c in _candidates(_tcfg(64, batch, "full"), "", 8, PRESETS["tiny"])]
+
+    assert meshes(8)[-1] == "fsdp=8" and meshes(2)[-1] == "fsdp=2,model=4" and meshes(6)[-1] == "fsdp=2,model=4"
+    assert meshes(1) == []  # remat is full already, and one row neither halves nor splits among fsdp groups
+
+
 @pytest.mark.slow
 def test_the_default_mesh_fits_the_batch() -> None:
     """tiny's 2 key/value heads on 4 devices would put model=2 and data=2 by default, which 1 row cannot fill: the

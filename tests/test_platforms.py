@@ -54,6 +54,20 @@ def test_jax_chooses_on_a_tpu_vm_when_told_or_with_an_unknown_plugin(off_tpu: py
     assert os.environ["JAX_PLATFORMS"] == "cpu"
 
 
+def test_a_tpu_is_found_by_its_device_files_or_on_the_pci_bus(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    vendor = tmp_path / "vendor"
+    vendor.write_text("0x10de\n")  # an NVIDIA GPU
+    found = {"/sys/bus/pci/devices/*/vendor": [str(vendor), str(tmp_path / "gone")]}
+    monkeypatch.setattr(platforms.glob, "glob", lambda pattern: found.get(pattern, []))
+    assert not platforms.tpu_present()
+    vendor.write_text("0x1ae0\n")  # Google
+    assert platforms.tpu_present()
+    vendor.write_text("0x10de\n")
+    found["/dev/vfio/[0-9]*"] = ["/dev/vfio/0"]  # a v5e's chips
+    assert platforms.tpu_present()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu (gemmatune[tpu])")
 @pytest.mark.skipif(platforms.tpu_present(), reason="on a TPU VM JAX rightly starts libtpu")

@@ -124,9 +124,12 @@ def _candidates(tcfg: TrainConfig, mesh: str, n: int, cfg: ModelConfig) -> list[
     while t.batch_size > 1 and t.batch_size % 2 == 0:
         t = dataclasses.replace(t, batch_size=t.batch_size // 2, grad_accum=t.grad_accum * 2)
         out.append(_request(cfg, t, mesh, f"--remat {remat} --batch-size {t.batch_size} --grad-accum {t.grad_accum}"))
-    if n > 1:  # weights split over every device: fsdp shards what the model axis cannot
-        out.append(_request(cfg, dataclasses.replace(tcfg, remat=remat), f"fsdp={n}",
-                            f"--remat {remat} --mesh fsdp={n}"))
+    # Weights split over every device: fsdp shards what the model axis cannot. fsdp groups take whole rows, so as
+    # many as divide the batch; the model axis takes the rest.
+    fsdp = math.gcd(n, tcfg.batch_size)
+    if fsdp > 1:
+        mesh = f"fsdp={fsdp}" + (f",model={n // fsdp}" if fsdp < n else "")
+        out.append(_request(cfg, dataclasses.replace(tcfg, remat=remat), mesh, f"--remat {remat} --mesh {mesh}"))
     return out
 
 

@@ -25,7 +25,13 @@ def tpu_present() -> bool:
     on v5e and v5p) or a Google device on the PCI bus. Errs towards yes: a false yes only leaves JAX's choice."""
     if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
         return True
-    return any(Path(p).read_text().strip() == _GOOGLE_PCI_VENDOR for p in glob.glob("/sys/bus/pci/devices/*/vendor"))
+    for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+        try:
+            if Path(vendor).read_text().strip() == _GOOGLE_PCI_VENDOR:
+                return True
+        except OSError:  # a device that went away, or an unreadable sysfs: not a TPU we can use
+            continue
+    return False
 
 
 def installed_plugins() -> set[str]:
