@@ -128,8 +128,8 @@ def _candidates(tcfg: TrainConfig, mesh: str, n: int, cfg: ModelConfig) -> list[
     # many as divide the batch; the model axis takes the rest.
     fsdp = math.gcd(n, tcfg.batch_size)
     if fsdp > 1:
-        mesh = f"fsdp={fsdp}" + (f",model={n // fsdp}" if fsdp < n else "")
-        out.append(_request(cfg, dataclasses.replace(tcfg, remat=remat), mesh, f"--remat {remat} --mesh {mesh}"))
+        split = f"fsdp={fsdp}" + (f",model={n // fsdp}" if fsdp < n else "")
+        out.append(_request(cfg, dataclasses.replace(tcfg, remat=remat), split, f"--remat {remat} --mesh {split}"))
     return out
 
 
