@@ -87,6 +87,14 @@ def test_mesh_specs_and_their_errors() -> None:
     assert S.default_mesh_shape(8, 8, PRESETS["gemma2-9b"]) == {"data": 1, "fsdp": 1, "model": 8}
     assert S.default_mesh_shape(8, 8, PRESETS["gemma2-2b"]) == {"data": 2, "fsdp": 1, "model": 4}
     assert S.default_mesh_shape(16, 4) == {"data": 4, "fsdp": 1, "model": 4}  # 4 hosts of 4: data across hosts
+    # The data groups divide the batch; the model axis takes the devices they leave (a v5e-8, gemma2-2b).
+    two_b = PRESETS["gemma2-2b"]
+    assert S.default_mesh_shape(8, 8, two_b, batch_size=1) == {"data": 1, "fsdp": 1, "model": 8}
+    assert S.default_mesh_shape(8, 8, two_b, batch_size=6) == {"data": 2, "fsdp": 1, "model": 4}
+    assert S.default_mesh_shape(16, 4, batch_size=6) == {"data": 2, "fsdp": 1, "model": 8}
+    for n, per_host, batch in [(8, 8, 1), (8, 8, 3), (16, 4, 2), (32, 8, 12), (1, 1, 5)]:
+        shape = S.default_mesh_shape(n, per_host, two_b, batch_size=batch)
+        assert shape["data"] * shape["model"] == n and batch % shape["data"] == 0, (n, per_host, batch, shape)
     with pytest.raises(GemmatuneError, match="batch_size: 3 rows"):
         S.check_batch(jax.sharding.AbstractMesh((2, 1, 1), S.AXES), 3)
 

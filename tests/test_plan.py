@@ -6,6 +6,10 @@ import dataclasses
 import importlib.util
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -95,3 +99,48 @@ def test_refusals(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real(name, *a))
     with pytest.raises(GemmatuneError, match=r"pip install 'gemmatune\[tpu\]'"):
         plan(cfg, _tcfg(64, 2), "t4")
+
+
+def test_the_suggested_fsdp_mesh_fits_the_batch() -> None:
+    """The last suggestion splits the weights over fsdp, whose groups take whole rows: as many as divide the batch,
+    the model axis the rest, and none when one row cannot be split."""
+    from gemmatune.plan import _candidates
+
+    def meshes(batch: int) -> list[str]:
+        return [c["mesh"] for c in _candidates(_tcfg(64, batch, "full"), "", 8, PRESETS["tiny"])]
+
+    assert meshes(8)[-1] == "fsdp=8" and meshes(2)[-1] == "fsdp=2,model=4" and meshes(6)[-1] == "fsdp=2,model=4"
+    assert meshes(1) == []  # remat is full already, and one row neither halves nor splits among fsdp groups
+
+
+@pytest.mark.slow
+def test_the_default_mesh_fits_the_batch() -> None:
+    """tiny's 2 key/value heads on 4 devices would put model=2 and data=2 by default, which 1 row cannot fill: the
+    data axis shrinks to a divisor of the batch and the model axis takes the rest."""
+    [p] = plan(PRESETS["tiny"], _tcfg(64, 1), "cpu", devices=4, suggest=False)
+    assert p.fits and p.mesh == {"data": 1, "fsdp": 1, "model": 4}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu (gemmatune[tpu])")
+def test_plans_while_another_process_holds_libtpu(tmp_path: Path) -> None:
+    """A training run on a TPU VM, or another plan, holds /tmp/libtpu_lockfile while it runs; planning compiles
+    only, so it neither needs nor takes the lock."""
+    holder = tmp_path / "hold.py"
+    holder.write_text("import sys\nfrom jax.experimental import topologies\n"
+                      "topologies.get_topology_desc(topology_name='v5e:1x1', platform='tpu', "
+                      "chips_per_host_bounds=(1, 1, 1))\nprint('loaded', flush=True)\nsys.stdin.read()\n")
+    env = {k: v for k, v in os.environ.items() if k != "ALLOW_MULTIPLE_LIBTPU_LOAD"}
+    env.update(JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1", TPU_ACCELERATOR_TYPE="v3-8",
+               TPU_WORKER_HOSTNAMES="localhost")
+    with subprocess.Popen([sys.executable, str(holder)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env=env) as proc:
+        try:
+            assert proc.stdout is not None and proc.stderr is not None
+            # It loads libtpu and holds the lock, unless a process outside this test holds it already.
+            if proc.stdout.readline() != "loaded\n":
+                assert "lockfile" in proc.stderr.read()
+            [p] = plan(PRESETS["tiny"], _tcfg(64, 1), "tpu-v5e", devices=1, suggest=False)
+            assert p.fits and p.bytes["weights"] > 0
+        finally:
+            proc.kill()

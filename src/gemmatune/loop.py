@@ -170,7 +170,7 @@ def setup(tcfg: TrainConfig) -> Run:
         resume_from = latest_checkpoint(run_dir) if tcfg.resume else None
     model_dir = resolve_model(tcfg.model)  # the one place where the --model the user gave becomes a directory
     cfg = model_config(model_dir)
-    mesh = sharding.make_mesh(tcfg.mesh, cfg=cfg)
+    mesh = sharding.make_mesh(tcfg.mesh, cfg=cfg, batch_size=tcfg.batch_size)
     sharding.check_batch(mesh, tcfg.batch_size)
     print(f"mesh {sharding.describe(mesh)}: {jax.device_count()} {jax.devices()[0].platform} device(s) in "
           f"{jax.process_count()} process(es)", file=sys.stderr)

@@ -124,9 +124,12 @@ def _candidates(tcfg: TrainConfig, mesh: str, n: int, cfg: ModelConfig) -> list[
     while t.batch_size > 1 and t.batch_size % 2 == 0:
         t = dataclasses.replace(t, batch_size=t.batch_size // 2, grad_accum=t.grad_accum * 2)
         out.append(_request(cfg, t, mesh, f"--remat {remat} --batch-size {t.batch_size} --grad-accum {t.grad_accum}"))
-    if n > 1:  # weights split over every device: fsdp shards what the model axis cannot
-        out.append(_request(cfg, dataclasses.replace(tcfg, remat=remat), f"fsdp={n}",
-                            f"--remat {remat} --mesh fsdp={n}"))
+    # Weights split over every device: fsdp shards what the model axis cannot. fsdp groups take whole rows, so as
+    # many as divide the batch; the model axis takes the rest.
+    fsdp = math.gcd(n, tcfg.batch_size)
+    if fsdp > 1:
+        split = f"fsdp={fsdp}" + (f",model={n // fsdp}" if fsdp < n else "")
+        out.append(_request(cfg, dataclasses.replace(tcfg, remat=remat), split, f"--remat {remat} --mesh {split}"))
     return out
 
 
@@ -153,6 +156,10 @@ class _Compiler:
             env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}".strip()
         else:  # libtpu, off a TPU VM: no metadata server to ask, and no warnings about it
             env.update(TPU_SKIP_MDS_QUERY="1", TPU_ACCELERATOR_TYPE="v3-8", TPU_WORKER_HOSTNAMES="localhost")
+            # Compiling needs no TPU device: without this, libtpu refuses to load while another process holds
+            # /tmp/libtpu_lockfile (a training run on this TPU VM, another plan), and once loaded here it holds the
+            # lock against them. With it, libtpu loads without checking or taking the lock.
+            env["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
         self._job = {"compiler": kind.compiler, "devices": n, "topology": kind.topologies.get(n, ""),
                      "capacity": capacity}
         self._proc = subprocess.Popen([sys.executable, "-m", "gemmatune.plan"], stdin=subprocess.PIPE,
@@ -224,7 +231,7 @@ def _child(job: dict[str, Any], devices: list[Any]) -> dict[str, Any]:
 
     cfg = from_hf_dict(job["model"])
     tcfg = config_from_dict(job["train"])
-    mesh = sharding.make_mesh(job["mesh"] or None, devices[:job["devices"]], cfg)
+    mesh = sharding.make_mesh(job["mesh"] or None, devices[:job["devices"]], cfg, tcfg.batch_size)
     sharding.check_batch(mesh, tcfg.batch_size)
     step, (state, frozen, batches) = abstract_step(cfg, tcfg, mesh, Shapes(tcfg.grad_accum, tcfg.batch_size,
                                                                              tcfg.data.max_seq_len))

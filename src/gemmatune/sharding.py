@@ -149,23 +149,31 @@ def parse_mesh(text: str | Mapping[str, int], n_devices: int) -> dict[str, int]:
     return full
 
 
-def default_mesh_shape(n_devices: int, per_host: int, cfg: ModelConfig | None = None) -> dict[str, int]:
+def default_mesh_shape(n_devices: int, per_host: int, cfg: ModelConfig | None = None,
+                       batch_size: int | None = None) -> dict[str, int]:
     """Tensor parallelism within a host, data parallelism across hosts: "model" takes the largest share of a host's
     devices that divides the key/value heads (so no attention weight is replicated), "data" the rest. One CPU or
-    GPU: a 1-device mesh. A TPU v3-8 with gemma2-9b or 27b: model=8, the weights split eight ways."""
+    GPU: a 1-device mesh. A TPU v3-8 with gemma2-9b or 27b: model=8, the weights split eight ways.
+
+    Each data group takes whole rows, so with `batch_size` given "data" is cut to the largest size that divides both
+    the batch and what "model" leaves, and "model" takes the rest (what its rules do not divide, `spec` replicates):
+    gemma2-2b with batch 1 on a v5e-8 gets model=8 instead of a data=2 that one row cannot fill."""
     model = math.gcd(per_host, cfg.num_kv_heads) if cfg is not None else per_host
-    return {"data": n_devices // model, "fsdp": 1, "model": model}
+    data = n_devices // model
+    if batch_size is not None:
+        data = math.gcd(data, batch_size)
+    return {"data": data, "fsdp": 1, "model": n_devices // data}
 
 
 def make_mesh(spec_: str | Mapping[str, int] | None = None, devices: Sequence[Any] | None = None,
-              cfg: ModelConfig | None = None) -> Mesh:
+              cfg: ModelConfig | None = None, batch_size: int | None = None) -> Mesh:
     """A mesh over `devices` (default: all of them, every process's): from a spec such as "data=2,model=4", or
-    when the spec is None or empty the default (see `default_mesh_shape`; cfg refines it)."""
+    when the spec is None or empty the default (see `default_mesh_shape`; cfg and batch_size refine it)."""
     devices = list(jax.devices() if devices is None else devices)
     if spec_:
         sizes = parse_mesh(spec_, len(devices))
     else:
-        sizes = default_mesh_shape(len(devices), max(1, len(devices) // jax.process_count()), cfg)
+        sizes = default_mesh_shape(len(devices), max(1, len(devices) // jax.process_count()), cfg, batch_size)
     return jax.make_mesh(tuple(sizes[a] for a in AXES), AXES, axis_types=(AxisType.Auto,) * len(AXES),
                          devices=devices)
 
