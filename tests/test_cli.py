@@ -157,10 +157,10 @@ def test_command_line_mistakes_are_one_message(capsys, argv, want):
 
 
 def test_train_with_no_arguments_is_the_sample_job(monkeypatch):
-    import gemmatune.trainer
+    import gemmatune.loop
 
     seen = []
-    monkeypatch.setattr(gemmatune.trainer, "run", lambda cfg: seen.append(cfg) or type("R", (), {"answers": []}))
+    monkeypatch.setattr(gemmatune.loop, "train", lambda cfg: seen.append(cfg) or type("R", (), {"answers": []}))
     assert main(["train", "--max-steps", "1"]) == 0
     assert seen[0].data.paths == (str(SAMPLE / "chat.jsonl"),) and seen[0].max_steps == 1 and seen[0].lora.rank == 16
     assert main(["train", "--data", "mine.jsonl"]) == 0  # data given: no sample settings
