@@ -34,8 +34,8 @@ def test_report_to_flag(flags, want):
     from gemmatune.cli import build_parser
     from gemmatune.settings import train_config_from_args
 
-    args, extra = build_parser().parse_known_args(["train", "--data", "x.jsonl", *flags])
-    assert train_config_from_args(args, extra).report_to == want
+    args = build_parser().parse_args(["train", "--data", "x.jsonl", *flags])
+    assert train_config_from_args(args).report_to == want
 
 
 @pytest.mark.parametrize("bad", [("tensorbord",), ("none", "wandb"), ("comet",)])

@@ -254,6 +254,7 @@ DIVERGE = ["--max-steps", "4", "--save-every", "1", "--lr", "1e30", "--warmup_st
 def test_nonfinite_stops_with_the_step_and_causes(tmp_path, capsys):
     from gemmatune.checkpoint import load_checkpoint
     from gemmatune.convert.hf import load_hf
+    from gemmatune.hub import resolve_model
     from gemmatune.step import init_state, optimizer, split_trainable
 
     data = write_rows(tmp_path / "rows.jsonl", 12)
@@ -267,7 +268,7 @@ def test_nonfinite_stops_with_the_step_and_causes(tmp_path, capsys):
     assert str(last) in err
 
     tcfg = config_from_dict(load_yaml(out / "config.yaml"))
-    cfg, base = load_hf(tcfg.model, dtype=tcfg.dtype)
+    cfg, base = load_hf(resolve_model(tcfg.model), dtype=tcfg.dtype)
     trainable, _ = split_trainable(base, cfg, tcfg, jax.random.key(1))
     state, meta = load_checkpoint(last, init_state(trainable, optimizer(tcfg, 4), jax.random.key(2)))
     assert meta["step"] == 1 and int(state["step"]) == 1

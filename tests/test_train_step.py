@@ -270,7 +270,7 @@ def test_fresh_adapters_leave_the_base_model_exactly(small_params, rslora):
 def test_training_continues_from_a_peft_adapter(small_params, tmp_path):
     """--adapter DIR starts from that adapter (here in PEFT's format) instead of fresh ones; other LoRA settings
     than the adapter's are refused by name."""
-    from gemmatune.convert.peft import save_peft
+    from gemmatune.convert.peft import load_any_adapter, save_peft
     from gemmatune.errors import GemmatuneError
 
     cfg = LoraConfig(rank=4, alpha=8.0, targets=("q", "v", "down"))
@@ -279,12 +279,14 @@ def test_training_continues_from_a_peft_adapter(small_params, tmp_path):
     save_peft(tmp_path / "peft", adapters, cfg, SMALL, "base")
     tcfg = dataclasses.replace(TCFG, lora=LoraConfig(rank=4, alpha=8.0, targets=("down", "q", "v"), dropout=0.1),
                                adapter=str(tmp_path / "peft"))
-    trainable, frozen = split_trainable(small_params, SMALL, tcfg, jax.random.key(1))
+    loaded = load_any_adapter(tcfg.adapter, SMALL)
+    trainable, frozen = split_trainable(small_params, SMALL, tcfg, jax.random.key(1), loaded)
     assert frozen is small_params
     for x, y in zip(jax.tree.leaves(trainable), jax.tree.leaves(adapters)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6)
     with pytest.raises(GemmatuneError, match="rank 4.*set the same lora"):
-        split_trainable(small_params, SMALL, dataclasses.replace(tcfg, lora=LoraConfig(rank=8)), jax.random.key(1))
+        split_trainable(small_params, SMALL, dataclasses.replace(tcfg, lora=LoraConfig(rank=8)), jax.random.key(1),
+                        loaded)
 
 
 @pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
