@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
@@ -335,12 +334,7 @@ def claim_run_dir(run_dir: str | Path, config_digest: str, *, overwrite: bool, k
         path = d / name
         if name in keep or name == RUN_FILE or not _is_run_output(name):
             continue
-        if _is_leftover(name):  # half-written or half-deleted: nothing reads it, so no atomic removal is needed
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
-        elif overwrite:
+        if overwrite or _is_leftover(name):  # a killed writer's leftovers go whatever the mode
             if path.is_dir():
                 remove_dir(path)
             else:

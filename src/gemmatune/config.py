@@ -279,6 +279,8 @@ class DataConfig:
                 raise bad("columns", ours, f"a mapping whose keys are among {', '.join(sorted(known))}")
 
 
+TRACKERS = ("tensorboard", "wandb", "mlflow")  # report_to's choices (trackers.py holds them)
+
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
@@ -382,10 +384,9 @@ class TrainConfig:
         for name in ("max_steps", "warmup_steps", "eval_every", "save_every"):
             if getattr(self, name) < 0:
                 raise GemmatuneError(f"{name}: {getattr(self, name)!r} is not valid; expected 0 or more.")
-        trackers = ("tensorboard", "wandb", "mlflow")
-        if not set(self.report_to) <= {*trackers, "none"} or "none" in self.report_to and len(self.report_to) > 1:
+        if not set(self.report_to) <= {*TRACKERS, "none"} or "none" in self.report_to and len(self.report_to) > 1:
             raise GemmatuneError(f"report_to: {','.join(self.report_to)!r} is not valid; expected any of "
-                                 f"{', '.join(trackers)} (comma-separated), or none.")
+                                 f"{', '.join(TRACKERS)} (comma-separated), or none.")
         if self.num_processes is not None and self.num_processes < 1:
             raise GemmatuneError(f"num_processes: {self.num_processes!r} is not valid; expected a positive integer.")
         if self.process_id is not None and not 0 <= self.process_id < (self.num_processes or self.process_id + 1):

@@ -11,6 +11,7 @@ TensorBoard is a dependency; wandb and mlflow are extras. All of them work witho
 
 from __future__ import annotations
 
+import abc
 import json
 import os
 import time
@@ -19,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from gemmatune.atomic import write_text
+from gemmatune.config import TRACKERS
 from gemmatune.errors import GemmatuneError
 
-TRACKERS = ("tensorboard", "wandb", "mlflow")
 TENSORBOARD_DIR = "tensorboard"
 WANDB_DIR = "wandb"
 MLFLOW_DIR = "mlflow"
@@ -50,20 +51,24 @@ def _missing(tracker: str, module: str) -> GemmatuneError:
                           f"pip install 'gemmatune[{tracker}]', or drop {tracker} from --report-to.")
 
 
-class Tracker:
-    """One experiment tracker. `where` is what the end-of-run summary shows: where its records went."""
+class Tracker(abc.ABC):
+    """What every experiment tracker (TensorBoard, Wandb, Mlflow below) does. `where` is what the end-of-run summary
+    shows: where its records went."""
 
     name = ""
     where = ""
 
+    @abc.abstractmethod
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
-        raise NotImplementedError
+        """Record `values` at `step`."""
 
+    @abc.abstractmethod
     def text(self, step: int, tag: str, text: str) -> None:
-        raise NotImplementedError
+        """Record an evaluation text under `tag` at `step`."""
 
+    @abc.abstractmethod
     def close(self, failed: bool) -> None:
-        raise NotImplementedError
+        """End the tracker's run, marked failed when the training run raised."""
 
 
 class TensorBoard(Tracker):
