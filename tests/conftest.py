@@ -63,3 +63,27 @@ def small_params() -> dict:
 @pytest.fixture(scope="session")
 def small_hf(small_params):
     return hf_model(SMALL, small_params)
+
+
+# --- the real Gemma 3 270M (GGUF), fetched once into a cache outside the repository -----------------------------
+
+@pytest.fixture(scope="session")
+def gemma3_gguf():
+    """The path of Google's Gemma 3 270M as GGUF Q4_K_M (scripts/gemma3_270m.py downloads it on first use)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+    from gemma3_270m import gemma3_270m
+
+    return gemma3_270m()
+
+
+@pytest.fixture(scope="session")
+def gemma3_hf(gemma3_gguf):
+    """transformers' Gemma3ForCausalLM on the same file (dequantized to float32, eager attention): the reference."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(gemma3_gguf.parent, gguf_file=gemma3_gguf.name, dtype=torch.float32,
+                                                attn_implementation="eager").eval()

@@ -1,5 +1,9 @@
-"""Frozen model configuration: one preset per released Gemma 2 size, small presets for tests, and
-`config.json` (Hugging Face, model_type gemma2) read as-is."""
+"""Frozen model configuration: one preset per released Gemma 2 and Gemma 3 text model, small presets for tests, and
+`config.json` (Hugging Face model_type gemma2, gemma3_text, or the text part of a multimodal gemma3) read as-is.
+
+Gemma 2 and Gemma 3 are one architecture with variants, told apart by `family`: Gemma 3 adds an RMSNorm on queries
+and keys (QK-norm), drops both soft-caps, repeats five local layers to one global one, and gives global layers their
+own RoPE base (with linear scaling on 4B and up)."""
 
 from __future__ import annotations
 
@@ -12,6 +16,11 @@ from typing import Any
 from gemmatune.errors import GemmatuneError
 
 LOCAL, GLOBAL = "sliding_attention", "full_attention"
+FAMILIES = ("gemma2", "gemma3")
+# The Hugging Face model_type and class of each family's causal LM.
+HF_MODEL_TYPES = {"gemma2": "gemma2", "gemma3": "gemma3_text"}
+HF_ARCHITECTURES = {"gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
+GEMMA3_PATTERN = 6  # Gemma 3: layer i is global when (i + 1) % 6 == 0 (transformers' sliding_window_pattern)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,20 +36,32 @@ class ModelConfig:
     sliding_window: int = 4096
     attn_logit_softcap: float | None = 50.0
     final_logit_softcap: float | None = 30.0
-    rope_theta: float = 10000.0
+    rope_theta: float = 10000.0  # the RoPE base of global layers
     rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 8192
-    # One entry per layer; Gemma 2 alternates local/global starting with a local layer 0.
+    # One entry per layer; Gemma 2 alternates local/global starting with a local layer 0, Gemma 3 has five local
+    # layers then a global one.
     layer_types: tuple[str, ...] = ()
     pad_token_id: int = 0
     eos_token_id: int = 1
     bos_token_id: int = 2
+    family: str = "gemma2"  # "gemma3": QK-norm (q_norm, k_norm weights); see the module docstring
+    rope_local_theta: float = 10000.0  # the RoPE base of local (sliding-window) layers
+    # Linear RoPE scaling (positions divided by the factor) per layer kind: Gemma 3 4B and up scale global layers by 8.
+    rope_scaling: float = 1.0
+    rope_local_scaling: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.layer_types:
-            types = tuple(LOCAL if i % 2 == 0 else GLOBAL for i in range(self.num_layers))
+            if self.family == "gemma3":
+                types = tuple(GLOBAL if (i + 1) % GEMMA3_PATTERN == 0 else LOCAL for i in range(self.num_layers))
+            else:
+                types = tuple(LOCAL if i % 2 == 0 else GLOBAL for i in range(self.num_layers))
             object.__setattr__(self, "layer_types", types)
+        object.__setattr__(self, "layer_types", tuple(self.layer_types))
         problems = []
+        if self.family not in FAMILIES:
+            problems.append(f"family must be one of {', '.join(FAMILIES)}, got {self.family!r}")
         if len(self.layer_types) != self.num_layers:
             problems.append(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
         if set(self.layer_types) - {LOCAL, GLOBAL}:
@@ -54,24 +75,54 @@ class ModelConfig:
                      "num_kv_heads", "head_dim", "sliding_window"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("rope_theta", "rope_local_theta", "rope_scaling", "rope_local_scaling", "query_pre_attn_scalar"):
+            if not getattr(self, name) > 0:
+                problems.append(f"{name} must be positive, got {getattr(self, name)}")
         if problems:
-            raise GemmatuneError("invalid Gemma 2 configuration: " + "; ".join(problems))
+            raise GemmatuneError("invalid Gemma configuration: " + "; ".join(problems))
+
+    @property
+    def qk_norm(self) -> bool:
+        """Queries and keys pass an RMSNorm over head_dim before RoPE (Gemma 3)."""
+        return self.family == "gemma3"
+
+    def rope(self, kind: str) -> tuple[float, float]:
+        """(base, linear scaling factor) of RoPE on layers of `kind` (LOCAL or GLOBAL)."""
+        return (self.rope_local_theta, self.rope_local_scaling) if kind == LOCAL else (self.rope_theta,
+                                                                                      self.rope_scaling)
 
     @property
     def block_pattern(self) -> tuple[str, ...]:
-        """The shortest repeating run of layer types; the layer stack is scanned over repeats of it,
-        so local and global layers keep static masks and their own KV-cache sizes."""
+        """The repeating run of layer types that the layer stack is scanned over, so local and global layers keep
+        static masks and their own KV-cache sizes: the shortest run whose repeats give the layer types, allowing
+        a partial repeat at the end (Gemma 3 1B: 26 layers, four repeats of 5 local + 1 global, then 2 local).
+        `layer_segments` says how the stack splits into whole repeats and that tail."""
         n = self.num_layers
         for p in range(1, n + 1):
-            if n % p == 0 and self.layer_types == self.layer_types[:p] * (n // p):
+            if self.layer_types == (self.layer_types[:p] * (n // p + 1))[:n]:
                 return self.layer_types[:p]
         raise AssertionError("unreachable: p = n always matches")
 
+    @property
+    def layer_segments(self) -> tuple[tuple[int, int, tuple[str, ...]], ...]:
+        """The layer stack as scanned runs (first layer, repeats, pattern): whole repeats of `block_pattern`,
+        then the partial repeat at the end (if any) as repeats of its own shortest pattern."""
+        pattern = self.block_pattern
+        whole = self.num_layers // len(pattern)
+        segments = [(0, whole, pattern)] if whole else []
+        tail = self.layer_types[whole * len(pattern):]
+        if tail:
+            sub = ModelConfig(**{**dataclasses.asdict(self), "num_layers": len(tail), "layer_types": tail})
+            segments += [(whole * len(pattern) + start, reps, pat) for start, reps, pat in sub.layer_segments]
+        return tuple(segments)
+
     def to_hf_dict(self) -> dict[str, Any]:
-        """config.json as transformers writes it for Gemma2ForCausalLM."""
-        return {
-            "architectures": ["Gemma2ForCausalLM"],
-            "model_type": "gemma2",
+        """config.json as transformers writes it for Gemma2ForCausalLM or Gemma3ForCausalLM. Gemma 3's RoPE is
+        written in both layouts (transformers 5's rope_parameters, and rope_theta / rope_local_base_freq /
+        rope_scaling that transformers 4 reads); both say the same."""
+        d = {
+            "architectures": [HF_ARCHITECTURES[self.family]],
+            "model_type": HF_MODEL_TYPES[self.family],
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -98,10 +149,29 @@ class ModelConfig:
             "eos_token_id": self.eos_token_id,
             "bos_token_id": self.bos_token_id,
         }
+        if self.family == "gemma3":
+            def params(theta: float, factor: float) -> dict[str, Any]:
+                return ({"rope_type": "default", "rope_theta": theta} if factor == 1.0 else
+                        {"rope_type": "linear", "factor": factor, "rope_theta": theta})
+
+            d["rope_local_base_freq"] = self.rope_local_theta
+            d["rope_scaling"] = ({"rope_type": "linear", "factor": self.rope_scaling}
+                                 if self.rope_scaling != 1.0 else None)
+            d["rope_parameters"] = {LOCAL: params(self.rope_local_theta, self.rope_local_scaling),
+                                    GLOBAL: params(self.rope_theta, self.rope_scaling)}
+            d["use_bidirectional_attention"] = False
+        return d
+
+
+def _gemma3(**kw: Any) -> ModelConfig:
+    """A Gemma 3 text model's config: no soft-caps, RoPE bases 10k local and 1M global."""
+    return ModelConfig(family="gemma3", attn_logit_softcap=None, final_logit_softcap=None, rope_theta=1_000_000.0,
+                       rope_local_theta=10_000.0, **kw)
 
 
 # Configuration presets: shapes only, for `gemmatune plan` and the tests. The released checkpoints' config.json
-# numbers (google/gemma-2-{2b,9b,27b}); their weights are Hub ids (PRESET_HUB_IDS).
+# numbers (google/gemma-2-{2b,9b,27b}, google/gemma-3-{270m,1b,4b,12b,27b}-pt); their weights are Hub ids
+# (PRESET_HUB_IDS).
 PRESETS: dict[str, ModelConfig] = {
     "gemma2-2b": ModelConfig(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_layers=26,
                              num_heads=8, num_kv_heads=4, head_dim=256, query_pre_attn_scalar=256),
@@ -109,6 +179,21 @@ PRESETS: dict[str, ModelConfig] = {
                              num_heads=16, num_kv_heads=8, head_dim=256, query_pre_attn_scalar=256),
     "gemma2-27b": ModelConfig(vocab_size=256000, hidden_size=4608, intermediate_size=36864, num_layers=46,
                               num_heads=32, num_kv_heads=16, head_dim=128, query_pre_attn_scalar=144),
+    "gemma3-270m": _gemma3(vocab_size=262144, hidden_size=640, intermediate_size=2048, num_layers=18, num_heads=4,
+                           num_kv_heads=1, head_dim=256, query_pre_attn_scalar=256, sliding_window=512,
+                           max_position_embeddings=32768),
+    "gemma3-1b": _gemma3(vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_layers=26, num_heads=4,
+                         num_kv_heads=1, head_dim=256, query_pre_attn_scalar=256, sliding_window=512,
+                         max_position_embeddings=32768),
+    "gemma3-4b": _gemma3(vocab_size=262208, hidden_size=2560, intermediate_size=10240, num_layers=34, num_heads=8,
+                         num_kv_heads=4, head_dim=256, query_pre_attn_scalar=256, sliding_window=1024,
+                         max_position_embeddings=131072, rope_scaling=8.0),
+    "gemma3-12b": _gemma3(vocab_size=262208, hidden_size=3840, intermediate_size=15360, num_layers=48, num_heads=16,
+                          num_kv_heads=8, head_dim=256, query_pre_attn_scalar=256, sliding_window=1024,
+                          max_position_embeddings=131072, rope_scaling=8.0),
+    "gemma3-27b": _gemma3(vocab_size=262208, hidden_size=5376, intermediate_size=21504, num_layers=62, num_heads=32,
+                          num_kv_heads=16, head_dim=128, query_pre_attn_scalar=168, sliding_window=1024,
+                          max_position_embeddings=131072, rope_scaling=8.0),
     # Small bodies for tests and demos; the window is tiny so sequences span several windows. "tiny" is the embedded
     # model's config (EMBEDDED_MODEL); "small" has no weights anywhere.
     "tiny": ModelConfig(vocab_size=4096, hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4,
@@ -118,43 +203,90 @@ PRESETS: dict[str, ModelConfig] = {
                          num_kv_heads=4, head_dim=64, query_pre_attn_scalar=64, sliding_window=4096),
 }
 # Where the weights of a preset's shapes are: the Hugging Face Hub ids that --model takes (the -it ids are the
-# instruction-tuned models).
+# instruction-tuned models). The Gemma 3 4B, 12B and 27B repositories hold multimodal checkpoints, whose language
+# model gemmatune trains.
 PRESET_HUB_IDS = {"gemma2-2b": "google/gemma-2-2b", "gemma2-9b": "google/gemma-2-9b",
-                  "gemma2-27b": "google/gemma-2-27b"}
+                  "gemma2-27b": "google/gemma-2-27b", "gemma3-270m": "google/gemma-3-270m",
+                  "gemma3-1b": "google/gemma-3-1b-pt", "gemma3-4b": "google/gemma-3-4b-pt",
+                  "gemma3-12b": "google/gemma-3-12b-pt", "gemma3-27b": "google/gemma-3-27b-pt"}
+
+# transformers' Gemma3TextConfig defaults: the Hub's multimodal configs leave most text_config fields at these.
+_GEMMA3_DEFAULTS = {"vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+                    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+                    "query_pre_attn_scalar": 256, "sliding_window": 4096, "max_position_embeddings": 131072,
+                    "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0}
+_OTHER_MODEL_TYPES = {"gemma": "Gemma 1", "gemma3n": "Gemma 3n", "gemma3n_text": "Gemma 3n", "llama": "Llama",
+                      "mistral": "Mistral", "qwen2": "Qwen 2", "qwen3": "Qwen 3"}
+
+
+def _rope_of(d: dict[str, Any], kind: str, default_theta: float, source: str) -> tuple[float, float]:
+    """(base, linear factor) of `kind` layers from either config layout: transformers 5's rope_parameters (one
+    entry per layer kind, or one for all in Gemma 2) or rope_theta / rope_local_base_freq / rope_scaling."""
+    nested = d.get("rope_parameters")
+    if isinstance(nested, dict) and kind in nested:
+        r = nested[kind] or {}
+    elif isinstance(nested, dict) and nested:
+        r = nested
+    else:
+        legacy = {LOCAL: "rope_local_base_freq", GLOBAL: "rope_theta"}[kind]
+        scaling = d.get("rope_scaling") if kind == GLOBAL else None
+        r = {**(scaling or {}), "rope_theta": d.get(legacy, default_theta)}
+    rope_type = r.get("rope_type", r.get("type", "default"))
+    if rope_type not in ("default", "linear"):
+        raise GemmatuneError(f"{source}: rope_type {rope_type!r} ({kind}) is not supported; gemmatune reads "
+                             "default and linear rotary embeddings, as the released Gemma models use.")
+    factor = float(r.get("factor", 1.0)) if rope_type == "linear" else 1.0
+    return float(r.get("rope_theta", default_theta)), factor
 
 
 def from_hf_dict(d: dict[str, Any], source: str = "config.json") -> ModelConfig:
-    """Read a transformers Gemma 2 config; refuse other architectures with a message that says why."""
+    """Read a transformers Gemma 2 or Gemma 3 config (gemma2, gemma3_text, or the text_config of a multimodal
+    gemma3); refuse other architectures with a message that says why."""
     model_type = d.get("model_type")
-    if model_type != "gemma2":
-        known = {"gemma": "Gemma 1", "gemma3": "Gemma 3", "gemma3_text": "Gemma 3", "llama": "Llama",
-                 "mistral": "Mistral", "qwen2": "Qwen 2"}
-        what = known.get(model_type, f"model_type {model_type!r}") if model_type else "no model_type"
+    if model_type == "gemma3" and isinstance(d.get("text_config"), dict):
+        # Multimodal Gemma 3: gemmatune trains its language model (as text). Token ids may sit at the top level.
+        top_ids = {k: d[k] for k in ("pad_token_id", "eos_token_id", "bos_token_id") if k in d}
+        d = {"model_type": "gemma3_text", **top_ids, **d["text_config"]}
+        d["model_type"] = "gemma3_text"
+        model_type = "gemma3_text"
+        source = f"{source} (text_config)"
+    family = {"gemma2": "gemma2", "gemma3_text": "gemma3"}.get(model_type or "")
+    if family is None:
+        what = _OTHER_MODEL_TYPES.get(model_type, f"model_type {model_type!r}") if model_type else "no model_type"
         raise GemmatuneError(
-            f"{source}: this is a {what} checkpoint, not Gemma 2 (model_type 'gemma2'). "
-            "gemmatune fine-tunes Gemma 2 only: point --model at a Gemma 2 checkpoint directory "
-            "(for example one downloaded from google/gemma-2-2b).")
+            f"{source}: this is a {what} checkpoint, not Gemma 2 or Gemma 3 (model_type gemma2, gemma3_text or "
+            "gemma3). gemmatune fine-tunes Gemma 2 and Gemma 3 text models: point --model at one of their "
+            "checkpoint directories (for example one downloaded from google/gemma-2-2b or google/gemma-3-1b-pt).")
     if d.get("use_bidirectional_attention"):
-        raise GemmatuneError(f"{source}: use_bidirectional_attention is set; gemmatune supports causal "
-                             "Gemma 2 language models only.")
+        raise GemmatuneError(f"{source}: use_bidirectional_attention is set (an embedding model); gemmatune "
+                             "supports causal Gemma language models only.")
     act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
     if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
-        raise GemmatuneError(f"{source}: hidden_activation {act!r} is not Gemma 2's gelu_pytorch_tanh.")
+        raise GemmatuneError(f"{source}: hidden_activation {act!r} is not Gemma's gelu_pytorch_tanh.")
     if d.get("attention_bias"):
-        raise GemmatuneError(f"{source}: attention_bias is true; Gemma 2 has no attention biases.")
+        raise GemmatuneError(f"{source}: attention_bias is true; Gemma has no attention biases.")
+    if family == "gemma3":
+        d = {**_GEMMA3_DEFAULTS, **{k: v for k, v in d.items() if v is not None or k.endswith("softcapping")}}
     required = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
     missing = [k for k in required if k not in d]
     if missing:
         raise GemmatuneError(f"{source}: missing field(s) {', '.join(missing)}; is this a complete "
-                             "Gemma 2 config.json?")
-    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-    if rope.get("rope_type", "default") not in ("default", None):
-        raise GemmatuneError(f"{source}: rope_type {rope.get('rope_type')!r} is not supported "
-                             "(Gemma 2 uses default rotary embeddings).")
+                             "Gemma config.json?")
     heads = d["num_attention_heads"]
     head_dim = d.get("head_dim") or d["hidden_size"] // heads
+    softcaps = {"gemma2": (50.0, 30.0), "gemma3": (None, None)}[family]
     try:
+        global_theta, global_factor = _rope_of(d, GLOBAL, 10000.0, source)
+        local_theta, local_factor = _rope_of(d, LOCAL, global_theta if family == "gemma2" else 10000.0, source)
+        if family == "gemma2" and (global_factor, local_factor) != (1.0, 1.0):
+            raise GemmatuneError("rope scaling is not supported for Gemma 2 (its released models use default "
+                                 "rotary embeddings).")
+        layer_types = d.get("layer_types") or ()
+        if not layer_types and family == "gemma3" and d.get("sliding_window_pattern"):
+            pattern = int(d["sliding_window_pattern"])
+            layer_types = [GLOBAL if (i + 1) % pattern == 0 else LOCAL for i in range(int(d["num_hidden_layers"]))]
         return ModelConfig(
+            family=family,
             vocab_size=int(d["vocab_size"]),
             hidden_size=int(d["hidden_size"]),
             intermediate_size=int(d["intermediate_size"]),
@@ -164,12 +296,15 @@ def from_hf_dict(d: dict[str, Any], source: str = "config.json") -> ModelConfig:
             head_dim=int(head_dim),
             query_pre_attn_scalar=float(d.get("query_pre_attn_scalar", 256)),
             sliding_window=int(d.get("sliding_window") or 4096),
-            attn_logit_softcap=d.get("attn_logit_softcapping", 50.0),
-            final_logit_softcap=d.get("final_logit_softcapping", 30.0),
-            rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
+            attn_logit_softcap=d.get("attn_logit_softcapping", softcaps[0]),
+            final_logit_softcap=d.get("final_logit_softcapping", softcaps[1]),
+            rope_theta=global_theta,
+            rope_scaling=global_factor,
+            rope_local_theta=local_theta,
+            rope_local_scaling=local_factor,
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             max_position_embeddings=int(d.get("max_position_embeddings", 8192)),
-            layer_types=tuple(d.get("layer_types") or ()),
+            layer_types=tuple(layer_types),
             pad_token_id=_first_id(d.get("pad_token_id"), 0),
             eos_token_id=_first_id(d.get("eos_token_id"), 1),
             bos_token_id=_first_id(d.get("bos_token_id"), 2),
@@ -194,7 +329,7 @@ def load_config(path: str | Path) -> ModelConfig:
     if p.is_dir():
         p = p / "config.json"
     if not p.exists():
-        raise GemmatuneError(f"{p}: no such file; a Gemma 2 checkpoint directory holds a config.json. "
+        raise GemmatuneError(f"{p}: no such file; a Gemma checkpoint directory holds a config.json. "
                              "Re-download the checkpoint, or pass the directory that holds it.")
     try:
         d = json.loads(p.read_text(encoding="utf-8"))

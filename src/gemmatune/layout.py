@@ -30,6 +30,7 @@ PROJECTIONS = {
     "down_proj": "btf,fd->btd",
 }
 NORMS = ("input_norm", "post_attn_norm", "pre_ffw_norm", "post_ffw_norm")
+QK_NORMS = ("q_norm", "k_norm")  # Gemma 3: RMSNorm weights over head_dim, on queries and keys before RoPE
 # The letters of PROJECTIONS' weight subscripts, as logical axes (sharding.RULES maps these to mesh axes).
 LETTERS = {"d": "embed", "h": "heads", "k": "kv_heads", "e": "head_dim", "f": "mlp"}
 
@@ -37,6 +38,11 @@ LETTERS = {"d": "embed", "h": "heads", "k": "kv_heads", "e": "head_dim", "f": "m
 def is_shape(x: Any) -> bool:
     """A leaf of a tree of shapes (or of logical axes): a tuple."""
     return isinstance(x, tuple)
+
+
+def norm_names(cfg: ModelConfig) -> tuple[str, ...]:
+    """A layer's norm weights: four over the hidden size, and on Gemma 3 two over head_dim (QK_NORMS)."""
+    return NORMS + QK_NORMS if cfg.qk_norm else NORMS
 
 
 def param_shapes(cfg: ModelConfig) -> Params:
@@ -48,6 +54,7 @@ def param_shapes(cfg: ModelConfig) -> Params:
         "final_norm": (D,),
         "layers": {
             **{name: (L, D) for name in NORMS},
+            **({name: (L, E) for name in QK_NORMS} if cfg.qk_norm else {}),
             "q_proj": (L, D, H, E),
             "k_proj": (L, D, K, E),
             "v_proj": (L, D, K, E),
@@ -92,7 +99,7 @@ def trainable_shapes(cfg: ModelConfig, method: str, lora_cfg: LoraConfig) -> Par
 
 def param_axes(cfg: ModelConfig) -> Params:
     """The logical axes of every parameter, a tree shaped like `param_shapes(cfg)`: projections take theirs from
-    PROJECTIONS; the rest are the embedding [V, D] and norm weights ([L, D] or [D])."""
+    PROJECTIONS; the rest are the embedding [V, D] and norm weights ([L, D] or [D]; QK-norms [L, E])."""
 
     def axes(path: tuple[Any, ...], shape: Shape) -> Axes:
         name = path[-1].key
@@ -100,6 +107,8 @@ def param_axes(cfg: ModelConfig) -> Params:
             return ("layers", *(LETTERS[c] for c in weight_axes(name)[0]))
         if name == "embed":
             return ("vocab", "embed")
+        if name in QK_NORMS:
+            return ("layers", "head_dim")
         return ("layers",) * (len(shape) - 1) + ("embed",)
 
     return jax.tree_util.tree_map_with_path(axes, param_shapes(cfg), is_leaf=is_shape)

@@ -1,12 +1,14 @@
-"""Gemma 2 in JAX: parameters as a pytree of einsum-shaped arrays, the layer stack under `lax.scan`.
+"""Gemma 2 and Gemma 3 in JAX: parameters as a pytree of einsum-shaped arrays, the layer stack under `lax.scan`.
 
 Letters in shape comments: B batch, T query tokens, S key slots, D hidden, H query heads, K key/value heads,
 G query heads per key/value head (H = K * G), E head_dim, F intermediate, V vocabulary, L layers.
 
-The numbers follow transformers' Gemma2ForCausalLM (see tests/test_model.py for the parity checks):
-embeddings times sqrt(D) in the compute dtype, RMSNorm scaling by (1 + w) in float32, four norms per block,
-queries scaled by query_pre_attn_scalar ** -0.5, attention logits soft-capped before masking, a sliding window
-on the local layers, GeGLU with tanh GELU, tied output projection, final logits soft-capped.
+The numbers follow transformers' Gemma2ForCausalLM and Gemma3ForCausalLM (see tests/test_model.py for the parity
+checks): embeddings times sqrt(D) in the compute dtype, RMSNorm scaling by (1 + w) in float32, four norms per block,
+queries scaled by query_pre_attn_scalar ** -0.5, a sliding window on the local layers, GeGLU with tanh GELU, tied
+output projection. Gemma 2 soft-caps the attention logits (before masking) and the final logits; Gemma 3 instead
+normalises queries and keys over head_dim before RoPE (QK-norm), and takes RoPE's base and linear scaling per layer
+kind (config.rope).
 """
 
 from __future__ import annotations
@@ -71,10 +73,13 @@ def softcap(x: jax.Array, cap: float | None) -> jax.Array:
     return x if cap is None else jnp.tanh(x / cap) * cap
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding, rotate-half layout as in the Hugging Face checkpoints. x: [B, T, N, E], positions: [B, T]."""
+def rope(x: jax.Array, positions: jax.Array, theta: float, factor: float = 1.0) -> jax.Array:
+    """Rotary embedding, rotate-half layout as in the Hugging Face checkpoints. x: [B, T, N, E], positions: [B, T].
+    factor: linear scaling (the frequencies divided by it, as transformers' "linear" rope_type)."""
     E = x.shape[-1]
     inv_freq = 1.0 / (theta ** (jnp.arange(0, E, 2, dtype=jnp.float32) / E))  # [E/2]
+    if factor != 1.0:
+        inv_freq = inv_freq / factor
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, E/2]
     sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -126,12 +131,12 @@ def project(x: jax.Array, p: Params, names: tuple[str, ...], adapter: LoraConfig
     return ys
 
 
-def block(x: jax.Array, p: Params, cfg: ModelConfig, positions: jax.Array, attend: Attend,
+def block(x: jax.Array, p: Params, cfg: ModelConfig, kind: str, positions: jax.Array, attend: Attend,
           adapter: LoraConfig | None = None,
           key: jax.Array | None = None) -> tuple[jax.Array, Any]:
-    """One decoder layer. `attend(q, k, v) -> (out, cache_update)` supplies the keys in view and the mask, so the
-    training path and the KV-cache path share everything else. `adapter` (a LoraConfig) scales p["lora"];
-    `key` draws its dropout."""
+    """One decoder layer of `kind` (LOCAL or GLOBAL: its RoPE). `attend(q, k, v) -> (out, cache_update)` supplies
+    the keys in view and the mask, so the training path and the KV-cache path share everything else. `adapter`
+    (a LoraConfig) scales p["lora"]; `key` draws its dropout."""
     p = jax.tree.map(lambda a: a.astype(x.dtype), p)  # compute in x's dtype whatever the weights' (no-op if equal)
 
     def proj(h: jax.Array, *names: str) -> list[jax.Array]:
@@ -141,9 +146,12 @@ def block(x: jax.Array, p: Params, cfg: ModelConfig, positions: jax.Array, atten
     x = sharding.shard(x, "batch", "seq", "act_embed")
     h = rms_norm(x, p["input_norm"], cfg.rms_norm_eps)
     q, k, v = proj(h, "q_proj", "k_proj", "v_proj")
-    q = rope(q, positions, cfg.rope_theta) * jnp.asarray(cfg.query_pre_attn_scalar ** -0.5, x.dtype)
+    if cfg.qk_norm:
+        q, k = rms_norm(q, p["q_norm"], cfg.rms_norm_eps), rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
+    theta, factor = cfg.rope(kind)
+    q = rope(q, positions, theta, factor) * jnp.asarray(cfg.query_pre_attn_scalar ** -0.5, x.dtype)
     q = sharding.shard(q, "batch", "seq", "heads", "head_dim")
-    k = sharding.shard(rope(k, positions, cfg.rope_theta), "batch", "seq", "kv_heads", "head_dim")
+    k = sharding.shard(rope(k, positions, theta, factor), "batch", "seq", "kv_heads", "head_dim")
     a, update = attend(q, k, v)
     x = x + rms_norm(proj(a, "o_proj")[0], p["post_attn_norm"], cfg.rms_norm_eps)
     h = rms_norm(x, p["pre_ffw_norm"], cfg.rms_norm_eps)
@@ -153,10 +161,18 @@ def block(x: jax.Array, p: Params, cfg: ModelConfig, positions: jax.Array, atten
     return x, update
 
 
-def _grouped(layers: Params, cfg: ModelConfig) -> Params:
-    """[L, ...] -> [L / P, P, ...] where P is the length of the repeating local/global pattern."""
-    P = len(cfg.block_pattern)
-    return jax.tree.map(lambda a: a.reshape(a.shape[0] // P, P, *a.shape[1:]), layers)
+def _grouped(layers: Params, start: int, repeats: int, pattern: tuple[str, ...]) -> Params:
+    """Layers start .. start + repeats * P of [L, ...] as [repeats, P, ...], P the pattern's length. A segment that
+    is the whole stack is a free reshape; a shorter one (a stack ending in a partial repeat of the pattern, as Gemma 3
+    1B's 26 layers) is a slice, which XLA copies."""
+    P = len(pattern)
+
+    def take(a: jax.Array) -> jax.Array:
+        if start or repeats * P != a.shape[0]:
+            a = jax.lax.slice_in_dim(a, start, start + repeats * P)
+        return a.reshape(repeats, P, *a.shape[1:])
+
+    return jax.tree.map(take, layers)
 
 
 def embed(params: Params, tokens: jax.Array, dtype: Any) -> jax.Array:
@@ -183,7 +199,7 @@ def output_logits(hn: jax.Array, embed: jax.Array, cap: float | None) -> jax.Arr
 def full_attend(cfg: ModelConfig, segment_ids: jax.Array, impl: str) -> dict[str, Attend]:
     """For each layer kind, attend(q, k, v) -> (out, None) over the whole sequence: causal, within segments
     (segment_ids [B, T], 0 marks padding), and within the sliding window on local layers."""
-    kinds = set(cfg.block_pattern)
+    kinds = set(cfg.layer_types)
     if impl == "splash":
         return {kind: lambda q, k, v, kind=kind: (splash_attention(q, k, v, segment_ids, kind, cfg), None)
                 for kind in kinds}
@@ -217,22 +233,25 @@ def hidden_states(params: Params, tokens: jax.Array, cfg: ModelConfig, *, positi
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     attend = full_attend(cfg, segment_ids, attn_impl or attention_impl(jax.default_backend(), cfg, T))
 
-    def group(x: jax.Array, pg: tuple[Params, jax.Array]) -> tuple[jax.Array, None]:
-        p, g = pg
-        for j, kind in enumerate(cfg.block_pattern):
-            pj = jax.tree.map(lambda a, j=j: a[j], p)
-            layer_key = None if key is None else jax.random.fold_in(key, g * len(cfg.block_pattern) + j)
-            x, _ = block(x, pj, cfg, positions, attend[kind], adapter, layer_key)
-        return x, None
-
-    if remat == "block":
-        group = jax.checkpoint(group, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-    elif remat == "full":
-        group = jax.checkpoint(group, policy=jax.checkpoint_policies.nothing_saveable)
-    elif remat != "none":
+    if remat not in REMAT:
         raise ValueError(f"remat must be one of {REMAT}, got {remat!r}")
-    groups = cfg.num_layers // len(cfg.block_pattern)
-    x, _ = jax.lax.scan(group, embed(params, tokens, dtype), (_grouped(params["layers"], cfg), jnp.arange(groups)))
+    x = embed(params, tokens, dtype)
+    # One scan per segment of the stack (cfg.layer_segments); its body is one repeat of the local/global pattern.
+    for start, repeats, pattern in cfg.layer_segments:
+        def group(x: jax.Array, pg: tuple[Params, jax.Array], start: int = start,
+                  pattern: tuple[str, ...] = pattern) -> tuple[jax.Array, None]:
+            p, g = pg
+            for j, kind in enumerate(pattern):
+                pj = jax.tree.map(lambda a, j=j: a[j], p)
+                layer_key = None if key is None else jax.random.fold_in(key, start + g * len(pattern) + j)
+                x, _ = block(x, pj, cfg, kind, positions, attend[kind], adapter, layer_key)
+            return x, None
+
+        if remat == "block":
+            group = jax.checkpoint(group, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+        elif remat == "full":
+            group = jax.checkpoint(group, policy=jax.checkpoint_policies.nothing_saveable)
+        x, _ = jax.lax.scan(group, x, (_grouped(params["layers"], start, repeats, pattern), jnp.arange(repeats)))
     return x
 
 
@@ -323,7 +342,7 @@ def forward_cached(params: Params, tokens: jax.Array, cache: Cache, cfg: ModelCo
     x = embed(params, tokens, dtype)
     kv = []
     for kind, p, c in zip(cfg.layer_types, params["layers"], cache["kv"], strict=True):
-        x, c = block(x, p, cfg, positions, _cached_attend(kind, cfg, c, length, start, q_times))
+        x, c = block(x, p, cfg, kind, positions, _cached_attend(kind, cfg, c, length, start, q_times))
         kv.append(c)
     if last_only:  # a prefill needs only the next token's logits; XLA does not prune an unused [B, n, V]
         x = x[:, -1:]

@@ -46,6 +46,8 @@ LAYER_KEYS = {
     "post_attn_norm": "post_attention_layernorm.weight",
     "pre_ffw_norm": "pre_feedforward_layernorm.weight",
     "post_ffw_norm": "post_feedforward_layernorm.weight",
+    "q_norm": "self_attn.q_norm.weight",  # Gemma 3 only
+    "k_norm": "self_attn.k_norm.weight",
     "q_proj": "self_attn.q_proj.weight",
     "k_proj": "self_attn.k_proj.weight",
     "v_proj": "self_attn.v_proj.weight",
@@ -88,7 +90,7 @@ def hf_shape(name: str, cfg: ModelConfig) -> tuple[int, ...]:
     D, F, H, K, E, V = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                         cfg.vocab_size)
     return {"embed": (V, D), "final_norm": (D,), "input_norm": (D,), "post_attn_norm": (D,),
-            "pre_ffw_norm": (D,), "post_ffw_norm": (D,), "q_proj": (H * E, D), "k_proj": (K * E, D),
+            "pre_ffw_norm": (D,), "post_ffw_norm": (D,), "q_norm": (E,), "k_norm": (E,), "q_proj": (H * E, D), "k_proj": (K * E, D),
             "v_proj": (K * E, D), "o_proj": (D, H * E), "gate_proj": (F, D), "up_proj": (F, D),
             "down_proj": (D, F)}[name]
 
@@ -105,11 +107,13 @@ def parse_key(key: str) -> tuple[str, int | None] | None:
 
 
 def hf_keys(cfg: ModelConfig) -> Iterator[tuple[str, str, int | None]]:
-    """Every Hugging Face key of a Gemma 2 checkpoint as (key, gemmatune name, layer index)."""
+    """Every Hugging Face key of a Gemma 2 or Gemma 3 causal LM checkpoint as (key, gemmatune name, layer index)."""
+    names = param_shapes(cfg)["layers"]
     yield TOP_KEYS["embed"], "embed", None
     for i in range(cfg.num_layers):
         for name, hf in LAYER_KEYS.items():
-            yield f"model.layers.{i}.{hf}", name, i
+            if name in names:
+                yield f"model.layers.{i}.{hf}", name, i
     yield TOP_KEYS["final_norm"], "final_norm", None
 
 
