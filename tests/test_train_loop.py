@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import SMALL, strong_params
+from conftest import SMALL, SMALL3, strong_params
 from gemmatune.cli import SAMPLE, main
 from gemmatune.config import DEFAULT_MODEL
 from gemmatune.settings import config_from_dict, load_yaml
@@ -292,16 +292,18 @@ def test_nonfinite_skip_completes_and_counts(tmp_path, capsys):
 # --- 5. a Hugging Face checkpoint: train, merge, load in transformers, generate ------------------------------------
 
 @pytest.mark.slow
-def test_train_merge_generate_on_a_hugging_face_checkpoint(tmp_path, capsys):
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_train_merge_generate_on_a_hugging_face_checkpoint(tmp_path, capsys, family):
     import torch
-    from transformers import Gemma2ForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from gemmatune import lora
     from gemmatune.checkpoint import load_adapter
     from gemmatune.convert.hf import load_hf, save_hf
     from gemmatune.model import forward
 
-    cfg = dataclasses.replace(SMALL, vocab_size=4096)  # the embedded tokenizer has 4096 tokens
+    # the embedded tokenizer has 4096 tokens
+    cfg = dataclasses.replace({"gemma2": SMALL, "gemma3": SMALL3}[family], vocab_size=4096)
     base_dir, out, merged = tmp_path / "base", tmp_path / "run", tmp_path / "merged"
     save_hf(base_dir, cfg, strong_params(cfg), tokenizer_dir=DEFAULT_MODEL)
     data = write_rows(tmp_path / "rows.csv", 16)
@@ -312,7 +314,8 @@ def test_train_merge_generate_on_a_hugging_face_checkpoint(tmp_path, capsys):
 
     # still tied: no lm_head tensor is written, and transformers shares the embedding
     assert not any("lm_head" in k for f in merged.glob("*.safetensors") for k in load_file(f))
-    hf = Gemma2ForCausalLM.from_pretrained(merged, attn_implementation="eager", dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(merged, attn_implementation="eager", dtype=torch.float32).eval()
+    assert type(hf).__name__ == {"gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}[family]
     assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
 
     tokens = np.random.RandomState(0).randint(3, cfg.vocab_size, (2, 40))  # several sliding windows of 8
