@@ -18,8 +18,8 @@ from typing import Any
 
 from gemmatune.errors import GemmatuneError
 
-# The released Gemma 2 instruct template, verbatim. It is written into the tokenizer_config.json of the embedded
-# tokenizer and of exports; at runtime render_chat() reproduces it in plain Python.
+# The released Gemma 2 instruct template, verbatim. chat_template(family) picks the one written into the
+# tokenizer_config.json of exports and into GGUF files; at runtime render_chat() reproduces both in plain Python.
 GEMMA2_CHAT_TEMPLATE = (
     "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
     "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
@@ -28,6 +28,52 @@ GEMMA2_CHAT_TEMPLATE = (
     "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
 )
+
+# The released Gemma 3 instruct template, verbatim (google/gemma-3-*-it tokenizer_config.json). Unlike Gemma 2's it
+# folds a leading system message into the first user turn, and takes contents as lists of {"type": "text"} items.
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}\n"
+    "{%- if messages[0]['role'] == 'system' -%}\n"
+    "    {%- if messages[0]['content'] is string -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}\n"
+    "    {%- endif -%}\n"
+    "    {%- set loop_messages = messages[1:] -%}\n"
+    "{%- else -%}\n"
+    "    {%- set first_user_prefix = \"\" -%}\n"
+    "    {%- set loop_messages = messages -%}\n"
+    "{%- endif -%}\n"
+    "{%- for message in loop_messages -%}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
+    "        {{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}\n"
+    "    {%- endif -%}\n"
+    "    {%- if (message['role'] == 'assistant') -%}\n"
+    "        {%- set role = \"model\" -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set role = message['role'] -%}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}\n"
+    "    {%- if message['content'] is string -%}\n"
+    "        {{ message['content'] | trim }}\n"
+    "    {%- elif message['content'] is iterable -%}\n"
+    "        {%- for item in message['content'] -%}\n"
+    "            {%- if item['type'] == 'image' -%}\n"
+    "                {{ '<start_of_image>' }}\n"
+    "            {%- elif item['type'] == 'text' -%}\n"
+    "                {{ item['text'] | trim }}\n"
+    "            {%- endif -%}\n"
+    "        {%- endfor -%}\n"
+    "    {%- else -%}\n"
+    "        {{ raise_exception(\"Invalid content type\") }}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<end_of_turn>\n' }}\n"
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}\n"
+    "    {{'<start_of_turn>model\n'}}\n"
+    "{%- endif -%}\n"
+)
+CHAT_TEMPLATES = {"gemma2": GEMMA2_CHAT_TEMPLATE, "gemma3": GEMMA3_CHAT_TEMPLATE}
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_MODEL = "tokenizer.model"
@@ -334,6 +380,10 @@ def gguf_sentencepiece(path: str | Path) -> bytes:
     proto = pb.ModelProto()
     for i, piece in enumerate(tokens):
         kind_i = int(types[i]) if types is not None else _NORMAL
+        if kind_i == _USER_DEFINED:
+            # Gemma 3's whitespace runs ("  ", "   ", ...) are user-defined pieces that llama.cpp stores with plain
+            # spaces and matches in the raw text; SentencePiece matches them after writing spaces as "▁".
+            piece = piece.replace(" ", "\u2581")
         proto.pieces.add(piece=piece, score=float(scores[i]) if scores is not None else 0.0,
                          type=kind_i if _NORMAL <= kind_i <= _BYTE else _NORMAL)
     spec = proto.trainer_spec
@@ -362,24 +412,35 @@ def gguf_sentencepiece(path: str | Path) -> bytes:
     return proto.SerializeToString()
 
 
+def chat_template(family: str) -> str:
+    """The released instruct template of the model family ("gemma2" or "gemma3"), verbatim: what exports write into
+    tokenizer_config.json and GGUF files write as tokenizer.chat_template. render_chat() renders both."""
+    if family not in CHAT_TEMPLATES:
+        raise GemmatuneError(f"no chat template for model family {family!r}; the families are "
+                             + ", ".join(map(repr, CHAT_TEMPLATES)))
+    return CHAT_TEMPLATES[family]
+
+
 def render_chat(messages: Sequence[Mapping[str, object]], add_generation_prompt: bool = False) -> str:
-    """Render `messages` as the released Gemma 2 instruct template does, without the leading `<bos>`.
+    """Render `messages` as the released Gemma 3 instruct template does (GEMMA3_CHAT_TEMPLATE), without the leading
+    `<bos>`; on the conversations Gemma 2's template accepts (no system message) both templates give the same text.
 
-    Each message is {"role": ..., "content": str}; roles are "user" and "assistant" (or its synonym "model"),
-    alternating and starting with "user". Content is stripped of surrounding whitespace (the template's `trim`).
-
-    Gemma has no system role and the released template raises on one. gemmatune instead folds a leading system
-    message into the first user turn as `system_text + "\\n\\n" + user_text`, which is common practice.
+    Each message is {"role": ..., "content": ...}; roles are "user" and "assistant" (or its synonym "model"),
+    alternating and starting with "user", after an optional first "system" message. Content is a string or the
+    template's list of {"type": "text", "text": ...} items; it is stripped of surrounding whitespace (the template's
+    `trim`, item by item). A system message is folded into the first user turn as the Gemma 3 template does,
+    `system_text + "\\n\\n" + user_text` with the system text as written; Gemma 2's template refuses one, and
+    gemmatune folds it the same way for both families.
     """
-    turns = chat_turns(messages)
-    text = "".join(f"<start_of_turn>{role}\n{content.strip()}<end_of_turn>\n" for role, content in turns)
+    text = "".join(f"<start_of_turn>{role}\n{content}<end_of_turn>\n" for role, content in chat_turns(messages))
     return text + "<start_of_turn>model\n" if add_generation_prompt else text
 
 
 def chat_turns(messages: Sequence[Mapping[str, object]], roles: Mapping[str, str] | None = None,
                column: str = "messages") -> list[tuple[str, str]]:
-    """Validated (template role "user" | "model", content as given) pairs, a leading system message folded into
-    the first user turn; render_chat writes them out, and the data pipeline tokenises them part by part.
+    """Validated (template role "user" | "model", content as the template writes it) pairs: contents trimmed, a
+    leading system message folded into the first user turn. render_chat writes them out, and the data pipeline
+    tokenises them part by part.
 
     `roles` maps each role as the caller's rows spell it (ShareGPT's "human"/"gpt", ...) to system / user / model
     (default: system, user, assistant and model); `column` names the conversation. Errors quote the role as
@@ -387,23 +448,19 @@ def chat_turns(messages: Sequence[Mapping[str, object]], roles: Mapping[str, str
     roles = {"system": "system", **_ROLES} if roles is None else roles
     if len(messages) == 0:
         raise GemmatuneError(f"{column}: the conversation is empty; it needs at least one user message")
-    checked: list[tuple[str, str]] = []  # (role as written, content)
+    checked: list[tuple[str, str]] = []  # (role as written, content as the template writes it)
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
             raise GemmatuneError(f"{column}[{i}]: expected a mapping with 'role' and 'content', got {message!r}")
-        role, content = message["role"], message["content"]
+        role = message["role"]
         if role not in tuple(roles):  # a tuple, so an unhashable role is reported rather than a TypeError
             raise GemmatuneError(f"{column}[{i}]: unknown role {role!r}; use "
                                  + ", ".join(map(repr, roles)) + " (a system one only first)")
-        if not isinstance(content, str):
-            raise GemmatuneError(
-                f"{column}[{i}] (role {role!r}): content must be a string, got {type(content).__name__}"
-            )
         if roles[role] == "system" and i > 0:
             raise GemmatuneError(
                 f"{column}[{i}]: a 'system' message is only allowed as the first message (role {role!r})"
             )
-        checked.append((role, content))
+        checked.append((role, _content_text(message["content"], roles[role] == "system", f"{column}[{i}]", role)))
 
     first = 1 if roles[checked[0][0]] == "system" else 0
     if first and len(checked) == 1:
@@ -421,6 +478,30 @@ def chat_turns(messages: Sequence[Mapping[str, object]], roles: Mapping[str, str
                 "user/assistant starting with user (after an optional first system message)"
             )
         turns.append((expected, content))
-    if first:
+    if first:  # the system text goes in as written; only the user text is trimmed
         turns[0] = ("user", checked[0][1] + "\n\n" + turns[0][1])
     return turns
+
+
+def _content_text(content: object, system: bool, where: str, role: object) -> str:
+    """A message's content as the Gemma 3 template writes it: a string trimmed, a list's text items each trimmed and
+    joined; a system message's text untrimmed (its first item, the only one the template reads)."""
+    if isinstance(content, str):
+        return content if system else content.strip()
+    if not isinstance(content, list | tuple):
+        raise GemmatuneError(f"{where} (role {role!r}): content must be a string or a list of "
+                             f"{{'type': 'text', 'text': ...}} items, got {type(content).__name__}")
+    texts = []
+    for k, item in enumerate(content):
+        if not (isinstance(item, Mapping) and item.get("type") == "text" and isinstance(item.get("text"), str)):
+            kind = item.get("type") if isinstance(item, Mapping) else type(item).__name__
+            raise GemmatuneError(f"{where}.content[{k}] (role {role!r}): expected a {{'type': 'text', 'text': str}} "
+                                 f"item, got {kind!r}; gemmatune trains on text only")
+        texts.append(item["text"])
+    if system:
+        if len(texts) != 1:
+            # The template reads only the first item of a system list: refuse rather than drop text silently.
+            raise GemmatuneError(f"{where} (role {role!r}): a system message's content list must hold exactly one "
+                                 f"text item (the Gemma 3 template reads only the first), got {len(texts)}")
+        return texts[0]
+    return "".join(t.strip() for t in texts)
