@@ -131,9 +131,10 @@ def test_encode_matches_transformers(gemma3_tok: Tokenizer, gemma3_hf_tok) -> No
 
     Gemma 3's whitespace runs of 2..31 spaces are user-defined pieces: SentencePiece (and llama.cpp, see
     tests/test_gguf_tokenizer.py) cuts the longest one from the left (40 spaces: 31 + 9). transformers' tokenizer
-    built from a GGUF file keeps them as ordinary BPE pieces, not added tokens, so its merges cut 40 spaces as 16 +
-    24: same text, other ids. The checkpoint's SentencePiece model (gemmatune, llama.cpp) is the one the model was
-    trained with."""
+    built from a GGUF file adds a user-defined piece as an added token only when its string is in the vocabulary it
+    built (add_gguf_special_tokens, `token in vocab`), where these 30 pieces are spelled with "▁" and the GGUF with
+    plain spaces; left as ordinary BPE pieces, they come out of its merges the same up to 31 spaces, but 40 spaces
+    become 16 + 24: the same text, other ids. SentencePiece's rule is the checkpoint's own (llama.cpp keeps it)."""
     tok, hf = gemma3_tok, gemma3_hf_tok
     compared = 0
     for text in STRINGS:
