@@ -4,6 +4,7 @@ and the data pipeline and `data inspect` with that tokenizer. tests/test_gguf_to
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -76,25 +77,33 @@ def gemma3_tok(gemma3_gguf: Path) -> Tokenizer:
     return load_tokenizer(gemma3_gguf)
 
 
-@pytest.fixture(scope="session")
-def gemma3_hf_tok(gemma3_gguf: Path):
-    """transformers' tokenizer built from the GGUF (the reference). Building it takes ~45 s, so it is saved once
-    beside the cached download and read back from its tokenizer.json (a few seconds) afterwards."""
+def _cached_hf_tokenizer(gguf: Path, name: str, build):
+    """transformers' tokenizer `build()` makes, saved once beside the cached download (building one takes 20-45 s)
+    and read back from its tokenizer.json (a few seconds) afterwards; `name` says what it was built from."""
     import shutil
     import tempfile
 
     import transformers
     from transformers import AutoTokenizer
 
-    cache = gemma3_gguf.parent / f"hf-tokenizer-{transformers.__version__}-{gemma3_gguf.stat().st_size}"
+    cache = gguf.parent / f"{name}-{transformers.__version__}-{gguf.stat().st_size}"
     if not (cache / "tokenizer.json").is_file():
-        tok = AutoTokenizer.from_pretrained(gemma3_gguf.parent, gguf_file=gemma3_gguf.name)
-        with tempfile.TemporaryDirectory(dir=gemma3_gguf.parent) as tmp:
+        tok = build()
+        with tempfile.TemporaryDirectory(dir=gguf.parent) as tmp:
             tok.save_pretrained(tmp)
             shutil.rmtree(cache, ignore_errors=True)
             Path(tmp).rename(cache)
             Path(tmp).mkdir()  # for TemporaryDirectory's cleanup
     return AutoTokenizer.from_pretrained(cache)
+
+
+@pytest.fixture(scope="session")
+def gemma3_hf_tok(gemma3_gguf: Path):
+    """transformers' tokenizer built from the GGUF file (the reference)."""
+    from transformers import AutoTokenizer
+
+    return _cached_hf_tokenizer(gemma3_gguf, "hf-tokenizer",
+                                lambda: AutoTokenizer.from_pretrained(gemma3_gguf.parent, gguf_file=gemma3_gguf.name))
 
 
 # --- the vocabulary ------------------------------------------------------------------------------------------
@@ -134,7 +143,8 @@ def test_encode_matches_transformers(gemma3_tok: Tokenizer, gemma3_hf_tok) -> No
     built from a GGUF file adds a user-defined piece as an added token only when its string is in the vocabulary it
     built (add_gguf_special_tokens, `token in vocab`), where these 30 pieces are spelled with "▁" and the GGUF with
     plain spaces; left as ordinary BPE pieces, they come out of its merges the same up to 31 spaces, but 40 spaces
-    become 16 + 24: the same text, other ids. SentencePiece's rule is the checkpoint's own (llama.cpp keeps it)."""
+    become 16 + 24: the same text, other ids. SentencePiece's rule is the checkpoint's own: llama.cpp keeps it, and
+    transformers does too when it reads the vocabulary as a SentencePiece model (the test after this one)."""
     tok, hf = gemma3_tok, gemma3_hf_tok
     compared = 0
     for text in STRINGS:
@@ -146,6 +156,24 @@ def test_encode_matches_transformers(gemma3_tok: Tokenizer, gemma3_hf_tok) -> No
             assert ours == theirs, text
             compared += 1
     assert compared > 2500
+
+
+def test_rebuilt_sentencepiece_model_reads_the_same_in_transformers(gemma3_gguf: Path, gemma3_tok: Tokenizer,
+                                                                   tmp_path: Path) -> None:
+    """gguf_sentencepiece's model, written as a tokenizer.model file, is one transformers reads (as an export of a
+    GGUF base carries it) and encodes exactly as gemmatune on every string, long space runs included: read from a
+    SentencePiece model, transformers registers the user-defined pieces and agrees with SentencePiece's rule."""
+    from transformers import AutoTokenizer
+
+    from gemmatune.tokenizer import gguf_sentencepiece
+
+    proto = gguf_sentencepiece(gemma3_gguf)
+    (tmp_path / "tokenizer.model").write_bytes(proto)
+    hf = _cached_hf_tokenizer(gemma3_gguf, f"hf-tokenizer-from-spm-{hashlib.sha256(proto).hexdigest()[:16]}",
+                              lambda: AutoTokenizer.from_pretrained(tmp_path, mask_token=None))
+    assert len(hf) == gemma3_tok.vocab_size  # no <mask> added past the vocabulary (PITFALLS)
+    for text in STRINGS:
+        assert gemma3_tok.encode(text) == hf.encode(text, add_special_tokens=False), text
 
 
 def test_decode_matches_transformers(gemma3_tok: Tokenizer, gemma3_hf_tok) -> None:
