@@ -27,7 +27,8 @@ PARTS = 4
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("GEMMATUNE_MODELS") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gemmatune"
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    root = os.environ.get("GEMMATUNE_MODELS") or Path(cache) / "gemmatune"
     return Path(root) / "gemma3-270m"
 
 

@@ -90,8 +90,8 @@ def hf_shape(name: str, cfg: ModelConfig) -> tuple[int, ...]:
     D, F, H, K, E, V = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                         cfg.vocab_size)
     return {"embed": (V, D), "final_norm": (D,), "input_norm": (D,), "post_attn_norm": (D,),
-            "pre_ffw_norm": (D,), "post_ffw_norm": (D,), "q_norm": (E,), "k_norm": (E,), "q_proj": (H * E, D), "k_proj": (K * E, D),
-            "v_proj": (K * E, D), "o_proj": (D, H * E), "gate_proj": (F, D), "up_proj": (F, D),
+            "pre_ffw_norm": (D,), "post_ffw_norm": (D,), "q_norm": (E,), "k_norm": (E,), "q_proj": (H * E, D),
+            "k_proj": (K * E, D), "v_proj": (K * E, D), "o_proj": (D, H * E), "gate_proj": (F, D), "up_proj": (F, D),
             "down_proj": (D, F)}[name]
 
 
