@@ -1,8 +1,10 @@
 """`gemmatune export`: a base checkpoint and an adapter (gemmatune's or PEFT's) -> another tool's format.
 
-    hf    the adapter merged into the weights: a Hugging Face Gemma 2 checkpoint (tied head, no lm_head), with the
-          base's tokenizer and the chat template in tokenizer_config.json
-    peft  the adapter alone, as a PEFT LoRA adapter for transformers + peft
+    hf    the adapter merged into the weights: a Hugging Face Gemma2ForCausalLM or Gemma3ForCausalLM checkpoint (tied
+          head, no lm_head; a multimodal Gemma 3 base gives its language model, text only), with the base's
+          tokenizer and the chat template in tokenizer_config.json
+    peft  the adapter alone, as a PEFT LoRA adapter for transformers + peft on the base checkpoint itself
+          (Gemma3ForConditionalGeneration's module paths for a multimodal base)
     gguf  the merged weights as one GGUF file for llama.cpp and Ollama, with an Ollama Modelfile beside it
 
 The base is a Hugging Face directory or a KerasHub preset. The adapter is checked against the base's config
@@ -25,7 +27,7 @@ import numpy as np
 from gemmatune.atomic import refuse_to_replace
 from gemmatune.convert import gguf, load_model, model_config
 from gemmatune.convert.common import WEIGHT_DTYPES, read_json
-from gemmatune.convert.hf import TOKENIZER_FILES, save_hf
+from gemmatune.convert.hf import TOKENIZER_FILES, checkpoint_is_multimodal, save_hf
 from gemmatune.convert.kerashub import is_kerashub_preset
 from gemmatune.convert.peft import load_adapter_for, merged_adapters, merged_record, save_peft
 from gemmatune.errors import GemmatuneError
@@ -59,7 +61,9 @@ def export(model_dir: str | Path, adapter_dir: str | Path, fmt: str, output: str
     # Refuses an adapter of another base, or one already merged into this one, before the weights are read.
     adapters, lora_cfg = load_adapter_for(model_dir, adapter_dir, cfg)
     if fmt == "peft":
-        return save_peft(output, adapters, lora_cfg, cfg, str(model_dir.resolve()), force=force)
+        multimodal = not is_kerashub_preset(model_dir) and checkpoint_is_multimodal(model_dir)
+        return save_peft(output, adapters, lora_cfg, cfg, str(model_dir.resolve()), multimodal=multimodal,
+                         force=force)
     merged = [*merged_adapters(model_dir), merged_record(adapter_dir, adapters, lora_cfg)]
     cfg, params = load_model(model_dir, dtype if dtype in WEIGHT_DTYPES else "auto")
     params = merge(params, adapters, lora_cfg)
