@@ -292,3 +292,28 @@ def test_end_of_turn_comes_from_the_tokenizer(params, tmp_path) -> None:
     assert json.loads((tmp_path / "g3" / "generation_config.json").read_text())["eos_token_id"] == [1, 106]
     save_hf(tmp_path / "tiny", G3, params, tokenizer_dir=DEFAULT_MODEL)  # the embedded vocabulary: id 6
     assert json.loads((tmp_path / "tiny" / "generation_config.json").read_text())["eos_token_id"] == [1, 6]
+
+
+# --- refusals elsewhere -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layers, hub_id", [(26, "google/gemma-3-1b-pt"), (34, "google/gemma-3-4b-pt"),
+                                            (18, "google/gemma-3-270m")])
+def test_kerashub_gemma3_presets_point_to_the_hf_checkpoint(tmp_path, layers, hub_id) -> None:
+    """A KerasHub Gemma3Backbone preset is refused with the Hub id of its size, which gemmatune reads."""
+    (tmp_path / "config.json").write_text(json.dumps({"class_name": "Gemma3Backbone", "config": {
+        "num_layers": layers, "vocabulary_size": 262144}}))
+    with pytest.raises(GemmatuneError) as e:
+        model_config(tmp_path)
+    msg = str(e.value)
+    assert "Gemma 3" in msg and f"--model {hub_id}" in msg and "instruction-tuned" in msg
+    assert str(tmp_path / "config.json") in msg
+
+
+def test_other_refusals_name_both_families(tmp_path) -> None:
+    from gemmatune.hub import CHOICES, MODEL_HELP
+
+    (tmp_path / "config.json").write_text(json.dumps({"class_name": "LlamaBackbone", "config": {}}))
+    with pytest.raises(GemmatuneError, match="Llama") as e:
+        model_config(tmp_path)
+    assert "Gemma 2" in str(e.value) and "Gemma 3 (Hugging Face" in str(e.value)
+    assert all("Gemma 3" in text and "google/gemma-3-1b-it" in text for text in (CHOICES, MODEL_HELP))
