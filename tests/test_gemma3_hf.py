@@ -32,7 +32,7 @@ from gemmatune.export import export
 from gemmatune.layout import adapter_shapes
 from gemmatune.lora import attach
 from gemmatune.model import forward
-from gemmatune.tokenizer import load_tokenizer
+from gemmatune.tokenizer import GEMMA3_CHAT_TEMPLATE, load_tokenizer, render_chat
 
 G3 = ModelConfig(family="gemma3", vocab_size=4096, hidden_size=64, intermediate_size=128, num_layers=8, num_heads=4,
                  num_kv_heads=2, head_dim=16, query_pre_attn_scalar=24, sliding_window=8, attn_logit_softcap=None,
@@ -222,6 +222,7 @@ def test_gemma3_export_merged_and_peft(params, base_dir, tmp_path) -> None:
     gemmatune's merged logits, stops at the tokenizer's own <end_of_turn> (106 here) and carries a chat template;
     the PEFT export loads with peft onto the base checkpoint to the same logits and back into gemmatune."""
     from peft import PeftModel
+    from transformers import AutoTokenizer
 
     adapters = random_adapters(G3)
     save_adapter(tmp_path / "adapter", adapters, LORA, G3, str(base_dir))
@@ -237,7 +238,13 @@ def test_gemma3_export_merged_and_peft(params, base_dir, tmp_path) -> None:
     eot = load_tokenizer(base_dir).end_of_turn_id
     assert eot == 106
     assert json.loads((merged / "generation_config.json").read_text())["eos_token_id"] == [1, eot]
-    assert json.loads((merged / "tokenizer_config.json").read_text())["chat_template"]
+    # The base has no chat template: the export carries Gemma 3's, which folds a system turn into the first user
+    # turn, and transformers renders it as gemmatune does.
+    assert json.loads((merged / "tokenizer_config.json").read_text())["chat_template"] == GEMMA3_CHAT_TEMPLATE
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    text = AutoTokenizer.from_pretrained(merged).apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert text == "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n"
+    assert text == "<bos>" + render_chat(chat, add_generation_prompt=True)
 
     peft_dir = export(base_dir, tmp_path / "adapter", "peft", tmp_path / "peft")
     peft_model = PeftModel.from_pretrained(transformers_model(base_dir), peft_dir).eval()

@@ -32,7 +32,7 @@ from gemmatune.convert.kerashub import is_kerashub_preset
 from gemmatune.convert.peft import load_adapter_for, merged_adapters, merged_record, save_peft
 from gemmatune.errors import GemmatuneError
 from gemmatune.lora import merge
-from gemmatune.tokenizer import GEMMA2_CHAT_TEMPLATE, KERAS_SPM, TOKENIZER_JSON, TOKENIZER_MODEL
+from gemmatune.tokenizer import KERAS_SPM, TOKENIZER_JSON, TOKENIZER_MODEL, chat_template
 
 FORMATS = ("hf", "peft", "gguf")
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -67,7 +67,7 @@ def export(model_dir: str | Path, adapter_dir: str | Path, fmt: str, output: str
     merged = [*merged_adapters(model_dir), merged_record(adapter_dir, adapters, lora_cfg)]
     cfg, params = load_model(model_dir, dtype if dtype in WEIGHT_DTYPES else "auto")
     params = merge(params, adapters, lora_cfg)
-    with _tokenizer_with_template(model_dir) as tokenizer_dir:
+    with _tokenizer_with_template(model_dir, cfg.family) as tokenizer_dir:
         if fmt == "gguf":  # the GGUF writer reads tokenizer.model and writes the Gemma 2 chat template itself
             gguf_dtype = dtype if dtype in gguf.DTYPES else GGUF_DTYPES[str(np.dtype(params["embed"].dtype))]
             gguf.save_gguf(output, cfg, params, tokenizer_dir, dtype=gguf_dtype, force=force, merged_adapters=merged)
@@ -89,10 +89,11 @@ def _refuse_existing(output: Path, fmt: str, force: bool) -> None:
 
 
 @contextlib.contextmanager
-def _tokenizer_with_template(model_dir: Path) -> Iterator[Path]:
+def _tokenizer_with_template(model_dir: Path, family: str) -> Iterator[Path]:
     """A directory with the base's tokenizer files whose tokenizer_config.json holds a chat template: the base's
     own directory when it does, else a temporary copy with the template added (from chat_template.jinja if the
-    base has one, else the Gemma 2 instruct template gemmatune trains with), so that the export stays atomic.
+    base has one, else the instruct template of the model's family, Gemma 2's or Gemma 3's, that gemmatune trains
+    with), so that the export stays atomic.
     A KerasHub preset's SentencePiece model becomes tokenizer.model (the same file under the Hugging Face name);
     its tokenizer.json is a Keras layer config and is left behind."""
     keras = is_kerashub_preset(model_dir)
@@ -109,7 +110,7 @@ def _tokenizer_with_template(model_dir: Path) -> Iterator[Path]:
         yield model_dir
         return
     jinja = model_dir / CHAT_TEMPLATE_FILE
-    template = jinja.read_text(encoding="utf-8") if jinja.is_file() else GEMMA2_CHAT_TEMPLATE
+    template = jinja.read_text(encoding="utf-8") if jinja.is_file() else chat_template(family)
     with tempfile.TemporaryDirectory(prefix="gemmatune-tokenizer-") as tmp:
         if keras:
             shutil.copyfile(model_dir / KERAS_SPM, Path(tmp) / TOKENIZER_MODEL)
