@@ -45,9 +45,14 @@ MM_TOKENS = np.random.default_rng(1).integers(0, 262_144, (1, 24))  # text token
 LORA = LoraConfig(rank=2, alpha=4.0)
 
 
-def ours(cfg: ModelConfig, params: dict, tokens: np.ndarray, adapters: dict | None = None) -> np.ndarray:
+# One compiled program per config instead of XLA compiling each operation of the eager forward (tens of seconds).
+_forward = jax.jit(forward, static_argnames=("cfg", "adapter"))
+
+
+def ours(cfg: ModelConfig, params: dict, tokens: np.ndarray, adapters: dict | None = None,
+         lora_cfg: LoraConfig = LORA) -> np.ndarray:
     p = params if adapters is None else attach(params, jax.tree.map(jnp.asarray, adapters))
-    return np.asarray(forward(p, jnp.asarray(tokens), cfg, adapter=None if adapters is None else LORA))
+    return np.asarray(_forward(p, jnp.asarray(tokens), cfg=cfg, adapter=None if adapters is None else lora_cfg))
 
 
 def random_adapters(cfg: ModelConfig, seed: int = 2) -> dict:
@@ -162,6 +167,8 @@ def multimodal(tmp_path_factory):
     assert not missing and not unexpected, (missing, unexpected)
     root = tmp_path_factory.mktemp("multimodal")
     model.save_pretrained(root / "t4")
+    for f in gemma3_like_tokenizer(root / "tok").iterdir():  # a checkpoint comes with its tokenizer
+        shutil.copyfile(f, root / "t4" / f.name)
     tensors = safetensors.numpy.load_file(root / "t4" / "model.safetensors")
     assert "language_model.model.layers.0.self_attn.q_norm.weight" in tensors
     assert any(k.startswith("vision_tower.") for k in tensors) and any(k.startswith("multi_modal_projector.")
@@ -257,9 +264,10 @@ def test_gemma3_export_merged_and_peft(params, base_dir, tmp_path) -> None:
 
 
 def test_multimodal_peft_adapters(multimodal, tmp_path) -> None:
-    """On a multimodal base, the PEFT export names the modules as Gemma3ForConditionalGeneration has them, so peft
-    loads it onto the original checkpoint (LoRA on the language model only); an adapter peft itself trained there
-    (LoRA on the vision tower too) loads into gemmatune with the same text logits."""
+    """On a multimodal base, the merged export is its language model (Gemma3ForCausalLM); the PEFT export names the
+    modules as Gemma3ForConditionalGeneration has them, so peft loads it onto the original checkpoint (LoRA on the
+    language model only); an adapter peft itself trained there (LoRA on the vision tower too) loads into gemmatune
+    with the same text logits."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import PeftModel, get_peft_model
     from transformers import Gemma3ForConditionalGeneration
@@ -270,6 +278,14 @@ def test_multimodal_peft_adapters(multimodal, tmp_path) -> None:
     save_adapter(tmp_path / "adapter", adapters, LORA, MM, str(base))
     want = ours(MM, params, MM_TOKENS, adapters)
     assert np.abs(want - ours(MM, params, MM_TOKENS)).max() > 0.1
+
+    # The merged export is the language model alone, as Gemma3ForCausalLM.
+    merged = transformers_model(export(base, tmp_path / "adapter", "hf", tmp_path / "merged"))
+    assert type(merged).__name__ == "Gemma3ForCausalLM" and merged.config.vocab_size == 262_208
+    # Merged weights round apart from base + adapter: over 6M logits of magnitude up to ~16, a few land just past
+    # 1e-4 absolute, so 1e-4 relative as well.
+    np.testing.assert_allclose(hf_logits(merged, MM_TOKENS), want, atol=1e-4, rtol=1e-4)
+    del merged
 
     peft_dir = export(base, tmp_path / "adapter", "peft", tmp_path / "peft")
     peft_model = PeftModel.from_pretrained(transformers_model(base, Gemma3ForConditionalGeneration), peft_dir).eval()
@@ -287,8 +303,7 @@ def test_multimodal_peft_adapters(multimodal, tmp_path) -> None:
     assert any(".vision_tower." in k for k in keys)
     loaded, lora_cfg = load_any_adapter(tmp_path / "theirs", MM)
     assert sorted(loaded) == ["down_proj", "q_proj", "v_proj"]
-    got = np.asarray(forward(attach(params, jax.tree.map(jnp.asarray, loaded)), jnp.asarray(MM_TOKENS), MM,
-                             adapter=lora_cfg))
+    got = ours(MM, params, MM_TOKENS, loaded, lora_cfg)
     # peft's random init (init_lora_weights=False) moves the logits far more than training would: 1e-4 relative.
     np.testing.assert_allclose(got, hf_logits(theirs, MM_TOKENS), atol=1e-4, rtol=1e-4)
 
