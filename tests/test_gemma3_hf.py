@@ -32,7 +32,7 @@ from gemmatune.export import export
 from gemmatune.layout import adapter_shapes
 from gemmatune.lora import attach
 from gemmatune.model import forward
-from gemmatune.tokenizer import GEMMA3_CHAT_TEMPLATE, load_tokenizer, render_chat
+from gemmatune.tokenizer import GEMMA3_CHAT_TEMPLATE, gguf_sentencepiece, load_tokenizer, render_chat
 
 G3 = ModelConfig(family="gemma3", vocab_size=4096, hidden_size=64, intermediate_size=128, num_layers=8, num_heads=4,
                  num_kv_heads=2, head_dim=16, query_pre_attn_scalar=24, sliding_window=8, attn_logit_softcap=None,
@@ -308,8 +308,14 @@ def test_multimodal_peft_adapters(multimodal, tmp_path) -> None:
     np.testing.assert_allclose(got, hf_logits(theirs, MM_TOKENS), atol=1e-4, rtol=1e-4)
 
 
-def test_end_of_turn_comes_from_the_tokenizer(params, tmp_path) -> None:
-    """generation_config.json's stop ids are the tokenizer's: <end_of_turn> wherever its vocabulary puts it."""
+def test_end_of_turn_comes_from_the_tokenizer(params, gemma3_gguf, tmp_path) -> None:
+    """generation_config.json's stop ids are the tokenizer's: <end_of_turn> wherever its vocabulary puts it, 106 in
+    the real Gemma 3 SentencePiece model (rebuilt from the 270M GGUF's vocabulary)."""
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "tokenizer.model").write_bytes(gguf_sentencepiece(gemma3_gguf))
+    save_hf(tmp_path / "real-g3", G3, params, tokenizer_dir=real)
+    assert json.loads((tmp_path / "real-g3" / "generation_config.json").read_text())["eos_token_id"] == [1, 106]
     save_hf(tmp_path / "g3", G3, params, tokenizer_dir=gemma3_like_tokenizer(tmp_path / "tok"))
     assert json.loads((tmp_path / "g3" / "generation_config.json").read_text())["eos_token_id"] == [1, 106]
     save_hf(tmp_path / "tiny", G3, params, tokenizer_dir=DEFAULT_MODEL)  # the embedded vocabulary: id 6
