@@ -174,7 +174,7 @@ def hf_state(cfg: ModelConfig, params: dict, convert: Callable[[object], np.ndar
 
 # --- checkpoint directories: load and save ---------------------------------------------------------------------
 
-WEIGHTS, INDEX, LM_HEAD = "model.safetensors", "model.safetensors.index.json", "lm_head.weight"
+WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16))
 _SHOW = 5  # how many names an error message lists
