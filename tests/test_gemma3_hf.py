@@ -293,6 +293,8 @@ def test_multimodal_peft_adapters(multimodal, tmp_path) -> None:
     assert adapted and all(".language_model.layers." in n for n in adapted)
     assert len(adapted) == MM.num_layers * 7
     np.testing.assert_allclose(hf_logits(peft_model, MM_TOKENS), want, atol=1e-4, rtol=0)
+    back, _ = load_peft(peft_dir, MM)  # and gemmatune reads its own multimodal export back
+    assert all(np.array_equal(back[n][p], adapters[n][p]) for n in adapters for p in ("a", "b"))
 
     # peft's own adapter, as a user trains it with a plain target list (which also reaches the vision tower).
     theirs = get_peft_model(transformers_model(base, Gemma3ForConditionalGeneration),
