@@ -61,9 +61,8 @@ def export(model_dir: str | Path, adapter_dir: str | Path, fmt: str, output: str
     # Refuses an adapter of another base, or one already merged into this one, before the weights are read.
     adapters, lora_cfg = load_adapter_for(model_dir, adapter_dir, cfg)
     if fmt == "peft":
-        multimodal = not is_kerashub_preset(model_dir) and checkpoint_is_multimodal(model_dir)
-        return save_peft(output, adapters, lora_cfg, cfg, str(model_dir.resolve()), multimodal=multimodal,
-                         force=force)
+        return save_peft(output, adapters, lora_cfg, cfg, str(model_dir.resolve()),
+                         multimodal=checkpoint_is_multimodal(model_dir), force=force)
     merged = [*merged_adapters(model_dir), merged_record(adapter_dir, adapters, lora_cfg)]
     cfg, params = load_model(model_dir, dtype if dtype in WEIGHT_DTYPES else "auto")
     params = merge(params, adapters, lora_cfg)
