@@ -1,8 +1,10 @@
 """`gemmatune export`: a base checkpoint and an adapter (gemmatune's or PEFT's) -> another tool's format.
 
-    hf    the adapter merged into the weights: a Hugging Face Gemma 2 checkpoint (tied head, no lm_head), with the
-          base's tokenizer and the chat template in tokenizer_config.json
-    peft  the adapter alone, as a PEFT LoRA adapter for transformers + peft
+    hf    the adapter merged into the weights: a Hugging Face Gemma2ForCausalLM or Gemma3ForCausalLM checkpoint (tied
+          head, no lm_head; a multimodal Gemma 3 base gives its language model, text only), with the base's
+          tokenizer and the chat template in tokenizer_config.json
+    peft  the adapter alone, as a PEFT LoRA adapter for transformers + peft on the base checkpoint itself
+          (Gemma3ForConditionalGeneration's module paths for a multimodal base)
     gguf  the merged weights as one GGUF file for llama.cpp and Ollama, with an Ollama Modelfile beside it
 
 The base is a Hugging Face directory or a KerasHub preset. The adapter is checked against the base's config
@@ -25,12 +27,12 @@ import numpy as np
 from gemmatune.atomic import refuse_to_replace
 from gemmatune.convert import gguf, load_model, model_config
 from gemmatune.convert.common import WEIGHT_DTYPES, read_json
-from gemmatune.convert.hf import TOKENIZER_FILES, save_hf
+from gemmatune.convert.hf import TOKENIZER_FILES, checkpoint_is_multimodal, save_hf
 from gemmatune.convert.kerashub import is_kerashub_preset
 from gemmatune.convert.peft import load_adapter_for, merged_adapters, merged_record, save_peft
 from gemmatune.errors import GemmatuneError
 from gemmatune.lora import merge
-from gemmatune.tokenizer import GEMMA2_CHAT_TEMPLATE, KERAS_SPM, TOKENIZER_JSON, TOKENIZER_MODEL
+from gemmatune.tokenizer import KERAS_SPM, TOKENIZER_JSON, TOKENIZER_MODEL, chat_template
 
 FORMATS = ("hf", "peft", "gguf")
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -59,11 +61,12 @@ def export(model_dir: str | Path, adapter_dir: str | Path, fmt: str, output: str
     # Refuses an adapter of another base, or one already merged into this one, before the weights are read.
     adapters, lora_cfg = load_adapter_for(model_dir, adapter_dir, cfg)
     if fmt == "peft":
-        return save_peft(output, adapters, lora_cfg, cfg, str(model_dir.resolve()), force=force)
+        return save_peft(output, adapters, lora_cfg, cfg, str(model_dir.resolve()),
+                         multimodal=checkpoint_is_multimodal(model_dir), force=force)
     merged = [*merged_adapters(model_dir), merged_record(adapter_dir, adapters, lora_cfg)]
     cfg, params = load_model(model_dir, dtype if dtype in WEIGHT_DTYPES else "auto")
     params = merge(params, adapters, lora_cfg)
-    with _tokenizer_with_template(model_dir) as tokenizer_dir:
+    with _tokenizer_with_template(model_dir, cfg.family) as tokenizer_dir:
         if fmt == "gguf":  # the GGUF writer reads tokenizer.model and writes the Gemma 2 chat template itself
             gguf_dtype = dtype if dtype in gguf.DTYPES else GGUF_DTYPES[str(np.dtype(params["embed"].dtype))]
             gguf.save_gguf(output, cfg, params, tokenizer_dir, dtype=gguf_dtype, force=force, merged_adapters=merged)
@@ -85,10 +88,11 @@ def _refuse_existing(output: Path, fmt: str, force: bool) -> None:
 
 
 @contextlib.contextmanager
-def _tokenizer_with_template(model_dir: Path) -> Iterator[Path]:
+def _tokenizer_with_template(model_dir: Path, family: str) -> Iterator[Path]:
     """A directory with the base's tokenizer files whose tokenizer_config.json holds a chat template: the base's
     own directory when it does, else a temporary copy with the template added (from chat_template.jinja if the
-    base has one, else the Gemma 2 instruct template gemmatune trains with), so that the export stays atomic.
+    base has one, else the instruct template of the model's family, Gemma 2's or Gemma 3's, that gemmatune trains
+    with), so that the export stays atomic.
     A KerasHub preset's SentencePiece model becomes tokenizer.model (the same file under the Hugging Face name);
     its tokenizer.json is a Keras layer config and is left behind."""
     keras = is_kerashub_preset(model_dir)
@@ -105,7 +109,7 @@ def _tokenizer_with_template(model_dir: Path) -> Iterator[Path]:
         yield model_dir
         return
     jinja = model_dir / CHAT_TEMPLATE_FILE
-    template = jinja.read_text(encoding="utf-8") if jinja.is_file() else GEMMA2_CHAT_TEMPLATE
+    template = jinja.read_text(encoding="utf-8") if jinja.is_file() else chat_template(family)
     with tempfile.TemporaryDirectory(prefix="gemmatune-tokenizer-") as tmp:
         if keras:
             shutil.copyfile(model_dir / KERAS_SPM, Path(tmp) / TOKENIZER_MODEL)

@@ -51,12 +51,13 @@ KAGGLE_FRAMEWORKS = {"keras", "transformers", "jax", "flax", "pytorch", "tensorf
 READABLE_FRAMEWORKS = ("keras", "transformers")  # KerasHub presets and Hugging Face checkpoints
 
 # --model's help, for every command that loads weights.
-MODEL_HELP = (f"a checkpoint directory, `{EMBEDDED_MODEL}` (the embedded demo model), a Hugging Face Hub id "
-              "(google/gemma-2-2b-it, optionally @revision) or a Kaggle handle (keras/gemma2/keras/gemma2_2b_en/1)")
+MODEL_HELP = (f"a Gemma 2 or Gemma 3 checkpoint directory, `{EMBEDDED_MODEL}` (the embedded demo model), a Hugging "
+              "Face Hub id (google/gemma-3-1b-it, google/gemma-2-2b-it, optionally @revision) or a Kaggle handle "
+              "(keras/gemma2/keras/gemma2_2b_en/1)")
 CONFIG_PRESETS = ", ".join(p for p in PRESETS if p != EMBEDDED_MODEL)  # what only `plan` reads
-CHOICES = (f"a checkpoint directory (Hugging Face layout or a KerasHub preset), `{EMBEDDED_MODEL}` (the embedded demo "
-           "model), a Hugging Face Hub id such as google/gemma-2-2b-it (optionally @revision), or a Kaggle handle "
-           "such as keras/gemma2/keras/gemma2_2b_en/1")
+CHOICES = (f"a checkpoint directory (Hugging Face layout for Gemma 2 and Gemma 3, or a KerasHub Gemma 2 preset), "
+           f"`{EMBEDDED_MODEL}` (the embedded demo model), a Hugging Face Hub id such as google/gemma-2-2b-it or "
+           "google/gemma-3-1b-it (optionally @revision), or a Kaggle handle such as keras/gemma2/keras/gemma2_2b_en/1")
 
 
 def resolve_model(spec: str) -> Path:
@@ -134,7 +135,8 @@ def _from_hub(repo: str, revision: str | None, config_only: bool) -> Path:
     except errors.RepositoryNotFoundError:
         private = "" if hf.get_token() else " (a private model also needs `hf auth login` or HF_TOKEN)"
         raise GemmatuneError(f"--model {name}: no local directory {repo}, and no model {repo} on the Hugging Face "
-                             f"Hub{private}. Check the id, e.g. google/gemma-2-2b-it.") from None
+                             f"Hub{private}. Check the id, e.g. google/gemma-2-2b-it or google/gemma-3-1b-it."
+                             ) from None
     except errors.LocalEntryNotFoundError:  # offline, or no connection, and not in the cache
         cache = hf.constants.HF_HUB_CACHE
         why = ("HF_HUB_OFFLINE is set" if hf.constants.HF_HUB_OFFLINE else
@@ -154,7 +156,7 @@ def _from_hub(repo: str, revision: str | None, config_only: bool) -> Path:
                              "stay in the cache).") from None
     if not (got / CONFIG).is_file():
         raise GemmatuneError(f"--model {name}: the repository has no {CONFIG} ({where}); gemmatune reads Gemma 2 "
-                             "checkpoints in the Hugging Face Transformers layout.")
+                             "and Gemma 3 checkpoints in the Hugging Face Transformers layout.")
     return got
 
 

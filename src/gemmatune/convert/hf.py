@@ -1,13 +1,18 @@
-"""Hugging Face Gemma 2 layout: the key table and its transforms, written down once.
+"""Hugging Face Gemma 2 and Gemma 3 layout: the key table and its transforms, written down once.
 
 Hugging Face stores each projection as a torch Linear weight [out, in]; gemmatune keeps einsum-shaped arrays
 [in, ..., out] split by head. Norm weights are stored the same way on both sides (the forward adds 1), the
 embedding is not pre-scaled, and there is no lm_head (the output projection is tied to the embedding).
+
+Checkpoints read: Gemma2ForCausalLM and Gemma3ForCausalLM (keys `model.*`), and the language model of a multimodal
+Gemma3ForConditionalGeneration (4B and up), whose text tensors carry another prefix and whose vision tower and
+projector are skipped (`KeyLayout`). Checkpoints written: Gemma2ForCausalLM or Gemma3ForCausalLM.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import re
@@ -61,6 +66,47 @@ _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _FROM_HF_LAYER = {v: k for k, v in LAYER_KEYS.items()}
 
 
+@dataclasses.dataclass(frozen=True)
+class KeyLayout:
+    """Where a checkpoint keeps the language model: `prefix` stands for the causal LM's "model." before
+    embed_tokens / layers.{i} / norm; `lm_head` is the (tied) output head's key; tensors under `skipped` belong to
+    other parts of the model (vision) and are not read."""
+
+    prefix: str
+    lm_head: str
+    skipped: tuple[str, ...] = ()
+
+    def key(self, causal_lm_key: str) -> str:
+        """A Gemma2ForCausalLM / Gemma3ForCausalLM key ("model.norm.weight") in this layout."""
+        return self.prefix + causal_lm_key.removeprefix("model.")
+
+
+CAUSAL_LM = KeyLayout("model.", "lm_head.weight")
+# Gemma3ForConditionalGeneration holds a SigLIP vision tower and a projector beside the language model; gemmatune
+# trains the language model as text, so those tensors are skipped. The released checkpoints (and transformers'
+# save_pretrained, which writes the original names back) keep the language model as a Gemma3ForCausalLM under
+# "language_model." (keys language_model.model.*, head language_model.lm_head); a state dict saved from the module
+# tree of transformers >= 4.52 has it at model.language_model.* (head lm_head), as some fine-tunes on the Hub do.
+_VISION = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+MULTIMODAL_LAYOUTS = (KeyLayout("language_model.model.", "language_model.lm_head.weight", _VISION),
+                      KeyLayout("model.language_model.", "lm_head.weight", _VISION))
+# The module path of the decoder (…layers.{i}.self_attn.q_proj) in transformers 5's Gemma3ForConditionalGeneration,
+# whatever the checkpoint's key names: what PEFT names its adapters by.
+MULTIMODAL_DECODER = "model.language_model."
+
+
+def is_multimodal(config: dict[str, Any]) -> bool:
+    """A multimodal Gemma 3 config.json (Gemma3ForConditionalGeneration): model_type gemma3 with a text_config."""
+    return config.get("model_type") == "gemma3" and isinstance(config.get("text_config"), dict)
+
+
+def checkpoint_is_multimodal(model_dir: str | Path) -> bool:
+    """Whether the Hugging Face checkpoint directory `model_dir` holds a multimodal Gemma 3 (its language model is
+    what gemmatune loads)."""
+    path = Path(model_dir) / "config.json"
+    return path.is_file() and is_multimodal(read_json(path, _REFETCH))
+
+
 def to_hf(name: str, a: np.ndarray) -> np.ndarray:
     """One layer's (or a top-level) gemmatune array -> the Hugging Face tensor."""
     if name in ("q_proj", "k_proj", "v_proj"):  # [D, N, E] -> [N*E, D]
@@ -106,15 +152,16 @@ def parse_key(key: str) -> tuple[str, int | None] | None:
     return None
 
 
-def hf_keys(cfg: ModelConfig) -> Iterator[tuple[str, str, int | None]]:
-    """Every Hugging Face key of a Gemma 2 or Gemma 3 causal LM checkpoint as (key, gemmatune name, layer index)."""
+def hf_keys(cfg: ModelConfig, layout: KeyLayout = CAUSAL_LM) -> Iterator[tuple[str, str, int | None]]:
+    """Every Hugging Face key of a Gemma 2 or Gemma 3 causal LM checkpoint (or of the language model in `layout`) as
+    (key, gemmatune name, layer index)."""
     names = param_shapes(cfg)["layers"]
-    yield TOP_KEYS["embed"], "embed", None
+    yield layout.key(TOP_KEYS["embed"]), "embed", None
     for i in range(cfg.num_layers):
         for name, hf in LAYER_KEYS.items():
             if name in names:
-                yield f"model.layers.{i}.{hf}", name, i
-    yield TOP_KEYS["final_norm"], "final_norm", None
+                yield layout.key(f"model.layers.{i}.{hf}"), name, i
+    yield layout.key(TOP_KEYS["final_norm"]), "final_norm", None
 
 
 def hf_state(cfg: ModelConfig, params: dict, convert: Callable[[object], np.ndarray] = np.asarray
@@ -127,7 +174,7 @@ def hf_state(cfg: ModelConfig, params: dict, convert: Callable[[object], np.ndar
 
 # --- checkpoint directories: load and save ---------------------------------------------------------------------
 
-WEIGHTS, INDEX, LM_HEAD = "model.safetensors", "model.safetensors.index.json", "lm_head.weight"
+WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16))
 _SHOW = 5  # how many names an error message lists
@@ -167,10 +214,19 @@ def _weight_files(model_dir: Path) -> list[Path]:
                          "transformers' save_pretrained(..., safe_serialization=True).")
 
 
-def _check_tensors(cfg: ModelConfig, readers: list[SafetensorsReader], config_path: Path
-                   ) -> dict[str, SafetensorsReader]:
-    """Key -> the reader holding it, after checking names, shapes, dtypes and the tied head; reads no data
-    except when an lm_head must be compared with the embedding."""
+def _layout(multimodal: bool, keys: dict[str, SafetensorsReader]) -> KeyLayout:
+    """The key layout of a checkpoint's tensors: a multimodal checkpoint's is the one whose embedding is present
+    (the first, whose names the errors then use, when none is)."""
+    if not multimodal:
+        return CAUSAL_LM
+    return next((lay for lay in MULTIMODAL_LAYOUTS if lay.key(TOP_KEYS["embed"]) in keys), MULTIMODAL_LAYOUTS[0])
+
+
+def _check_tensors(cfg: ModelConfig, readers: list[SafetensorsReader], config_path: Path, multimodal: bool = False
+                   ) -> tuple[dict[str, SafetensorsReader], KeyLayout]:
+    """(key -> the reader holding it, the key layout), after checking names, shapes, dtypes and the tied head;
+    reads no data except when an lm_head must be compared with the embedding. A multimodal checkpoint's vision
+    tensors are skipped, not checked."""
     where: dict[str, SafetensorsReader] = {}
     for r in readers:
         for key in r.tensors:
@@ -178,18 +234,20 @@ def _check_tensors(cfg: ModelConfig, readers: list[SafetensorsReader], config_pa
                 raise GemmatuneError(f"tensor {key} is stored in both {where[key].path} and {r.path}; the "
                                      "checkpoint is corrupt; re-download or re-export it.")
             where[key] = r
+    layout = _layout(multimodal, where)
     searched = ", ".join(str(r.path) for r in readers)
-    expected = {key: name for key, name, _ in hf_keys(cfg)}
+    expected = {key: name for key, name, _ in hf_keys(cfg, layout)}
     missing = [k for k in expected if k not in where]
-    unknown = [k for k in where if k not in expected and k != LM_HEAD]
+    unknown = [k for k in where if k not in expected and k != layout.lm_head and not k.startswith(layout.skipped)]
     if missing:
         instead = f" They hold other tensors instead ({_listing(unknown)})." if unknown else ""
         raise GemmatuneError(f"{len(missing)} tensor(s) that {config_path} calls for are missing from {searched}: "
                              f"{_listing(missing)}.{instead} The weights are incomplete or belong to another model: "
                              "re-download them, or use the config.json that came with them.")
     if unknown:
-        raise GemmatuneError(f"unknown tensor(s) in {searched}: {_listing(unknown)}. gemmatune reads Gemma 2 "
-                             "(Gemma2ForCausalLM) checkpoints only; merge or remove other weights (e.g. LoRA "
+        raise GemmatuneError(f"unknown tensor(s) in {searched}: {_listing(unknown)}. gemmatune reads Gemma 2 and "
+                             "Gemma 3 checkpoints (Gemma2ForCausalLM, Gemma3ForCausalLM, or the language model of "
+                             "Gemma3ForConditionalGeneration) only; merge or remove other weights (e.g. LoRA "
                              "adapters) before loading.")
     for key, name in expected.items():
         info, path = where[key].tensors[key], where[key].path
@@ -200,33 +258,36 @@ def _check_tensors(cfg: ModelConfig, readers: list[SafetensorsReader], config_pa
         if info.dtype not in _FLOAT_DTYPES:
             raise GemmatuneError(f"{path}: tensor {key} is stored as {info.dtype}; gemmatune reads float32, "
                                  "bfloat16 or float16 weights (quantised checkpoints are not supported).")
-    if LM_HEAD in where:
-        _check_tied(where[TOP_KEYS["embed"]], where[LM_HEAD])
-    return where
+    if layout.lm_head in where:
+        _check_tied(where, layout)
+    return where, layout
 
 
-def _check_tied(embed: SafetensorsReader, head: SafetensorsReader, chunk_bytes: int = 64 * 2**20) -> None:
+def _check_tied(where: dict[str, SafetensorsReader], layout: KeyLayout, chunk_bytes: int = 64 * 2**20) -> None:
     """Accept an lm_head only if it is bit-identical to the embedding; compared in row blocks so that the
     check holds at most two blocks in memory, not two [V, D] matrices."""
-    e, h = embed.tensors[TOP_KEYS["embed"]], head.tensors[LM_HEAD]
+    embed_key = layout.key(TOP_KEYS["embed"])
+    embed, head = where[embed_key], where[layout.lm_head]
+    e, h = embed.tensors[embed_key], head.tensors[layout.lm_head]
     rows = max(1, chunk_bytes // (e.nbytes // e.shape[0]))  # the embedding's shape [V, D] is already checked
     tied = (e.shape, e.dtype) == (h.shape, h.dtype) and all(
-        np.array_equal(embed.read_rows(TOP_KEYS["embed"], s, s + rows).view(np.uint8),
-                       head.read_rows(LM_HEAD, s, s + rows).view(np.uint8))
+        np.array_equal(embed.read_rows(embed_key, s, s + rows).view(np.uint8),
+                       head.read_rows(layout.lm_head, s, s + rows).view(np.uint8))
         for s in range(0, e.shape[0], rows))
     if not tied:
-        raise GemmatuneError(f"{head.path}: {LM_HEAD} differs from {TOP_KEYS['embed']}. Gemma 2 ties its output "
-                             "projection to the embedding, and untied Gemma 2 heads are not supported; use a "
-                             f"checkpoint without a separate {LM_HEAD}.")
+        raise GemmatuneError(f"{head.path}: {layout.lm_head} differs from {embed_key}. Gemma 2 and Gemma 3 tie their "
+                             "output projection to the embedding, and untied heads are not supported; use a "
+                             f"checkpoint without a separate {layout.lm_head}.")
 
 
 def load_hf(model_dir: str | Path, dtype: str = "auto", *, stacked: bool = True,
             mesh: Mesh | None = None) -> tuple[ModelConfig, Params]:
-    """A Hugging Face Gemma 2 checkpoint directory -> (config, parameters on the default JAX device, or split over
-    `mesh` as sharding.param_shardings lays them out).
+    """A Hugging Face Gemma 2 or Gemma 3 checkpoint directory -> (config, parameters on the default JAX device, or
+    split over `mesh` as sharding.param_shardings lays them out). A multimodal Gemma 3 checkpoint gives its language
+    model (the vision tower and projector are not read).
 
     dtype: "auto" keeps the checkpoint's dtype (bfloat16 stays bfloat16; float32, and float16, which overflows
-    in Gemma 2, load as float32), or "float32" / "bfloat16". Tensors are read one at a time, each placed straight
+    in Gemma, load as float32), or "float32" / "bfloat16". Tensors are read one at a time, each placed straight
     onto its devices (on a mesh, every device receives only its slice) and written, a layer at a time, into
     preallocated device arrays: beyond the loaded model, host memory holds one tensor and one layer at most.
     stacked=False gives the per-layer list that decoding takes (`model.unstack`) without a second copy."""
@@ -234,11 +295,13 @@ def load_hf(model_dir: str | Path, dtype: str = "auto", *, stacked: bool = True,
     check_dtype(dtype)
     config_path = model_dir / "config.json"
     cfg = load_config(config_path)
+    multimodal = checkpoint_is_multimodal(model_dir)
     files = _weight_files(model_dir)
     with contextlib.ExitStack() as stack:
         readers = [stack.enter_context(SafetensorsReader(f)) for f in files]
-        where = _check_tensors(cfg, readers, config_path)
-        target = load_dtype(dtype, where[TOP_KEYS["embed"]].tensors[TOP_KEYS["embed"]].dtype)
+        where, layout = _check_tensors(cfg, readers, config_path, multimodal)
+        embed_key = layout.key(TOP_KEYS["embed"])
+        target = load_dtype(dtype, where[embed_key].tensors[embed_key].dtype)
         stacks = sharding.param_shardings(cfg, mesh)["layers"] if mesh is not None else None
         # One layer's shardings (the stacks' without the layer axis) and the top-level tensors'.
         placement = sharding.param_shardings(cfg, mesh, stacked=False) if mesh is not None else None
@@ -248,7 +311,7 @@ def load_hf(model_dir: str | Path, dtype: str = "auto", *, stacked: bool = True,
         # hf_keys lists the embedding, then each layer's tensors, then the final norm: grouped by layer index.
         # Each tensor's host copy is freed once it is on its devices; waiting for each placement keeps asynchronous
         # dispatch from reading ahead while earlier host copies are still alive.
-        for i, group in itertools.groupby(hf_keys(cfg), key=lambda k: k[2]):
+        for i, group in itertools.groupby(hf_keys(cfg, layout), key=lambda k: k[2]):
             arrays = {}
             for key, name, _ in group:
                 host = from_hf(name, where[key].read(key), cfg).astype(target, copy=False)
@@ -269,11 +332,15 @@ def load_hf(model_dir: str | Path, dtype: str = "auto", *, stacked: bool = True,
 
 
 def _end_of_turn_id(tokenizer_files: list[Path]) -> int | None:
-    """The id of <end_of_turn>, read from tokenizer.json's added tokens, tokenizer_config.json or the
-    SentencePiece model (a KerasHub preset's tokenizer has only that)."""
+    """The id of <end_of_turn> in the checkpoint's own vocabulary (106 in Gemma 3, 107 in Gemma 2: never assumed),
+    read from tokenizer.json's added tokens or vocabulary, tokenizer_config.json or the SentencePiece model (a
+    KerasHub preset's tokenizer has only that)."""
     for f in tokenizer_files:
         if f.name == "tokenizer.json":
-            table = {t.get("content"): t.get("id") for t in read_json(f, _REFETCH).get("added_tokens", [])}
+            tokenizer = read_json(f, _REFETCH)
+            vocab = tokenizer.get("model", {}).get("vocab")
+            table = vocab if isinstance(vocab, dict) else {}  # BPE: piece -> id (Unigram's is a list of pairs)
+            table = {**table, **{t.get("content"): t.get("id") for t in tokenizer.get("added_tokens", [])}}
         elif f.name == "tokenizer_config.json":
             added = read_json(f, _REFETCH).get("added_tokens_decoder", {})
             table = {t.get("content"): int(i) for i, t in added.items()}
@@ -338,11 +405,13 @@ def _write_checkpoint(out: Path, cfg: ModelConfig, params: Params, dtype: np.dty
 def save_hf(out_dir: str | Path, cfg: ModelConfig, params: Params, *, dtype: str | None = None,
             max_shard_bytes: int = 5 * 2**30, tokenizer_dir: str | Path | None = None, force: bool = False,
             merged_adapters: list[dict[str, Any]] | None = None) -> None:
-    """Write a Hugging Face Gemma 2 checkpoint directory (config.json, generation_config.json, safetensors
-    weights, tokenizer files), loadable by transformers' Gemma2ForCausalLM. The output head stays tied (no
-    lm_head). dtype: "float32" or "bfloat16"; None keeps the embedding's dtype. merged_adapters: the records of
-    the adapters folded into `params` (`convert.peft.merged_record`), kept in config.json under "gemmatune" so
-    that applying one of them again is refused.
+    """Write a Hugging Face checkpoint directory (config.json, generation_config.json, safetensors weights,
+    tokenizer files) of `cfg`'s family, loadable by transformers' Gemma2ForCausalLM or Gemma3ForCausalLM (a
+    multimodal Gemma 3's language model is written as Gemma3ForCausalLM, text only). The output head stays tied (no
+    lm_head); generation stops at <eos> and at the tokenizer's own <end_of_turn>. dtype: "float32" or "bfloat16";
+    None keeps the embedding's dtype. merged_adapters: the records of the adapters folded into `params`
+    (`convert.peft.merged_record`), kept in config.json under "gemmatune" so that applying one of them again is
+    refused.
 
     Atomic: everything is written into a temporary sibling directory that is renamed into place at the end,
     so an interrupted save leaves out_dir as it was."""

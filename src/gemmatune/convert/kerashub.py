@@ -1,4 +1,6 @@
 """KerasHub Gemma 2 presets (what Kaggle serves, and what the original Keras notebooks load) -> gemmatune.
+(Gemma 3 is read from its Hugging Face checkpoints; KerasHub's Gemma3Backbone presets are refused with a pointer
+to them.)
 
 A preset directory holds config.json (a serialised `keras_hub` GemmaBackbone), model.weights.h5 (Keras 3's
 weights file), assets/tokenizer/vocabulary.spm (the SentencePiece model) and a Keras tokenizer.json, which is a
@@ -29,7 +31,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from gemmatune.config import GLOBAL, ModelConfig
+from gemmatune.config import GLOBAL, PRESET_HUB_IDS, PRESETS, ModelConfig
 from gemmatune.convert.common import check_dtype, fields_of, load_dtype, read_json, set_layer, zero_stacks
 from gemmatune.errors import GemmatuneError
 from gemmatune.layout import Params, param_shapes
@@ -55,9 +57,12 @@ LAYER_KEYS: dict[str, tuple[str, tuple[int, ...] | None]] = {
     "down_proj": ("ffw_linear", None),  # [F, D]
 }
 TOP_KEYS = {"embed": "layers/reversible_embedding", "final_norm": "layers/rms_normalization"}
+# What gemmatune fine-tunes, in the refusals.
+SUPPORTED = ("Gemma 2 (KerasHub presets gemma2_* or Hugging Face checkpoints) and Gemma 3 (Hugging Face "
+             "checkpoints, e.g. google/gemma-3-1b-pt)")
 
 # Other KerasHub backbones someone may point --model at, named in the error.
-_OTHER_BACKBONES = {"Gemma3Backbone": "Gemma 3", "Gemma4Backbone": "Gemma 4", "LlamaBackbone": "Llama",
+_OTHER_BACKBONES = {"Gemma4Backbone": "Gemma 4", "LlamaBackbone": "Llama",
                     "Llama3Backbone": "Llama 3", "MistralBackbone": "Mistral", "QwenBackbone": "Qwen",
                     "PaliGemmaBackbone": "PaliGemma", "GPT2Backbone": "GPT-2"}
 
@@ -74,6 +79,15 @@ def is_kerashub_preset(model_dir: str | Path) -> bool:
     return isinstance(d, dict) and "class_name" in d and isinstance(d.get("config"), dict)
 
 
+def _gemma3_hub_id(d: dict) -> str:
+    """The Hugging Face Hub ids of the Gemma 3 size a Gemma3Backbone config describes (by its layer count), for the
+    refusal; the 1B's when the config does not say."""
+    layers = d.get("config", {}).get("num_layers")
+    name = next((n for n, c in PRESETS.items() if c.family == "gemma3" and c.num_layers == layers), "gemma3-1b")
+    pt = PRESET_HUB_IDS[name]
+    return f"{pt} (or {pt.removesuffix('-pt')}-it, instruction-tuned)"
+
+
 def kerashub_config(model_dir: str | Path) -> ModelConfig:
     """config.json of a KerasHub GemmaBackbone -> ModelConfig; refuses other models, saying which they are."""
     path = Path(model_dir) / CONFIG
@@ -82,15 +96,19 @@ def kerashub_config(model_dir: str | Path) -> ModelConfig:
                              "and config).")
     d = read_json(path, "re-download the preset")
     cls = d["class_name"]
+    if cls == "Gemma3Backbone":
+        raise GemmatuneError(f"{path}: this KerasHub preset is Gemma 3 (class_name 'Gemma3Backbone'); gemmatune "
+                             f"reads Gemma 3 from its Hugging Face checkpoints: pass --model {_gemma3_hub_id(d)}, or "
+                             "a directory downloaded from there (KerasHub presets are read for Gemma 2, gemma2_*).")
     if cls != "GemmaBackbone":
         what = _OTHER_BACKBONES.get(cls, f"a {cls!r}")
         raise GemmatuneError(f"{path}: this KerasHub preset is {what} (class_name {cls!r}), not Gemma 2 "
-                             "(GemmaBackbone). gemmatune fine-tunes Gemma 2 only.")
+                             f"(GemmaBackbone). gemmatune fine-tunes {SUPPORTED}.")
     c = d["config"]
     # Gemma 1 presets are GemmaBackbones too; Gemma 2 is the one with the post norms and the soft-caps.
     if not (c.get("use_post_attention_norm") and c.get("use_post_ffw_norm")):
         raise GemmatuneError(f"{path}: this is a Gemma 1 preset (use_post_attention_norm / use_post_ffw_norm are "
-                             "off); gemmatune fine-tunes Gemma 2 only (KerasHub presets gemma2_*).")
+                             f"off); gemmatune fine-tunes {SUPPORTED}.")
     with fields_of(path, "re-download the complete preset"):
         heads, hidden, head_dim = int(c["num_query_heads"]), int(c["hidden_dim"]), int(c["head_dim"])
         if int(c["intermediate_dim"]) % 2:

@@ -5,6 +5,10 @@ PEFT stores, per layer and projection, two torch Linear weights: lora_A [r, in_f
 Linear weight [out, in]. gemmatune's A is [*W's input axes, r] and B [r, *W's output axes] (see lora.py); flattening
 the input axes (and the output axes) row-major is exactly how `convert.hf.to_hf` flattens W's, so
 lora_B @ lora_A == to_hf(name, A B) layer by layer.
+
+PEFT names a tensor by the module it adapts, inside PeftModel's wrapper `base_model.model.`: the decoder layers are
+`model.layers.{i}` in Gemma2ForCausalLM and Gemma3ForCausalLM, `model.language_model.layers.{i}` in transformers
+5's Gemma3ForConditionalGeneration (multimodal Gemma 3; `language_model.model.layers.{i}` in transformers < 4.52).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from gemmatune.atomic import refuse_to_replace, staged_dir, write_text
 from gemmatune.checkpoint import ADAPTER_CONFIG, ADAPTER_FILE, ADAPTER_FORMAT, check_adapter_shapes, load_adapter
 from gemmatune.config import LoraConfig, ModelConfig
 from gemmatune.convert.common import GEMMATUNE_KEY, MERGED_ADAPTERS, fields_of, read_json
-from gemmatune.convert.hf import LAYER_KEYS, hf_shape
+from gemmatune.convert.hf import CAUSAL_LM, LAYER_KEYS, MULTIMODAL_DECODER, hf_shape
 from gemmatune.errors import GemmatuneError
 from gemmatune.layout import PROJECTIONS, adapter_shapes, target_names
 from gemmatune.safetensors_io import SafetensorsReader, write_safetensors
@@ -31,8 +35,12 @@ PEFT_PICKLE = "adapter_model.bin"
 # gemmatune name -> module path inside a decoder layer ("self_attn.q_proj"), for the seven projections, and back.
 _MODULE = {name: LAYER_KEYS[name].removesuffix(".weight") for name in PROJECTIONS}
 _NAME = {module: name for name, module in _MODULE.items()}
-# PeftModel wraps the causal LM as base_model.model, whose decoder is .model.
-_KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(.+)\.lora_([AB])\.weight")
+# PeftModel wraps the model as base_model.model; the decoder's module path follows (see the module docstring).
+_KEY = re.compile(r"base_model\.model\.(?:model\.|model\.language_model\.|language_model\.model\.)layers\.(\d+)\."
+                  r"(.+)\.lora_([AB])\.weight")
+# LoRA on a multimodal model's vision tower or projector (what a plain target list like ["q_proj", ...] also
+# matches there): it does not act on text, which is what gemmatune trains, so it is left out.
+_VISION_KEY = re.compile(r"base_model\.model\.(?:model\.)?(?:vision_tower|multi_modal_projector)\..+")
 # A projection's Linear (in_features, out_features) in words, for shape-mismatch messages.
 _FEATURES = {"q_proj": ("hidden size", "num_heads x head_dim"), "k_proj": ("hidden size", "num_kv_heads x head_dim"),
              "v_proj": ("hidden size", "num_kv_heads x head_dim"), "o_proj": ("num_heads x head_dim", "hidden size"),
@@ -41,31 +49,38 @@ _FEATURES = {"q_proj": ("hidden size", "num_heads x head_dim"), "k_proj": ("hidd
 _SUPPORTED = "gemmatune reads PEFT LoRA adapters on q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"
 
 
-def _key(i: int, name: str, part: str) -> str:
-    return f"base_model.model.model.layers.{i}.{_MODULE[name]}.lora_{part}.weight"
+def _key(i: int, name: str, part: str, decoder: str = CAUSAL_LM.prefix) -> str:
+    return f"base_model.model.{decoder}layers.{i}.{_MODULE[name]}.lora_{part}.weight"
 
 
 def save_peft(out_dir: str | Path, adapters: Any, lora_cfg: LoraConfig, model_cfg: ModelConfig, base_model: str,
-              *, force: bool = False) -> Path:
+              *, multimodal: bool = False, force: bool = False) -> Path:
     """Write `adapters` (gemmatune layout, {name: {"a": [L, *in, r], "b": [L, r, *out]}}) as a PEFT LoRA adapter
-    that `peft.PeftModel.from_pretrained(Gemma2ForCausalLM, out_dir)` loads. Atomic; an existing non-empty
-    out_dir is replaced only with force=True."""
+    that `peft.PeftModel.from_pretrained(model, out_dir)` loads onto the base's transformers model:
+    Gemma2ForCausalLM or Gemma3ForCausalLM, or with multimodal=True Gemma3ForConditionalGeneration (transformers 5
+    module paths; target_modules is then a pattern that matches the language model's projections only, not the
+    vision tower's). Atomic; an existing non-empty out_dir is replaced only with force=True."""
     out = Path(out_dir)
     refuse_to_replace(out, force, "output")
     check_adapter_shapes(out, {f"{n}.{p}": np.shape(v) for n, ab in adapters.items() for p, v in ab.items()},
                           lora_cfg, model_cfg)
     names = target_names(lora_cfg)
+    decoder = MULTIMODAL_DECODER if multimodal else CAUSAL_LM.prefix
     r = lora_cfg.rank
     tensors = {}
     for i in range(model_cfg.num_layers):
         for name in names:
             a, b = np.asarray(adapters[name]["a"][i]), np.asarray(adapters[name]["b"][i])  # [*in, r], [r, *out]
-            tensors[_key(i, name, "A")] = a.reshape(-1, r).T  # [r, in]
-            tensors[_key(i, name, "B")] = b.reshape(r, -1).T  # [out, r]
+            tensors[_key(i, name, "A", decoder)] = a.reshape(-1, r).T  # [r, in]
+            tensors[_key(i, name, "B", decoder)] = b.reshape(r, -1).T  # [out, r]
+    # PEFT full-matches a string target against module names: only the decoder layers' projections, so that the
+    # vision tower's q_proj/k_proj/v_proj get no (empty) LoRA.
+    targets: list[str] | str = names if not multimodal else (
+        rf"{re.escape(decoder)}layers\.\d+\.(?:{'|'.join(re.escape(_MODULE[n]) for n in names)})")
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
         "r": r, "lora_alpha": lora_cfg.alpha, "lora_dropout": lora_cfg.dropout, "use_rslora": lora_cfg.rslora,
-        "target_modules": names, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+        "target_modules": targets, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
         # Spelled out so that readers with other defaults see plain LoRA on every layer.
         "use_dora": False, "lora_bias": False, "modules_to_save": None, "layers_to_transform": None,
         "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "init_lora_weights": True,
@@ -129,13 +144,15 @@ def _check_shape(path: Path, key: str, name: str, part: str, shape: tuple[int, .
 
 def load_peft(adapter_dir: str | Path, model_cfg: ModelConfig) -> tuple[dict[str, dict[str, np.ndarray]],
                                                                         LoraConfig]:
-    """Read a PEFT LoRA adapter of a Gemma 2 causal LM into gemmatune's layout (float32 numpy) and its LoraConfig.
+    """Read a PEFT LoRA adapter of a Gemma 2 or Gemma 3 causal LM (or of a multimodal Gemma 3's language model) into
+    gemmatune's layout (float32 numpy) and its LoraConfig.
 
     LoRA may sit on any subset of the seven projections and of the layers (PEFT's layers_to_transform, or a regex
     target_modules): the tensors in the file say where. A projection adapted in some layers only gets A = B = 0 in
     the others, so its update there is exactly zero, as in PEFT. Refused, with a message: other PEFT methods,
     DoRA, trained biases, modules outside the seven projections (embed_tokens, lm_head, ...), per-module ranks or
-    alphas (rank_pattern/alpha_pattern), and adapters whose shapes do not fit `model_cfg`."""
+    alphas (rank_pattern/alpha_pattern), and adapters whose shapes do not fit `model_cfg`. LoRA on a multimodal
+    model's vision tower is skipped: it does not act on text."""
     d = Path(adapter_dir)
     cfg_path = d / ADAPTER_CONFIG
     cfg = read_json(cfg_path, "a PEFT adapter directory holds adapter_config.json and adapter_model.safetensors")
@@ -148,6 +165,8 @@ def load_peft(adapter_dir: str | Path, model_cfg: ModelConfig) -> tuple[dict[str
     found: dict[str, dict[int, dict[str, np.ndarray]]] = {}  # name -> layer -> "A"/"B" -> PEFT tensor
     with SafetensorsReader(weights) as reader:
         for key, info in reader.tensors.items():
+            if _VISION_KEY.fullmatch(key):
+                continue
             m = _KEY.fullmatch(key)
             if not m or m[2] not in _NAME:
                 raise GemmatuneError(f"{weights}: tensor {key} is not LoRA on a decoder layer's projection; "
