@@ -58,22 +58,6 @@ def hf_model(cfg: ModelConfig, params: dict):
     return model
 
 
-def hf3_model(cfg: ModelConfig, params: dict):
-    """transformers' Gemma3ForCausalLM (eager attention, float32) holding the same weights (cfg.family "gemma3")."""
-    import torch
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    from gemmatune.convert.hf import hf_state
-
-    d = {k: v for k, v in cfg.to_hf_dict().items() if k != "architectures"}
-    model = Gemma3ForCausalLM(Gemma3TextConfig(**d, attn_implementation="eager")).eval()
-    state = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in hf_state(cfg, params)}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert list(missing) == ["lm_head.weight"] and not unexpected, (missing, unexpected)
-    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied
-    return model
-
-
 def hf_logits(model, tokens: np.ndarray, **kw) -> np.ndarray:
     import torch
 

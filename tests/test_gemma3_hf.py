@@ -21,7 +21,7 @@ import pytest
 import safetensors.numpy
 import torch
 
-from conftest import hf3_model, hf_logits, strong_params
+from conftest import SMALL3, hf_logits, hf_model, strong_params
 from gemmatune.checkpoint import save_adapter
 from gemmatune.config import DEFAULT_MODEL, GLOBAL, LOCAL, LoraConfig, ModelConfig
 from gemmatune.convert import load_model, model_config
@@ -34,10 +34,7 @@ from gemmatune.lora import attach
 from gemmatune.model import forward
 from gemmatune.tokenizer import GEMMA3_CHAT_TEMPLATE, gguf_sentencepiece, load_tokenizer, render_chat
 
-G3 = ModelConfig(family="gemma3", vocab_size=4096, hidden_size=64, intermediate_size=128, num_layers=8, num_heads=4,
-                 num_kv_heads=2, head_dim=16, query_pre_attn_scalar=24, sliding_window=8, attn_logit_softcap=None,
-                 final_logit_softcap=None, rope_theta=1_000_000.0, rope_local_theta=10_000.0, rope_scaling=8.0,
-                 max_position_embeddings=512)
+G3 = dataclasses.replace(SMALL3, vocab_size=4096)  # the embedded tokenizer's vocabulary
 # The 4B-and-up vocabulary (262,144 SentencePiece tokens + 64 image tokens) for the multimodal checkpoint.
 MM = dataclasses.replace(G3, vocab_size=262_208)
 TOKENS = np.random.default_rng(0).integers(0, G3.vocab_size, (2, 24))  # [B, T]: three windows long
@@ -91,7 +88,7 @@ def params() -> dict:
 
 @pytest.fixture(scope="module")
 def reference(params):
-    return hf3_model(G3, params)
+    return hf_model(G3, params)
 
 
 @pytest.fixture(scope="module")
