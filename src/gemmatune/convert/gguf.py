@@ -89,6 +89,15 @@ def llama_cpp_query_scalar(cfg: ModelConfig) -> float:
     return cfg.head_dim
 
 
+def open_gguf(path: str | Path) -> gguf.GGUFReader:
+    """The memory-mapped reader of a GGUF file; a file that is not GGUF (or is truncated) is one clear error."""
+    try:
+        return gguf.GGUFReader(path)
+    except (ValueError, OSError, IndexError, KeyError) as e:
+        raise GemmatuneError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); re-download it, or "
+                             "convert the model again with llama.cpp's convert_hf_to_gguf.py.") from None
+
+
 def tensor_name(name: str, layer: int | None) -> str:
     return gguf.TENSOR_NAMES[TENSORS[name]].format(bid=layer) + ".weight"
 
@@ -175,8 +184,6 @@ def _vocab(tokenizer_dir: Path, vocab_size: int) -> tuple[list[str], list[float]
 
 def _vocab_from_gguf(path: Path, vocab_size: int) -> tuple[list[str], list[float], list[int], str | None]:
     """(pieces, scores, token types, chat template or None) of a GGUF source file, copied as they are."""
-    from gemmatune.convert.gguf_read import open_gguf
-
     reader = open_gguf(path)
     fields = {k: reader.fields.get(f"tokenizer.ggml.{k}") for k in ("model", "tokens", "scores", "token_type")}
     if any(f is None for f in fields.values()) or fields["model"].contents() != "llama":

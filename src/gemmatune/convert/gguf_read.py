@@ -36,7 +36,7 @@ from jax.sharding import Mesh
 from gemmatune import sharding
 from gemmatune.config import GLOBAL, LOCAL, ModelConfig
 from gemmatune.convert.common import check_dtype, load_dtype, set_layer, zero_stacks
-from gemmatune.convert.gguf import ARCHS, NORMS, llama_cpp_query_scalar, tensor_name
+from gemmatune.convert.gguf import ARCHS, NORMS, llama_cpp_query_scalar, open_gguf, tensor_name
 from gemmatune.convert.hf import from_hf, hf_keys, hf_shape
 from gemmatune.errors import GemmatuneError
 from gemmatune.layout import Params, param_shapes
@@ -58,15 +58,6 @@ def is_gguf(path: str | Path) -> bool:
     return Path(path).suffix.lower() == SUFFIX and Path(path).is_file()
 
 
-def open_gguf(path: str | Path) -> gguf.GGUFReader:
-    """The memory-mapped reader of a GGUF file; a file that is not GGUF (or is truncated) is one clear error."""
-    try:
-        return gguf.GGUFReader(path)
-    except (ValueError, OSError, IndexError, KeyError) as e:
-        raise GemmatuneError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); re-download it, or "
-                             "convert the model again with llama.cpp's convert_hf_to_gguf.py.") from None
-
-
 def _field(reader: gguf.GGUFReader, key: str, default: Any = None, *, required: bool = False) -> Any:
     f = reader.fields.get(key)
     if f is None:
@@ -84,6 +75,12 @@ def architecture(reader: gguf.GGUFReader) -> str:
                              f"Gemma 2 and Gemma 3 text models ({', '.join(ARCHS)}). Gemma 3n, EmbeddingGemma and "
                              "other models are different architectures.")
     return arch
+
+
+def _decimal(value: Any) -> float:
+    """A float32 metadata value as the shortest decimal that rounds to it (1e-06, not 9.99999997e-07): the number
+    the converter was given."""
+    return float(str(np.float32(value)))
 
 
 def config_from_reader(reader: gguf.GGUFReader) -> ModelConfig:
@@ -111,7 +108,7 @@ def config_from_reader(reader: gguf.GGUFReader) -> ModelConfig:
     common = dict(
         vocab_size=len(tokens.data), hidden_size=hidden, intermediate_size=int(key("feed_forward_length")),
         num_layers=n_layers, num_heads=heads, num_kv_heads=int(kv), head_dim=head_dim,
-        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon")),
+        rms_norm_eps=_decimal(key("attention.layer_norm_rms_epsilon")),
         max_position_embeddings=int(key("context_length")),
         layer_types=tuple(GLOBAL if (i + 1) % pattern == 0 else LOCAL for i in range(n_layers)),
         bos_token_id=int(_field(reader, "tokenizer.ggml.bos_token_id", 2)),
@@ -119,10 +116,10 @@ def config_from_reader(reader: gguf.GGUFReader) -> ModelConfig:
         pad_token_id=int(_field(reader, "tokenizer.ggml.padding_token_id", 0)),
         query_pre_attn_scalar=1.0,  # replaced below: llama.cpp's depends on the shapes
     )
-    theta = float(key("rope.freq_base", 10000.0, required=False))
+    theta = _decimal(key("rope.freq_base", 10000.0, required=False))
     if arch == "gemma2":
-        attn_cap = float(key("attn_logit_softcapping", LLAMA_CPP_GEMMA2_SOFTCAPS[0], required=False))
-        final_cap = float(key("final_logit_softcapping", LLAMA_CPP_GEMMA2_SOFTCAPS[1], required=False))
+        attn_cap = _decimal(key("attn_logit_softcapping", LLAMA_CPP_GEMMA2_SOFTCAPS[0], required=False))
+        final_cap = _decimal(key("final_logit_softcapping", LLAMA_CPP_GEMMA2_SOFTCAPS[1], required=False))
         cfg = ModelConfig(**common, family="gemma2", sliding_window=int(
             key("attention.sliding_window", LLAMA_CPP_GEMMA2_WINDOW, required=False)),
             attn_logit_softcap=attn_cap, final_logit_softcap=final_cap, rope_theta=theta, rope_local_theta=theta)
@@ -134,7 +131,7 @@ def config_from_reader(reader: gguf.GGUFReader) -> ModelConfig:
         if _field(reader, f"{arch}.final_logit_softcapping") is not None:
             raise GemmatuneError(f"{path}: {arch}.final_logit_softcapping is set; Gemma 3 has no soft-cap, and this "
                                  "file is another model under Gemma 3's architecture name.")
-        factor = float(key("rope.scaling.factor", 1.0, required=False)) or 1.0
+        factor = _decimal(key("rope.scaling.factor", 1.0, required=False)) or 1.0
         kind = key("rope.scaling.type", "linear" if factor != 1.0 else "none", required=False)
         if factor != 1.0 and kind != "linear":
             raise GemmatuneError(f"{path}: {arch}.rope.scaling.type is {kind!r}; Gemma 3 scales RoPE linearly only.")
