@@ -35,7 +35,7 @@ from gemmatune.convert.common import GEMMATUNE_KEY, MERGED_ADAPTERS, read_json
 from gemmatune.convert.hf import hf_keys, hf_shape, hf_state
 from gemmatune.errors import GemmatuneError
 from gemmatune.layout import Params
-from gemmatune.tokenizer import GEMMA2_CHAT_TEMPLATE, TOKENIZER_JSON, TOKENIZER_MODEL
+from gemmatune.tokenizer import GEMMA2_CHAT_TEMPLATE, TOKENIZER_JSON, TOKENIZER_MODEL, gguf_metadata
 
 ARCHS = {"gemma2": gguf.MODEL_ARCH.GEMMA2, "gemma3": gguf.MODEL_ARCH.GEMMA3}  # by ModelConfig.family
 T = gguf.MODEL_TENSOR
@@ -87,15 +87,6 @@ def llama_cpp_query_scalar(cfg: ModelConfig) -> float:
     if cfg.num_layers == LLAMA_CPP_27B_LAYERS[cfg.family]:
         return cfg.hidden_size // cfg.num_heads  # llama.cpp divides integers here
     return cfg.head_dim
-
-
-def open_gguf(path: str | Path) -> gguf.GGUFReader:
-    """The memory-mapped reader of a GGUF file; a file that is not GGUF (or is truncated) is one clear error."""
-    try:
-        return gguf.GGUFReader(path)
-    except (ValueError, OSError, IndexError, KeyError) as e:
-        raise GemmatuneError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); re-download it, or "
-                             "convert the model again with llama.cpp's convert_hf_to_gguf.py.") from None
 
 
 def tensor_name(name: str, layer: int | None) -> str:
@@ -184,17 +175,15 @@ def _vocab(tokenizer_dir: Path, vocab_size: int) -> tuple[list[str], list[float]
 
 def _vocab_from_gguf(path: Path, vocab_size: int) -> tuple[list[str], list[float], list[int], str | None]:
     """(pieces, scores, token types, chat template or None) of a GGUF source file, copied as they are."""
-    reader = open_gguf(path)
-    fields = {k: reader.fields.get(f"tokenizer.ggml.{k}") for k in ("model", "tokens", "scores", "token_type")}
-    if any(f is None for f in fields.values()) or fields["model"].contents() != "llama":
+    meta = gguf_metadata(path)
+    tokens, scores, types = (meta.get(f"tokenizer.ggml.{k}") for k in ("tokens", "scores", "token_type"))
+    if meta.get("tokenizer.ggml.model") != "llama" or tokens is None or scores is None or types is None:
         raise GemmatuneError(f"{path}: no SentencePiece vocabulary (tokenizer.ggml.model \"llama\" with tokens, "
                              "scores and token types) to copy; re-download the GGUF file with its tokenizer.")
-    tokens, scores, types = (fields[k].contents() for k in ("tokens", "scores", "token_type"))
     if len(tokens) != vocab_size:
         raise GemmatuneError(f"{path}: {len(tokens)} tokens, but the model's embedding has {vocab_size} rows; this "
                              "vocabulary belongs to another model.")
-    template = reader.fields.get("tokenizer.chat_template")
-    return tokens, scores, types, None if template is None else template.contents()
+    return list(tokens), np.asarray(scores).tolist(), np.asarray(types).tolist(), meta.get("tokenizer.chat_template")
 
 
 def _chat_template(tokenizer_dir: Path, family: str) -> str:

@@ -1,4 +1,5 @@
-"""GGUF files (llama.cpp, Ollama) as a base model: architectures "gemma2" and "gemma3", read with gguf-py.
+"""GGUF files (llama.cpp, Ollama) as a base model: architectures "gemma2" and "gemma3". The metadata is read with
+tokenizer.gguf_metadata, the tensors are memory-mapped (`tensor_index`) and dequantized with gguf-py.
 
 The numbers are llama.cpp's reading of the file, since that is the model a user runs (llama.cpp's gemma2 and gemma3
 hyper-parameter loaders, src/llama-model.cpp; convert_hf_to_gguf.py for the tensors):
@@ -36,12 +37,14 @@ from jax.sharding import Mesh
 from gemmatune import sharding
 from gemmatune.config import GLOBAL, LOCAL, ModelConfig
 from gemmatune.convert.common import check_dtype, load_dtype, set_layer, zero_stacks
-from gemmatune.convert.gguf import ARCHS, NORMS, llama_cpp_query_scalar, open_gguf, tensor_name
+from gemmatune.convert.gguf import ARCHS, NORMS, llama_cpp_query_scalar, tensor_name
 from gemmatune.convert.hf import from_hf, hf_keys, hf_shape
 from gemmatune.errors import GemmatuneError
 from gemmatune.layout import Params, param_shapes
+from gemmatune.tokenizer import gguf_metadata
 
 SUFFIX = ".gguf"
+OUTPUT = "output.weight"  # an untied output head: gemma3's tensor list allows one; Gemma never has one
 Q = gguf.GGMLQuantizationType
 # Tensor types gemmatune reads: every float type and every block quantization that gguf-py dequantizes (the
 # llama.cpp types written for Gemma: Q8_0, Q4_0/1, Q5_0/1, the K-quants, the imatrix IQ types, ...). Integer
@@ -58,22 +61,21 @@ def is_gguf(path: str | Path) -> bool:
     return Path(path).suffix.lower() == SUFFIX and Path(path).is_file()
 
 
-def _field(reader: gguf.GGUFReader, key: str, default: Any = None, *, required: bool = False) -> Any:
-    f = reader.fields.get(key)
-    if f is None:
+def _field(meta: dict[str, Any], path: Path, key: str, default: Any = None, *, required: bool = False) -> Any:
+    if key not in meta:
         if required:
-            raise GemmatuneError(f"{reader.data.filename}: missing metadata key {key!r}; the file is incomplete or "
-                                 "was not written by llama.cpp's converter; re-download or re-convert it.")
+            raise GemmatuneError(f"{path}: missing metadata key {key!r}; the file is incomplete or was not written by "
+                                 "llama.cpp's converter; re-download or re-convert it.")
         return default
-    return f.contents()
+    return meta[key]
 
 
-def architecture(reader: gguf.GGUFReader) -> str:
-    arch = _field(reader, "general.architecture", required=True)
+def architecture(meta: dict[str, Any], path: Path) -> str:
+    arch = _field(meta, path, "general.architecture", required=True)
     if arch not in ARCHS:
-        raise GemmatuneError(f"{reader.data.filename}: GGUF architecture {arch!r} is not supported; gemmatune reads "
-                             f"Gemma 2 and Gemma 3 text models ({', '.join(ARCHS)}). Gemma 3n, EmbeddingGemma and "
-                             "other models are different architectures.")
+        raise GemmatuneError(f"{path}: GGUF architecture {arch!r} is not supported; gemmatune reads Gemma 2 and "
+                             f"Gemma 3 text models ({', '.join(ARCHS)}). Gemma 3n, EmbeddingGemma and other models "
+                             "are different architectures.")
     return arch
 
 
@@ -83,16 +85,15 @@ def _decimal(value: Any) -> float:
     return float(str(np.float32(value)))
 
 
-def config_from_reader(reader: gguf.GGUFReader) -> ModelConfig:
-    """The ModelConfig that llama.cpp would run from this file's metadata (see the module docstring)."""
-    path = reader.data.filename
-    arch = architecture(reader)
+def config_from_metadata(meta: dict[str, Any], path: Path) -> ModelConfig:
+    """The ModelConfig that llama.cpp would run from a GGUF file's metadata (see the module docstring)."""
+    arch = architecture(meta, path)
 
     def key(name: str, default: Any = None, required: bool = True) -> Any:
-        return _field(reader, f"{arch}.{name}", default, required=required and default is None)
+        return _field(meta, path, f"{arch}.{name}", default, required=required and default is None)
 
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    if tokens is None:
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list):
         raise GemmatuneError(f"{path}: no tokenizer.ggml.tokens; gemmatune builds the tokenizer from the file's "
                              "vocabulary, so it needs a GGUF file with its tokenizer (as llama.cpp writes it).")
     n_layers, hidden, heads = int(key("block_count")), int(key("embedding_length")), int(key("attention.head_count"))
@@ -100,20 +101,20 @@ def config_from_reader(reader: gguf.GGUFReader) -> ModelConfig:
     if int(key("attention.value_length", head_dim, required=False)) != head_dim:
         raise GemmatuneError(f"{path}: {arch}.attention.value_length differs from key_length; Gemma's are equal.")
     kv = key("attention.head_count_kv", heads, required=False)
-    if isinstance(kv, list):  # llama.cpp allows a per-layer list; Gemma's is one number
-        if len(set(kv)) != 1:
-            raise GemmatuneError(f"{path}: {arch}.attention.head_count_kv varies by layer ({kv}); Gemma's does not.")
-        kv = kv[0]
+    if np.ndim(kv):  # llama.cpp allows a per-layer array; Gemma's is one number
+        if len(set(np.asarray(kv).tolist())) != 1:
+            raise GemmatuneError(f"{path}: {arch}.attention.head_count_kv varies by layer; Gemma's does not.")
+        kv = np.asarray(kv).flat[0]
     pattern = PATTERNS[arch]
     common = dict(
-        vocab_size=len(tokens.data), hidden_size=hidden, intermediate_size=int(key("feed_forward_length")),
+        vocab_size=len(tokens), hidden_size=hidden, intermediate_size=int(key("feed_forward_length")),
         num_layers=n_layers, num_heads=heads, num_kv_heads=int(kv), head_dim=head_dim,
         rms_norm_eps=_decimal(key("attention.layer_norm_rms_epsilon")),
         max_position_embeddings=int(key("context_length")),
         layer_types=tuple(GLOBAL if (i + 1) % pattern == 0 else LOCAL for i in range(n_layers)),
-        bos_token_id=int(_field(reader, "tokenizer.ggml.bos_token_id", 2)),
-        eos_token_id=int(_field(reader, "tokenizer.ggml.eos_token_id", 1)),
-        pad_token_id=int(_field(reader, "tokenizer.ggml.padding_token_id", 0)),
+        bos_token_id=int(meta.get("tokenizer.ggml.bos_token_id", 2)),
+        eos_token_id=int(meta.get("tokenizer.ggml.eos_token_id", 1)),
+        pad_token_id=int(meta.get("tokenizer.ggml.padding_token_id", 0)),
         query_pre_attn_scalar=1.0,  # replaced below: llama.cpp's depends on the shapes
     )
     theta = _decimal(key("rope.freq_base", 10000.0, required=False))
@@ -128,7 +129,7 @@ def config_from_reader(reader: gguf.GGUFReader) -> ModelConfig:
         if window <= 0:
             raise GemmatuneError(f"{path}: a gemma3 file without {arch}.attention.sliding_window, which llama.cpp "
                                  "runs with global attention on every layer; that is not a Gemma 3 model.")
-        if _field(reader, f"{arch}.final_logit_softcapping") is not None:
+        if f"{arch}.final_logit_softcapping" in meta:
             raise GemmatuneError(f"{path}: {arch}.final_logit_softcapping is set; Gemma 3 has no soft-cap, and this "
                                  "file is another model under Gemma 3's architecture name.")
         factor = _decimal(key("rope.scaling.factor", 1.0, required=False)) or 1.0
@@ -142,59 +143,149 @@ def config_from_reader(reader: gguf.GGUFReader) -> ModelConfig:
 
 
 def gguf_config(path: str | Path) -> ModelConfig:
-    """The configuration of a GGUF file, without reading its weights."""
-    return config_from_reader(open_gguf(path))
+    """The configuration of a GGUF file, from its metadata alone (no tensor is read)."""
+    return config_from_metadata(gguf_metadata(path), Path(path))
+
+
+# --- the tensor index --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a GGUF file: its name, numpy shape (ggml lists dimensions innermost first: reversed here),
+    storage type and the memory-mapped bytes ([rows, bytes per row])."""
+    name: str
+    shape: tuple[int, ...]
+    qtype: gguf.GGMLQuantizationType
+    data: np.ndarray
+
+
+# GGUF value types (the spec's numbering) -> their size in bytes; 8 is a string, 9 an array.
+_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9
+DEFAULT_ALIGNMENT = 32  # general.alignment when a file does not set it
+
+
+class _Cursor:
+    def __init__(self, buf: np.ndarray, path: Path) -> None:
+        self.buf, self.path, self.pos = buf, path, 0
+
+    def u(self, size: int) -> int:
+        if self.pos + size > len(self.buf):
+            raise GemmatuneError(f"{self.path}: the GGUF header ends early; the file is truncated; re-download it.")
+        value = int.from_bytes(self.buf[self.pos:self.pos + size].tobytes(), "little")
+        self.pos += size
+        return value
+
+    def string(self) -> str:
+        n = self.u(8)
+        raw = self.buf[self.pos:self.pos + n].tobytes()
+        self.pos += n
+        return raw.decode("utf-8", errors="replace")
+
+    def skip_value(self, kind: int) -> None:
+        if kind in _SIZES:
+            self.pos += _SIZES[kind]
+        elif kind == _STRING:
+            n = self.u(8)  # read before adding: `self.pos += self.u(8)` would add to the position before the read
+            self.pos += n
+        elif kind == _ARRAY:
+            item, n = self.u(4), self.u(8)
+            if item in _SIZES:
+                self.pos += n * _SIZES[item]  # n was read above
+            else:
+                for _ in range(n):
+                    self.skip_value(item)
+        else:
+            raise GemmatuneError(f"{self.path}: unknown GGUF value type {kind}; the file is corrupt or from a newer "
+                                 "GGUF version.")
+
+
+def tensor_index(path: str | Path, alignment: int = DEFAULT_ALIGNMENT) -> dict[str, TensorInfo]:
+    """Every tensor of the GGUF file `path` by name, its data memory-mapped (nothing is read until used). The
+    metadata is skipped, not decoded: gguf.GGUFReader spends many seconds indexing a 262,144-token vocabulary."""
+    path = Path(path)
+    buf = np.memmap(path, dtype=np.uint8, mode="r")
+    c = _Cursor(buf, path)
+    if buf[:4].tobytes() != b"GGUF":
+        raise GemmatuneError(f"{path}: not a GGUF file; pass a .gguf model file as llama.cpp and Ollama use.")
+    c.pos = 4
+    if c.u(4) not in (2, 3):
+        raise GemmatuneError(f"{path}: a GGUF version gemmatune does not read (only 2 and 3, little-endian); convert "
+                             "the model again with a current llama.cpp.")
+    n_tensors, n_kv = c.u(8), c.u(8)
+    for _ in range(n_kv):
+        c.string()
+        c.skip_value(c.u(4))
+    infos = []
+    for _ in range(n_tensors):
+        name = c.string()
+        dims = tuple(c.u(8) for _ in range(c.u(4)))
+        kind, offset = c.u(4), c.u(8)
+        try:
+            qtype = Q(kind)
+        except ValueError:
+            raise GemmatuneError(f"{path}: tensor {name} has unknown ggml type {kind}; the file is from a newer "
+                                 "llama.cpp than gemmatune's gguf package knows; update the gguf package.") from None
+        infos.append((name, tuple(reversed(dims)), qtype, offset))
+    start = -(-c.pos // alignment) * alignment
+    out = {}
+    for name, shape, qtype, offset in infos:
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
+        row_bytes = shape[-1] // block * size
+        at = start + offset
+        if at + rows * row_bytes > len(buf) or shape[-1] % block:
+            raise GemmatuneError(f"{path}: tensor {name} lies past the end of the file; it is truncated; "
+                                 "re-download it.")
+        out[name] = TensorInfo(name, shape, qtype, buf[at:at + rows * row_bytes].reshape(rows, row_bytes))
+    return out
 
 
 # --- weights -----------------------------------------------------------------------------------------------------
 
-def _tensor_table(reader: gguf.GGUFReader, cfg: ModelConfig) -> dict[str, Any]:
-    """GGUF name -> ReaderTensor for every tensor gemmatune reads, after checking names, shapes and types; reads no
-    data except when an output head must be compared with the embedding."""
-    path = reader.data.filename
-    tensors = {t.name: t for t in reader.tensors}
+def _tensor_table(tensors: dict[str, TensorInfo], cfg: ModelConfig, path: Path) -> dict[str, TensorInfo]:
+    """GGUF name -> tensor for every tensor gemmatune reads, after checking names, shapes and types; reads no data
+    except when an output head must be compared with the embedding."""
     expected = {tensor_name(name, i): name for _, name, i in hf_keys(cfg)}
     missing = [n for n in expected if n not in tensors]
-    extra = [n for n in tensors if n not in expected and n != "output.weight"]
+    extra = [n for n in tensors if n not in expected and n != OUTPUT]
     if missing or extra:
-        what = (f"missing {', '.join(missing[:5])}" if missing else "") + ("; " if missing and extra else "") + (
-            f"unexpected {', '.join(extra[:5])}" if extra else "")
+        what = "; ".join(([f"missing {', '.join(missing[:5])}"] if missing else [])
+                         + ([f"unexpected {', '.join(extra[:5])}"] if extra else []))
         raise GemmatuneError(f"{path}: its tensors do not match a {cfg.family} model of its metadata ({what}); the "
                              "file is incomplete or holds another model (a multimodal projector belongs in a "
                              "separate mmproj file); re-download it.")
-    for name, gname in ((n, g) for g, n in expected.items()):
+    for gname, name in expected.items():
         t = tensors[gname]
-        if t.tensor_type not in READABLE_TYPES:
-            raise GemmatuneError(f"{path}: tensor {gname} is stored as {t.tensor_type.name}, which gemmatune cannot "
+        if t.qtype not in READABLE_TYPES:
+            raise GemmatuneError(f"{path}: tensor {gname} is stored as {t.qtype.name}, which gemmatune cannot "
                                  "dequantize (it reads F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K and "
                                  "the IQ types); requantize the model with llama-quantize, e.g. to Q8_0.")
-        shape = tuple(int(d) for d in reversed(t.shape))  # ggml lists dimensions innermost first
-        want = hf_shape(name, cfg)
-        if shape != want:
-            raise GemmatuneError(f"{path}: tensor {gname} has shape {list(shape)}, but the metadata implies "
-                                 f"{list(want)}; the file is corrupt; re-download it.")
-    if "output.weight" in tensors:
-        out, emb = tensors["output.weight"], tensors[tensor_name("embed", None)]
-        if out.tensor_type != emb.tensor_type or not np.array_equal(np.asarray(out.data), np.asarray(emb.data)):
-            raise GemmatuneError(f"{path}: output.weight differs from token_embd.weight. Gemma ties its output "
+        if t.shape != hf_shape(name, cfg):
+            raise GemmatuneError(f"{path}: tensor {gname} has shape {list(t.shape)}, but the metadata implies "
+                                 f"{list(hf_shape(name, cfg))}; the file is corrupt; re-download it.")
+    if OUTPUT in tensors:
+        out, emb = tensors[OUTPUT], tensors[tensor_name("embed", None)]
+        if (out.qtype, out.shape) != (emb.qtype, emb.shape) or not np.array_equal(out.data, emb.data):
+            raise GemmatuneError(f"{path}: {OUTPUT} differs from token_embd.weight. Gemma ties its output "
                                  "projection to the embedding, and untied heads are not supported.")
     return {g: tensors[g] for g in expected}
 
 
-def dequantized(t: Any) -> np.ndarray:
-    """One GGUF tensor as float32 (BF16 as bfloat16), in numpy order ([out, in] for a matrix)."""
-    data = np.asarray(t.data)
-    if t.tensor_type == Q.BF16:  # gguf-py maps BF16 tensors to raw uint16 bits; keep them bfloat16, exactly
-        out = data.view(ml_dtypes.bfloat16)
+def dequantized(t: TensorInfo) -> np.ndarray:
+    """One GGUF tensor as float32 (BF16 stays bfloat16, bit for bit), in numpy order ([out, in] for a matrix)."""
+    if t.qtype == Q.BF16:
+        out = t.data.view(ml_dtypes.bfloat16)
     else:
-        out = gguf.quants.dequantize(data, t.tensor_type)
-    return out.reshape(tuple(int(d) for d in reversed(t.shape)))
+        out = gguf.quants.dequantize(t.data, t.qtype)
+    return out.reshape(t.shape)
 
 
-def gguf_state(reader: gguf.GGUFReader, cfg: ModelConfig) -> Iterator[tuple[str, int | None, np.ndarray]]:
+def gguf_state(tensors: dict[str, TensorInfo], cfg: ModelConfig, path: Path
+               ) -> Iterator[tuple[str, int | None, np.ndarray]]:
     """(gemmatune name, layer index, gemmatune-layout array) for every tensor, in `hf_keys` order, one tensor
     dequantized at a time, with llama.cpp's conversions undone (norms back to w, from 1 + w)."""
-    table = _tensor_table(reader, cfg)
+    table = _tensor_table(tensors, cfg, path)
     for _, name, i in hf_keys(cfg):
         host = dequantized(table[tensor_name(name, i)])
         if name in NORMS:
@@ -209,16 +300,19 @@ def load_gguf(path: str | Path, dtype: str = "auto", *, stacked: bool = True,
     dequantized, placed onto its devices and written, a layer at a time, into preallocated device arrays.
     dtype: "auto" (bfloat16 for a file whose embedding is BF16, float32 otherwise), "float32" or "bfloat16"."""
     check_dtype(dtype)
-    reader = open_gguf(path)
-    cfg = config_from_reader(reader)
-    emb_type = next(t.tensor_type for t in reader.tensors if t.name == tensor_name("embed", None))
-    target = load_dtype(dtype, np.dtype(ml_dtypes.bfloat16) if emb_type == Q.BF16 else np.dtype(np.float32))
+    path = Path(path)
+    meta = gguf_metadata(path)
+    cfg = config_from_metadata(meta, path)
+    tensors = tensor_index(path, int(meta.get("general.alignment", DEFAULT_ALIGNMENT)))
+    embed = tensors.get(tensor_name("embed", None))
+    target = load_dtype(dtype, np.dtype(ml_dtypes.bfloat16 if embed is not None and embed.qtype == Q.BF16
+                                        else np.float32))
     stacks = sharding.param_shardings(cfg, mesh)["layers"] if mesh is not None else None
     placement = sharding.param_shardings(cfg, mesh, stacked=False) if mesh is not None else None
     params: Params = {"layers": zero_stacks(tuple(param_shapes(cfg)["layers"].items()), target,
                                             None if stacks is None else tuple(sorted(stacks.items())))
                       if stacked else []}
-    for i, group in itertools.groupby(gguf_state(reader, cfg), key=lambda k: k[1]):
+    for i, group in itertools.groupby(gguf_state(tensors, cfg, path), key=lambda k: k[1]):
         arrays = {}
         for name, _, host in group:
             host = host.astype(target, copy=False)
