@@ -35,7 +35,7 @@ from gemmatune.convert.common import GEMMATUNE_KEY, MERGED_ADAPTERS, read_json
 from gemmatune.convert.hf import hf_keys, hf_shape, hf_state
 from gemmatune.errors import GemmatuneError
 from gemmatune.layout import Params
-from gemmatune.tokenizer import GEMMA2_CHAT_TEMPLATE, TOKENIZER_JSON, TOKENIZER_MODEL, gguf_metadata
+from gemmatune.tokenizer import TOKENIZER_JSON, TOKENIZER_MODEL, chat_template, gguf_metadata
 
 ARCHS = {"gemma2": gguf.MODEL_ARCH.GEMMA2, "gemma3": gguf.MODEL_ARCH.GEMMA3}  # by ModelConfig.family
 T = gguf.MODEL_TENSOR
@@ -173,8 +173,8 @@ def _vocab(tokenizer_dir: Path, vocab_size: int) -> tuple[list[str], list[float]
     return tokens, scores, types
 
 
-def _vocab_from_gguf(path: Path, vocab_size: int) -> tuple[list[str], list[float], list[int], str | None]:
-    """(pieces, scores, token types, chat template or None) of a GGUF source file, copied as they are."""
+def _vocab_from_gguf(path: Path, vocab_size: int) -> tuple[list[str], list[float], list[int], dict[str, Any]]:
+    """(pieces, scores, token types, other tokenizer metadata) of a GGUF source file, copied as they are."""
     meta = gguf_metadata(path)
     tokens, scores, types = (meta.get(f"tokenizer.ggml.{k}") for k in ("tokens", "scores", "token_type"))
     if meta.get("tokenizer.ggml.model") != "llama" or tokens is None or scores is None or types is None:
@@ -183,12 +183,12 @@ def _vocab_from_gguf(path: Path, vocab_size: int) -> tuple[list[str], list[float
     if len(tokens) != vocab_size:
         raise GemmatuneError(f"{path}: {len(tokens)} tokens, but the model's embedding has {vocab_size} rows; this "
                              "vocabulary belongs to another model.")
-    return list(tokens), np.asarray(scores).tolist(), np.asarray(types).tolist(), meta.get("tokenizer.chat_template")
+    return list(tokens), np.asarray(scores).tolist(), np.asarray(types).tolist(), meta
 
 
 def _chat_template(tokenizer_dir: Path, family: str) -> str:
     """The chat template written into the file: Gemma 2's (gemmatune's own); for Gemma 3 the tokenizer directory's
-    (tokenizer_config.json or chat_template.jinja) when it has one, else the same turn format (Gemma 2's)."""
+    (tokenizer_config.json or chat_template.jinja) when it has one, else the released Gemma 3 template."""
     if family == "gemma3":
         config = tokenizer_dir / "tokenizer_config.json"
         template = read_json(config, "re-download the tokenizer files").get("chat_template") if config.is_file() \
@@ -197,24 +197,32 @@ def _chat_template(tokenizer_dir: Path, family: str) -> str:
             return template
         if (tokenizer_dir / "chat_template.jinja").is_file():
             return (tokenizer_dir / "chat_template.jinja").read_text(encoding="utf-8")
-    return GEMMA2_CHAT_TEMPLATE
+    return chat_template(family)
 
 
 def _add_tokenizer(w: gguf.GGUFWriter, source: Path, cfg: ModelConfig) -> None:
     """The vocabulary of `source`: a tokenizer directory (tokenizer.model) or a GGUF file, whose vocabulary, scores,
     types and chat template are copied."""
+    given: dict[str, Any] = {}
     if source.suffix.lower() == ".gguf" and source.is_file():
-        tokens, scores, types, template = _vocab_from_gguf(source, cfg.vocab_size)
-        template = template or GEMMA2_CHAT_TEMPLATE  # the Gemma turn format; Google's GGUF files carry none
+        tokens, scores, types, given = _vocab_from_gguf(source, cfg.vocab_size)
+        template = given.get("tokenizer.chat_template") or chat_template(cfg.family)  # Google's files carry none
+        where = source
     else:
         tokens, scores, types = _vocab(source, cfg.vocab_size)
-        template = _chat_template(source, cfg.family)
+        template, where = _chat_template(source, cfg.family), source / TOKENIZER_MODEL
     ids = {t: i for i, t in reversed(list(enumerate(tokens)))}  # first id wins, as in gemmatune's tokenizer
-    missing = [t for t in ("<pad>", "<eos>", "<bos>", "<end_of_turn>") if t not in ids]
     unknown = [i for i, k in enumerate(types) if k == gguf.TokenType.UNKNOWN]
-    if missing or not unknown:
-        where = source if source.suffix.lower() == ".gguf" else source / TOKENIZER_MODEL
-        raise GemmatuneError(f"{where}: no {', '.join(missing) or 'unknown'} token; this is not a Gemma tokenizer.")
+    if unknown:
+        ids["<unk>"] = unknown[0]
+    # A GGUF source's own special ids where it has them (Google's files mark no token UNKNOWN but name unk's id).
+    for piece, key in (("<pad>", "padding"), ("<eos>", "eos"), ("<bos>", "bos"), ("<end_of_turn>", "eot"),
+                       ("<unk>", "unknown")):
+        if f"tokenizer.ggml.{key}_token_id" in given:
+            ids[piece] = int(given[f"tokenizer.ggml.{key}_token_id"])
+    missing = [t for t in ("<pad>", "<eos>", "<bos>", "<end_of_turn>", "<unk>") if t not in ids]
+    if missing:
+        raise GemmatuneError(f"{where}: no {', '.join(missing)} token; this is not a Gemma tokenizer.")
     w.add_tokenizer_model("llama")  # llama.cpp's name for SentencePiece
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)
@@ -224,7 +232,7 @@ def _add_tokenizer(w: gguf.GGUFWriter, source: Path, cfg: ModelConfig) -> None:
     w.add_eos_token_id(ids["<eos>"])
     w.add_eot_token_id(ids["<end_of_turn>"])  # chat turns end here; llama.cpp and Ollama stop on it
     w.add_pad_token_id(ids["<pad>"])
-    w.add_unk_token_id(unknown[0])
+    w.add_unk_token_id(ids["<unk>"])
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
     # Gemma's tokenizer adds no dummy prefix space; llama.cpp's SentencePiece tokenizer does unless told.

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from jax.sharding import Mesh
 
 from gemmatune import sharding
 from gemmatune.config import GLOBAL, LOCAL, ModelConfig
-from gemmatune.convert.common import check_dtype, load_dtype, set_layer, zero_stacks
+from gemmatune.convert.common import GEMMATUNE_KEY, MERGED_ADAPTERS, check_dtype, load_dtype, set_layer, zero_stacks
 from gemmatune.convert.gguf import ARCHS, NORMS, llama_cpp_query_scalar, tensor_name
 from gemmatune.convert.hf import from_hf, hf_keys, hf_shape
 from gemmatune.errors import GemmatuneError
@@ -140,6 +141,23 @@ def config_from_metadata(meta: dict[str, Any], path: Path) -> ModelConfig:
                           final_logit_softcap=None, rope_theta=theta, rope_scaling=factor,
                           rope_local_theta=LLAMA_CPP_LOCAL_THETA, rope_local_scaling=1.0)
     return dataclasses.replace(cfg, query_pre_attn_scalar=float(llama_cpp_query_scalar(cfg)))
+
+
+def gguf_merged_adapters(path: str | Path) -> list[dict[str, Any]]:
+    """The records of the adapters gemmatune merged into a GGUF file it exported (its "gemmatune.merged_adapters"
+    metadata; none for any other file), as convert.peft.merged_adapters reads them from a config.json."""
+    text = gguf_metadata(path).get(f"{GEMMATUNE_KEY}.{MERGED_ADAPTERS}")
+    if text is None:
+        return []
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError:
+        records = None
+    if not (isinstance(records, list) and all(isinstance(r, dict) and isinstance(r.get("digest"), str)
+                                              for r in records)):
+        raise GemmatuneError(f"{path}: metadata {GEMMATUNE_KEY}.{MERGED_ADAPTERS} must be a JSON list of records "
+                             "with a \"digest\"; re-export the merged model.")
+    return records
 
 
 def gguf_config(path: str | Path) -> ModelConfig:
