@@ -129,9 +129,9 @@ def test_gguf_export_reloads_in_llama_cpp(tmp_path, gemma3_model, gemma3_gguf, a
     assert fields["general.architecture"].contents() == "gemma3"
     merged = merge(params, adapters, lora_cfg)
     llm = _llama(out)
-    for text in PROMPTS:
-        ids = tokenizer.encode(text, add_bos=True)
+    prompts = [tokenizer.encode(text, add_bos=True) for text in PROMPTS]
+    for text, ids, ours in zip(PROMPTS, prompts, generate(merged, cfg, prompts, max_new_tokens=NEW_TOKENS),
+                               strict=True):
         assert llm.tokenize(text.encode(), add_bos=True, special=True) == ids  # the copied vocabulary
-        ours = generate(merged, cfg, [ids], max_new_tokens=NEW_TOKENS)[0]
         print(repr(text), "->", repr(tokenizer.decode(ours)))
         assert _llama_greedy(llm, ids, NEW_TOKENS) == ours
