@@ -140,3 +140,39 @@ def test_configs_llama_cpp_cannot_represent_are_refused(tmp_path, g3):
         with pytest.raises(GemmatuneError, match=message):
             save_gguf(path, cfg, g3, DEFAULT_MODEL)
     assert not path.exists()
+
+
+_ON_A_MESH = """
+import sys
+import jax
+import numpy as np
+from gemmatune import sharding as S
+from gemmatune.convert import load_model
+
+mesh = S.make_mesh("data=2,model=4")
+for stacked in (True, False):
+    cfg, ref = load_model(sys.argv[1], stacked=stacked)
+    _, params = load_model(sys.argv[1], stacked=stacked, mesh=mesh)
+    want = S.param_shardings(cfg, mesh, stacked=stacked)
+    assert all(a.sharding.is_equivalent_to(s, a.ndim) for a, s in zip(jax.tree.leaves(params), jax.tree.leaves(want)))
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref)))
+print("ok")
+"""
+
+
+def test_loading_onto_a_mesh_places_each_tensor_on_its_shards(tmp_path, g3):
+    """On 8 simulated devices (a subprocess), as convert.hf.load_hf does: the same values, split as
+    sharding.param_shardings says, stacked and per layer."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = tmp_path / "g3.gguf"
+    save_gguf(path, dataclasses.replace(G3, query_pre_attn_scalar=G3.head_dim), g3, DEFAULT_MODEL, dtype="f32")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-c", _ON_A_MESH, str(path)], env=env, capture_output=True, text=True,
+                       timeout=600, check=False)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-3000:] + r.stderr[-3000:]
