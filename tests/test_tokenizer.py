@@ -338,3 +338,123 @@ def test_stream_equals_decode_on_text(json_tok: Tokenizer, text: str, skip: bool
 def test_stream_equals_decode_on_any_ids(json_tok: Tokenizer, ids: list[int]) -> None:
     # Arbitrary ids can form invalid UTF-8: stream and decode must still agree on where U+FFFD goes.
     assert "".join(_stream(json_tok, ids)) == json_tok.decode(ids)
+
+
+# --- GGUF vocabularies ---------------------------------------------------------------------------------------
+
+
+def _write_gguf(path: Path, kv: dict | None = None, vocab: Path | None = ASSETS / "tokenizer.model",
+                tokenizer_model: str = "llama", big_endian: bool = False) -> Path:
+    """A GGUF file without tensors holding `vocab`'s pieces, scores and types as llama.cpp's converter writes a
+    SentencePiece vocabulary (spaces in user-defined pieces plain, as in Gemma 3's file), plus the extra `kv`."""
+    import gguf
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    w = gguf.GGUFWriter(path, "gemma2", endianess=gguf.GGUFEndian.BIG if big_endian else gguf.GGUFEndian.LITTLE)
+    if vocab is not None:
+        proto = pb.ModelProto()
+        proto.ParseFromString(vocab.read_bytes())
+        w.add_tokenizer_model(tokenizer_model)
+        w.add_token_list([p.piece.replace("\u2581", " ") if p.type == 4 else p.piece for p in proto.pieces])
+        w.add_token_scores([p.score for p in proto.pieces])
+        # llama.cpp's Gemma converters type <unk> CONTROL; gemmatune must still find the one unknown piece.
+        w.add_token_types([3 if p.type == 2 else p.type for p in proto.pieces])
+        spec = proto.trainer_spec
+        w.add_bos_token_id(spec.bos_id)
+        w.add_eos_token_id(spec.eos_id)
+        w.add_unk_token_id(spec.unk_id)
+        w.add_pad_token_id(spec.pad_id)
+        w.add_add_space_prefix(proto.normalizer_spec.add_dummy_prefix)
+    for key, (value, kind, sub) in (kv or {}).items():
+        w.add_key_value(key, value, kind, sub)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _all_value_types() -> dict:
+    from gguf import GGUFValueType as T
+
+    return {"u8": (200, T.UINT8, None), "i8": (-5, T.INT8, None), "u16": (60000, T.UINT16, None),
+            "i16": (-30000, T.INT16, None), "u32": (4_000_000_000, T.UINT32, None), "i32": (-7, T.INT32, None),
+            "f32": (0.5, T.FLOAT32, None), "bool": (True, T.BOOL, None), "str": ("héllo ▁", T.STRING, None),
+            "u64": (2**63, T.UINT64, None), "i64": (-(2**40), T.INT64, None), "f64": (1e-300, T.FLOAT64, None),
+            "ints": ([1, -2, 3], T.ARRAY, T.INT32), "floats": ([0.25, 1.5], T.ARRAY, T.FLOAT32),
+            "strs": (["a", "", "日本"], T.ARRAY, T.STRING)}
+
+
+@pytest.mark.parametrize("big_endian", [False, True])
+def test_gguf_metadata_matches_gguf_reader(tmp_path: Path, big_endian: bool) -> None:
+    import gguf
+
+    from gemmatune.tokenizer import gguf_metadata
+
+    path = _write_gguf(tmp_path / "m.gguf", _all_value_types(), big_endian=big_endian)
+    ours = gguf_metadata(path)
+    reader = gguf.GGUFReader(path)
+    fields = {k: f for k, f in reader.fields.items() if not k.startswith("GGUF.")}  # the reader's header fields
+    assert set(ours) == set(fields)
+    for key, field in fields.items():
+        theirs = field.contents()
+        assert (ours[key].tolist() if hasattr(ours[key], "tolist") else ours[key]) == theirs, key
+    assert ours["u64"] == 2**63 and ours["strs"] == ["a", "", "日本"] and ours["str"] == "héllo ▁"
+
+
+def test_gguf_vocabulary_encodes_as_its_sentencepiece_model(tmp_path: Path, sp_tok: Tokenizer) -> None:
+    """The tiny SentencePiece model taken apart as llama.cpp does and rebuilt by gguf_sentencepiece encodes and
+    decodes as the original, the unknown piece restored."""
+    from sentencepiece import SentencePieceProcessor
+
+    from gemmatune.tokenizer import gguf_sentencepiece
+
+    path = _write_gguf(tmp_path / "tiny.gguf")
+    sp = SentencePieceProcessor(model_proto=gguf_sentencepiece(path))
+    assert (sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id()) == (3, 2, 1, 0)
+    tok = load_tokenizer(path)
+    assert tok.source == path and tok.vocab_size == sp_tok.vocab_size
+    for text in VARIED:
+        assert tok.encode(text) == sp_tok.encode(text), text
+        assert tok.decode(tok.encode(text), skip_special_tokens=False) == text
+
+
+@pytest.mark.parametrize(("case", "expected"), [
+    ("gpt2", r"tokenizer model 'gpt2', not a SentencePiece one .* not a Gemma GGUF file"),
+    ("no vocabulary", r"no tokenizer.ggml.model, not a SentencePiece one"),
+    ("not gguf", r"not a GGUF file \(it does not start with b'GGUF'\)"),
+    ("empty", r"cannot be read as a GGUF file"),
+    ("truncated", r"the GGUF header ends early .* truncated"),
+    ("version 1", r"GGUF version 1 is not supported"),
+    ("bad bos", r"tokenizer.ggml.bos_token_id is 99999, outside the 4096 tokens"),
+])
+def test_gguf_vocabulary_errors(tmp_path: Path, case: str, expected: str) -> None:
+    from gguf import GGUFValueType as T
+
+    from gemmatune.tokenizer import gguf_sentencepiece
+
+    path = tmp_path / "m.gguf"
+    if case == "gpt2":
+        _write_gguf(path, tokenizer_model="gpt2")
+    elif case == "no vocabulary":
+        _write_gguf(path, vocab=None)
+    elif case == "not gguf":
+        path.write_bytes(b"PK\x03\x04 a zip file")
+    elif case == "empty":
+        path.write_bytes(b"")
+    elif case == "truncated":
+        data = _write_gguf(path).read_bytes()
+        path.write_bytes(data[:len(data) // 2])
+    elif case == "version 1":
+        path.write_bytes(b"GGUF\x01\x00\x00\x00" + b"\x00" * 16)
+    else:
+        data = _write_gguf(path, {"x": (0, T.UINT8, None)}).read_bytes()
+        # The writer refuses a second bos key; patch the written id instead (a corrupt file).
+        key = b"tokenizer.ggml.bos_token_id"
+        at = data.index(key) + len(key) + 4  # after the key and its uint32 type
+        path.write_bytes(data[:at] + (99999).to_bytes(4, "little") + data[at + 4:])
+    with pytest.raises(GemmatuneError, match=expected) as err:
+        gguf_sentencepiece(path)
+    assert str(path) in str(err.value)
+    with pytest.raises(GemmatuneError, match=expected):
+        load_tokenizer(path)

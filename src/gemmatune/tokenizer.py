@@ -348,6 +348,8 @@ class _GGUFHeader:
                 size = n * dtype.itemsize
                 self._read("B", size) if size else None  # bounds check, and moves past the array
                 return np.frombuffer(self._buf, dtype, n, self._pos - size).astype(dtype.newbyteorder("="))
+            if item == _GGUF_STRING:  # a vocabulary: 262,144 strings in Gemma 3, so a tight loop
+                return [self._string() for _ in range(n)]
             return [self._value(item, key) for _ in range(n)]
         raise GemmatuneError(f"{self._path}: metadata {key!r} has unknown GGUF value type {kind}; the file is "
                              "corrupt or from a newer GGUF version")

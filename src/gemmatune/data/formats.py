@@ -9,8 +9,8 @@ Layouts (detected from the columns; `data.format` and `data.columns` override):
 
 Instruction rows use the Gemma chat template by default (one user turn, one model turn, contents trimmed as the
 template does) or a plain template string ending with {response} (user text kept as written). Gemma has no system
-role: a leading system message is folded into the first user turn as
-`system + "\\n\\n" + user` (tokenizer.render_chat) and is never trained.
+role: a leading system message is folded into the first user turn as Gemma 3's template does,
+`system + "\\n\\n" + user` with the system text as written (tokenizer.chat_turns), and is never trained.
 
 With train_on "model" the trained tokens are, for every model turn, its content and its <end_of_turn>, plus the
 final <eos>: without them the model never learns to stop (axolotl #3754). Every example has exactly one <bos>, added
