@@ -113,3 +113,11 @@ def gemma3_hf(gemma3_gguf):
 
     return AutoModelForCausalLM.from_pretrained(gemma3_gguf.parent, gguf_file=gemma3_gguf.name, dtype=torch.float32,
                                                 attn_implementation="eager").eval()
+
+
+@pytest.fixture(scope="session")
+def gemma3_model(gemma3_gguf):
+    """gemmatune's (config, float32 parameters) of the same file, loaded once per session."""
+    from gemmatune.convert import load_model
+
+    return load_model(gemma3_gguf, "float32")

@@ -7,7 +7,8 @@
           (Gemma3ForConditionalGeneration's module paths for a multimodal base)
     gguf  the merged weights as one GGUF file for llama.cpp and Ollama, with an Ollama Modelfile beside it
 
-The base is a Hugging Face directory or a KerasHub preset. The adapter is checked against the base's config
+The base is a Hugging Face directory, a KerasHub preset or a GGUF file (its vocabulary becomes the export's
+tokenizer: tokenizer.model for hf, copied as it is for gguf). The adapter is checked against the base's config
 before any weight is read, and refused if the base already has it merged. Merged outputs record the adapters
 folded into them (config.json's "gemmatune" key; GGUF metadata), so that applying one again is refused. Every
 output is written atomically (an interrupted export leaves the output as it was).
@@ -27,12 +28,20 @@ import numpy as np
 from gemmatune.atomic import refuse_to_replace
 from gemmatune.convert import gguf, load_model, model_config
 from gemmatune.convert.common import WEIGHT_DTYPES, read_json
+from gemmatune.convert.gguf_read import is_gguf
 from gemmatune.convert.hf import TOKENIZER_FILES, checkpoint_is_multimodal, save_hf
 from gemmatune.convert.kerashub import is_kerashub_preset
 from gemmatune.convert.peft import load_adapter_for, merged_adapters, merged_record, save_peft
 from gemmatune.errors import GemmatuneError
 from gemmatune.lora import merge
-from gemmatune.tokenizer import KERAS_SPM, TOKENIZER_JSON, TOKENIZER_MODEL, chat_template
+from gemmatune.tokenizer import (
+    KERAS_SPM,
+    TOKENIZER_JSON,
+    TOKENIZER_MODEL,
+    chat_template,
+    gguf_metadata,
+    gguf_sentencepiece,
+)
 
 FORMATS = ("hf", "peft", "gguf")
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -66,7 +75,9 @@ def export(model_dir: str | Path, adapter_dir: str | Path, fmt: str, output: str
     merged = [*merged_adapters(model_dir), merged_record(adapter_dir, adapters, lora_cfg)]
     cfg, params = load_model(model_dir, dtype if dtype in WEIGHT_DTYPES else "auto")
     params = merge(params, adapters, lora_cfg)
-    with _tokenizer_with_template(model_dir, cfg.family) as tokenizer_dir:
+    tokenizer = (_gguf_tokenizer(model_dir, fmt, cfg.family) if is_gguf(model_dir)
+                 else _tokenizer_with_template(model_dir, cfg.family))
+    with tokenizer as tokenizer_dir:
         if fmt == "gguf":  # the GGUF writer reads tokenizer.model and writes the Gemma 2 chat template itself
             gguf_dtype = dtype if dtype in gguf.DTYPES else GGUF_DTYPES[str(np.dtype(params["embed"].dtype))]
             gguf.save_gguf(output, cfg, params, tokenizer_dir, dtype=gguf_dtype, force=force, merged_adapters=merged)
@@ -85,6 +96,27 @@ def _refuse_existing(output: Path, fmt: str, force: bool) -> None:
     for path in (output, gguf.modelfile_path(output)):
         if path.exists() and not force:
             raise GemmatuneError(f"{path}: file exists; pass --force to replace it, or choose another output file.")
+
+
+@contextlib.contextmanager
+def _gguf_tokenizer(source: Path, fmt: str, family: str) -> Iterator[Path]:
+    """The tokenizer of a GGUF base: for gguf export the file itself (the writer copies its vocabulary, scores,
+    token types and chat template); for hf a temporary directory with tokenizer.model rebuilt from the file's
+    vocabulary (tokenizer.gguf_sentencepiece) and a tokenizer_config.json with the file's chat template, or the
+    family's released one when the file has none (Google's GGUF files carry none)."""
+    if fmt == "gguf":
+        yield source
+        return
+    template = gguf_metadata(source).get("tokenizer.chat_template") or chat_template(family)
+    # What transformers needs to build Gemma's tokenizer from tokenizer.model alone; without mask_token=None,
+    # transformers 5 adds a <mask> token past the vocabulary, one more than the embedding has rows.
+    config = {"tokenizer_class": "GemmaTokenizer", "add_bos_token": True, "add_eos_token": False,
+              "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>",
+              "mask_token": None, "chat_template": template}
+    with tempfile.TemporaryDirectory(prefix="gemmatune-tokenizer-") as tmp:
+        (Path(tmp) / TOKENIZER_MODEL).write_bytes(gguf_sentencepiece(source))
+        (Path(tmp) / TOKENIZER_CONFIG).write_text(json.dumps(config, indent=2), encoding="utf-8")
+        yield Path(tmp)
 
 
 @contextlib.contextmanager

@@ -25,6 +25,7 @@ from gemmatune.atomic import refuse_to_replace, staged_dir, write_text
 from gemmatune.checkpoint import ADAPTER_CONFIG, ADAPTER_FILE, ADAPTER_FORMAT, check_adapter_shapes, load_adapter
 from gemmatune.config import LoraConfig, ModelConfig
 from gemmatune.convert.common import GEMMATUNE_KEY, MERGED_ADAPTERS, fields_of, read_json
+from gemmatune.convert.gguf_read import gguf_merged_adapters, is_gguf
 from gemmatune.convert.hf import CAUSAL_LM, LAYER_KEYS, MULTIMODAL_DECODER, hf_shape
 from gemmatune.errors import GemmatuneError
 from gemmatune.layout import PROJECTIONS, adapter_shapes, target_names
@@ -236,7 +237,10 @@ def merged_record(adapter_dir: str | Path, adapters: dict[str, dict[str, np.ndar
 
 def merged_adapters(model_dir: str | Path) -> list[dict[str, Any]]:
     """The records of the adapters gemmatune merged into the checkpoint `model_dir` (none for a checkpoint that
-    gemmatune did not merge, such as a downloaded one or a KerasHub preset)."""
+    gemmatune did not merge, such as a downloaded one or a KerasHub preset); a GGUF file keeps them in its
+    metadata."""
+    if is_gguf(model_dir):
+        return gguf_merged_adapters(model_dir)
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         return []
