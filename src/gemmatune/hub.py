@@ -51,11 +51,12 @@ KAGGLE_FRAMEWORKS = {"keras", "transformers", "jax", "flax", "pytorch", "tensorf
 READABLE_FRAMEWORKS = ("keras", "transformers")  # KerasHub presets and Hugging Face checkpoints
 
 # --model's help, for every command that loads weights.
-MODEL_HELP = (f"a Gemma 2 or Gemma 3 checkpoint directory, `{EMBEDDED_MODEL}` (the embedded demo model), a Hugging "
-              "Face Hub id (google/gemma-3-1b-it, google/gemma-2-2b-it, optionally @revision) or a Kaggle handle "
+MODEL_HELP = (f"a Gemma 2 or Gemma 3 checkpoint directory or GGUF file, `{EMBEDDED_MODEL}` (the embedded demo "
+              "model), a Hugging Face Hub id (google/gemma-3-1b-it, google/gemma-2-2b-it, optionally @revision) or a Kaggle handle "
               "(keras/gemma2/keras/gemma2_2b_en/1)")
 CONFIG_PRESETS = ", ".join(p for p in PRESETS if p != EMBEDDED_MODEL)  # what only `plan` reads
 CHOICES = (f"a checkpoint directory (Hugging Face layout for Gemma 2 and Gemma 3, or a KerasHub Gemma 2 preset), "
+           "a GGUF file (gemma2 or gemma3, as llama.cpp and Ollama run them), "
            f"`{EMBEDDED_MODEL}` (the embedded demo model), a Hugging Face Hub id such as google/gemma-2-2b-it or "
            "google/gemma-3-1b-it (optionally @revision), or a Kaggle handle such as keras/gemma2/keras/gemma2_2b_en/1")
 
@@ -82,7 +83,8 @@ def _resolve(spec: str, config_only: bool) -> Path:
     path = Path(spec).expanduser()
     if path.exists():
         if not path.is_dir() and path.suffix.lower() != ".gguf":  # a GGUF file is a whole model (convert.load_model)
-            raise GemmatuneError(f"--model {spec}: is a file; pass the checkpoint directory that holds it.")
+            raise GemmatuneError(f"--model {spec}: is a file, not a GGUF file (*.gguf); pass the checkpoint directory "
+                                 "that holds it.")
         return path
     if spec == EMBEDDED_MODEL:
         return DEFAULT_MODEL
