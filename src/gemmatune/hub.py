@@ -52,8 +52,8 @@ READABLE_FRAMEWORKS = ("keras", "transformers")  # KerasHub presets and Hugging 
 
 # --model's help, for every command that loads weights.
 MODEL_HELP = (f"a Gemma 2 or Gemma 3 checkpoint directory or GGUF file, `{EMBEDDED_MODEL}` (the embedded demo "
-              "model), a Hugging Face Hub id (google/gemma-3-1b-it, google/gemma-2-2b-it, optionally @revision) or a Kaggle handle "
-              "(keras/gemma2/keras/gemma2_2b_en/1)")
+              "model), a Hugging Face Hub id (google/gemma-3-1b-it, google/gemma-2-2b-it, optionally @revision) or a "
+              "Kaggle handle (keras/gemma2/keras/gemma2_2b_en/1)")
 CONFIG_PRESETS = ", ".join(p for p in PRESETS if p != EMBEDDED_MODEL)  # what only `plan` reads
 CHOICES = (f"a checkpoint directory (Hugging Face layout for Gemma 2 and Gemma 3, or a KerasHub Gemma 2 preset), "
            "a GGUF file (gemma2 or gemma3, as llama.cpp and Ollama run them), "
