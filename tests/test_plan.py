@@ -80,7 +80,7 @@ def test_gemma3_plan_counts_qk_norms_and_the_stack_copy() -> None:
     assert p.fits and p.bytes["weights"] == 2 * _count(param_shapes(cfg))
     layers = 2 * _count(param_shapes(cfg)["layers"]) + p.bytes["adapters"]
     assert p.bytes["activations"] > layers
-    assert f"activations include {layers / GiB:.2f} GiB of copied layer weights" in p.note, p.note
+    assert f"activations include about {layers / GiB:.2f} GiB of copied layer weights" in p.note, p.note
 
 
 def test_suggestions_try_cheapest_first_until_one_fits() -> None:

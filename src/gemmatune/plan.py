@@ -269,9 +269,9 @@ def _child(job: dict[str, Any], devices: list[Any]) -> dict[str, Any]:
     trained_layers = state["params"]["layers"] if tcfg.method == "full" else state["params"]
     copy = stack_copy(cfg, _per_device(frozen.get("layers", {})) + _per_device(trained_layers))
     if copy:
-        notes.append(f"activations include {copy / GiB:.2f} GiB of copied layer weights: the {cfg.num_layers}-layer "
-                     "stack ends in a partial repeat of its local/global pattern, which the model scans as a slice "
-                     "of the stack")
+        notes.append(f"activations include about {copy / GiB:.2f} GiB of copied layer weights: the "
+                     f"{cfg.num_layers}-layer stack ends in a partial repeat of its local/global pattern, which the "
+                     "model scans as a slice of the stack")
     total = sum(parts.values())
     return Plan(job["changes"], dict(mesh.shape), {**{p: parts[p] for p in PARTS}, "total": total},
                 job["capacity"], total <= job["capacity"] and not refused, "; ".join(notes)).to_json()
