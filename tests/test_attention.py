@@ -1,9 +1,11 @@
-"""The attention choice per platform, and the TPU Splash kernel (run in Pallas interpret mode on CPU) against the
-XLA reference path: soft-capped logits, a sliding window, packed segments, gradients included."""
+"""The attention choice per platform; the TPU Splash kernel (run in Pallas interpret mode on CPU) against the XLA
+reference path: soft-capped logits, a sliding window, packed segments, gradients included; and the call gemmatune
+makes to cuDNN's kernel on a GPU, run through jax's XLA implementation of the same call, against the XLA path."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -12,20 +14,98 @@ import pytest
 
 from conftest import SMALL, strong_params
 from gemmatune import model as M
-from gemmatune.attention import attention_impl
+from gemmatune.attention import attention_impl, cudnn_attention
 from gemmatune.config import PRESETS
 
+BF16, F32, F16 = jnp.bfloat16, jnp.float32, jnp.float16
+H100, A100, T4 = (9, 0), (8, 0), (7, 5)
 
-@pytest.mark.parametrize(("platform", "name", "seq", "want"), [
-    ("tpu", "gemma2-2b", 1024, "splash"),
-    ("tpu", "gemma2-27b", 384, "splash"),  # head_dim 128, seq a multiple of 128
-    ("tpu", "gemma2-2b", 1000, "xla"),  # the kernel tiles the sequence by 128
-    ("tpu", "small", 1024, "xla"),  # head_dim 64 is below the 128-lane tile
-    ("gpu", "gemma2-2b", 1024, "xla"),  # no fused kernel with a logit soft-cap there
-    ("cpu", "gemma2-2b", 1024, "xla"),
+
+@pytest.mark.parametrize(("platform", "name", "seq", "dtype", "capability", "model_axis", "want"), [
+    ("tpu", "gemma2-2b", 1024, BF16, None, 1, "splash"),
+    ("tpu", "gemma2-27b", 384, BF16, None, 1, "splash"),  # head_dim 128, seq a multiple of 128
+    ("tpu", "gemma3-1b", 1024, BF16, None, 1, "splash"),  # no soft-cap: Splash takes None
+    ("tpu", "gemma2-2b", 1000, BF16, None, 1, "xla"),  # the kernel tiles the sequence by 128
+    ("tpu", "small", 1024, BF16, None, 1, "xla"),  # head_dim 64 is below the 128-lane tile
+    ("gpu", "gemma2-2b", 1024, BF16, H100, 1, "xla"),  # jax's cuDNN attention has no logit soft-cap
+    ("gpu", "gemma3-1b", 1024, BF16, H100, 1, "cudnn"),
+    ("cuda", "gemma3-4b", 1024, F16, H100, 1, "cudnn"),  # a device's platform name; float16 is the kernel's too
+    ("gpu", "gemma3-27b", 4096, BF16, A100, 1, "cudnn"),  # head_dim 128: Ampere's limit
+    ("gpu", "gemma3-4b", 1024, BF16, A100, 1, "xla"),  # head_dim 256 needs Hopper
+    ("gpu", "gemma3-27b", 1024, BF16, T4, 1, "xla"),  # cuDNN's fused attention needs Ampere or later
+    ("gpu", "gemma3-1b", 1024, F32, H100, 1, "xla"),  # bfloat16 / float16 only
+    ("gpu", "gemma3-1b", 1023, BF16, H100, 1, "xla"),  # the mask's bias gradient needs an even sequence
+    ("gpu", "gemma3-4b", 1024, BF16, H100, 2, "cudnn"),  # 4 key/value heads split over model=2 like the queries
+    ("gpu", "gemma3-4b", 1024, BF16, H100, 8, "xla"),  # over model=8 they are replicated, the queries split
+    ("cpu", "gemma3-1b", 1024, BF16, H100, 1, "xla"),
+    ("cpu", "gemma2-2b", 1024, BF16, None, 1, "xla"),
 ])
-def test_attention_choice(platform, name, seq, want):
-    assert attention_impl(platform, PRESETS[name], seq) == want
+def test_attention_choice(platform, name, seq, dtype, capability, model_axis, want):
+    assert attention_impl(platform, PRESETS[name], seq, dtype=dtype, capability=capability,
+                          model_axis=model_axis) == want
+
+
+def test_attention_choice_without_a_cuda_gpu():
+    """A "gpu" platform with no CUDA device to read a capability from (here: none at all; ROCm has none) uses XLA."""
+    assert attention_impl("gpu", PRESETS["gemma3-1b"], 1024, dtype=BF16) == "xla"
+
+
+# A Gemma 3 body (no soft-caps, QK-norm, 5 local : 1 global, a partial last repeat) with window 8 < T.
+GEMMA3 = dataclasses.replace(SMALL, family="gemma3", num_layers=7, layer_types=(), attn_logit_softcap=None,
+                             final_logit_softcap=None, rope_theta=1_000_000.0, max_position_embeddings=256)
+
+
+@pytest.mark.parametrize("kv_heads", [2, 1], ids=["gqa", "mqa"])
+def test_cudnn_call_equals_xla_attention(kv_heads):
+    """cudnn_attention's call (mask, causal flag, window, scale), run by jax's XLA implementation, equals the XLA
+    path's attention on local and global layers: a whole row, and two packed segments then padding (float32)."""
+    cfg = dataclasses.replace(GEMMA3, num_kv_heads=kv_heads)
+    B, T, H, E = 2, 48, cfg.num_heads, cfg.head_dim
+    r = np.random.RandomState(0)
+    q, k, v = (jnp.asarray(r.randn(B, T, n, E), jnp.float32) for n in (H, kv_heads, kv_heads))
+    seg = np.ones((B, T), np.int32)
+    seg[1, 20:], seg[1, 41:] = 2, 0
+    seg = jnp.asarray(seg)
+    ref = M.full_attend(cfg, seg, "xla")
+    outs = {}
+    for kind in set(cfg.layer_types):
+        want = np.asarray(ref[kind](q, k, v)[0])
+        got = np.asarray(cudnn_attention(q, k, v, seg, kind, cfg, implementation="xla"))
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)  # padding rows too: both uniform over S
+        outs[kind] = got
+    # The window and the segments show: local differs from global, and segment 2 does not see segment 1.
+    assert np.abs(outs["sliding_attention"] - outs["full_attention"]).max() > 1e-2
+    whole = np.asarray(cudnn_attention(q, k, v, jnp.ones_like(seg), "full_attention", cfg, implementation="xla"))
+    assert np.abs(whole[1, 20:41] - outs["full_attention"][1, 20:41]).max() > 1e-2
+    np.testing.assert_allclose(whole[1, :20], outs["full_attention"][1, :20], atol=1e-5, rtol=1e-5)
+
+
+def test_cudnn_path_through_the_model_equals_xla(monkeypatch):
+    """hidden_states with attn_impl="cudnn" (the kernel swapped for jax's XLA implementation of the same call)
+    equals the XLA path, forward and gradients, on a Gemma 3 body with packed segments and padding."""
+    monkeypatch.setattr(M, "cudnn_attention", functools.partial(cudnn_attention, implementation="xla"))
+    cfg = dataclasses.replace(GEMMA3, num_layers=2, layer_types=("sliding_attention", "full_attention"))
+    params = jax.jit(strong_params, static_argnums=0)(cfg)  # one compile, not an op-by-op init
+    B, T = 2, 48
+    r = np.random.RandomState(2)
+    tokens = jnp.asarray(r.randint(3, cfg.vocab_size, (B, T)))
+    seg = np.ones((B, T), np.int32)
+    seg[1, 30:], seg[1, 44:] = 2, 0
+    pos = np.stack([np.arange(T), np.r_[np.arange(30), np.arange(14), np.zeros(4, int)]])
+    seg, pos = jnp.asarray(seg), jnp.asarray(pos)
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def run(impl):  # the hidden states and the gradients of sum(h ** 2) over real tokens, in one compile
+        h, pull = jax.vjp(lambda p: M.hidden_states(p, tokens, cfg, segment_ids=seg, positions=pos,
+                                                    attn_impl=impl), params)
+        return h, pull(jnp.where(seg[..., None] != 0, 2 * h, 0.0))[0]["layers"]
+
+    (ref, g_ref), (got, g_got) = run("xla"), run("cudnn")
+    assert np.abs(ref).max() > 1
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-5 * np.abs(ref).max(), rtol=0)
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"):
+        scale = float(jnp.max(jnp.abs(g_ref[name])))
+        np.testing.assert_allclose(np.asarray(g_got[name]), np.asarray(g_ref[name]), atol=1e-5 * scale, rtol=0)
 
 
 # Window 40 < 128 = T: local layers see a real window; the lowered attention cap is reached by these logits.

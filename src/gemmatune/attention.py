@@ -1,15 +1,28 @@
-"""Which attention kernel a full-sequence forward uses, and the fused TPU kernel (Splash attention).
+"""Which attention kernel a full-sequence forward uses, and the fused kernels: Splash on TPU, cuDNN on GPU.
 
-Gemma 2's attention soft-caps its logits (cap * tanh(logits / cap)) before the mask and the softmax, and its local
-layers see a sliding window. A fused kernel is used only where it computes exactly that:
+Gemma 2's attention soft-caps its logits (cap * tanh(logits / cap)) before the mask and the softmax; Gemma 3 has no
+cap. Both have a sliding window on local layers, grouped-query heads, and packed rows (segment ids, 0 on padding).
+A fused kernel is used only where it computes exactly that; `attention_impl` is the one place that chooses:
 
-- TPU: Pallas Splash attention, which takes `attn_logits_soft_cap` and a local (sliding-window) mask and never
-  materialises the [T, S] logits. It needs the sequence to be a multiple of its block and head_dim a multiple of
-  the 128-lane vector width.
-- GPU: the XLA path. jax.nn.dot_product_attention (jax 0.10.2) has no soft-cap argument, so its cuDNN kernel
-  cannot compute Gemma 2's attention; without a cap (a config with attn_logit_softcap None) it could, but the
-  released Gemma 2 checkpoints all have one.
-- CPU: the XLA path (model.attention), which is also the reference every kernel is tested against.
+- TPU: Pallas Splash attention (`splash_attention`), which takes `attn_logits_soft_cap` and a local
+  (sliding-window) mask and never materialises the [T, S] logits. It needs the sequence to be a multiple of its
+  block and head_dim a multiple of the 128-lane vector width.
+- GPU: cuDNN's fused (flash) attention through `jax.nn.dot_product_attention(..., implementation="cudnn")`
+  (`cudnn_attention`), for configs without a soft-cap (Gemma 3; jax 0.10.2's function has no soft-cap argument,
+  so Gemma 2 stays on XLA). Its limits in jax 0.10.2, each falling back to XLA for exactly that case:
+  bfloat16 or float16 only (a float32 run uses XLA); a CUDA GPU of compute capability 8.0 (Ampere) or later (cuDNN's
+  SDPA needs SM80: a T4 or V100 uses XLA); head_dim a multiple of 8 and at most 128 before Hopper, 256 from
+  Hopper (9.0) on (so Gemma 3's head_dim 256 is fused on an H100, not an A100; 27B's 128 is fused on both); an even
+  sequence (its bias gradient needs one); and on a mesh, queries, keys and values split alike (the key/value heads
+  must divide over the model axis). The window is `local_window_size=(W - 1, 0)` with `is_causal=True` (cuDNN's
+  sliding_window_length W: key s is seen from t when t - W < s <= t). Packed segments and padding are a boolean
+  mask [B, 1, T, S] (same segment, key not padding), which cuDNN adds as a bias; the causal and window parts stay
+  in the kernel, which skips the blocks they exclude. In jax 0.10.2 the backward pass also computes that bias's
+  gradient, which nothing reads (later jax skips it for boolean masks, jax-ml/jax#39512). Padding queries (whose
+  outputs nothing reads) see a uniform softmax over the causal keys, where the XLA path spreads it over all keys.
+- CPU, and every case above that falls back: the XLA path (model.attention), which is also the reference every
+  kernel is tested against (on CPU, `cudnn_attention(..., implementation="xla")` runs the same call through
+  jax's XLA implementation).
 
 KV-cache decoding always uses the XLA path: one query per step leaves nothing to fuse.
 """
@@ -21,18 +34,70 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from gemmatune import sharding
 from gemmatune.config import LOCAL, ModelConfig
 
-IMPLS = ("xla", "splash")
+IMPLS = ("xla", "splash", "cudnn")
 SPLASH_BLOCKS = (512, 256, 128)  # largest first: fewer grid steps; each must divide the sequence
 LANES = 128  # TPU vector width: Splash tiles head_dim by it
+GPU_PLATFORMS = ("gpu", "cuda")  # jax.default_backend() says "gpu"; a device's platform may say "cuda"
+CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+CUDNN_MIN_CAPABILITY = (8, 0)  # cuDNN's fused attention needs Ampere or later
+HOPPER = (9, 0)  # from here head_dim may be 256 (128 before), as jax's check_is_flash_attention says
 
 
-def attention_impl(platform: str, cfg: ModelConfig, seq_len: int) -> str:
-    """"splash" on TPU where the kernel applies (sequence a multiple of 128, head_dim of 128), else "xla"."""
+def cuda_capability() -> tuple[int, int] | None:
+    """The compute capability of the first local CUDA GPU, e.g. (9, 0); None without one (CPU, TPU, ROCm)."""
+    try:
+        gpus = jax.local_devices(backend="gpu")
+    except RuntimeError:  # no GPU backend in this process
+        return None
+    text = str(getattr(gpus[0], "compute_capability", "")) if gpus else ""
+    major, _, minor = text.partition(".")
+    return (int(major), int(minor)) if major.isdigit() and minor.isdigit() else None  # ROCm: "gfx90a" -> None
+
+
+def _active_model_axis() -> int:
+    """The size of the active mesh's model axis (1 off a mesh)."""
+    mesh = sharding._ACTIVE.get()  # the mesh `sharding.shard` constrains activations to inside this trace
+    return 1 if mesh is None else int(mesh.shape.get("model", 1))
+
+
+def attention_impl(platform: str, cfg: ModelConfig, seq_len: int, *, dtype: Any,
+                   capability: tuple[int, int] | None = None, model_axis: int | None = None) -> str:
+    """The attention a full-sequence forward of `seq_len` tokens in `dtype` uses on `platform`: "splash" on TPU
+    where that kernel applies (sequence a multiple of 128, head_dim of 128), "cudnn" on a CUDA GPU where cuDNN's
+    kernel applies (see the module docstring), else "xla". capability: the GPU's compute capability (default: this
+    process's first GPU); model_axis: the mesh's model-axis size (default: the active mesh's)."""
     if platform == "tpu" and seq_len % SPLASH_BLOCKS[-1] == 0 and cfg.head_dim % LANES == 0:
         return "splash"
+    if platform in GPU_PLATFORMS and cfg.attn_logit_softcap is None and jnp.dtype(dtype) in CUDNN_DTYPES:
+        capability = capability or cuda_capability()
+        model_axis = model_axis or _active_model_axis()
+        if (capability is not None and capability >= CUDNN_MIN_CAPABILITY and cfg.head_dim % 8 == 0
+                and cfg.head_dim <= (256 if capability >= HOPPER else 128) and seq_len % 2 == 0
+                and cfg.num_kv_heads % model_axis == 0):
+            return "cudnn"
     return "xla"
+
+
+def segment_mask(segment_ids: jax.Array) -> jax.Array:
+    """[B, T] segment ids (0 on padding) -> [B, T, S] bool: query t may see key s of its own segment, never a
+    padding key. The causal and sliding-window parts are the caller's."""
+    return (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] != 0)
+
+
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, kind: str,
+                    cfg: ModelConfig, implementation: str = "cudnn") -> jax.Array:
+    """Causal (and, on local layers, sliding-window) attention without a soft-cap, tokens attending only within
+    their segment, through jax.nn.dot_product_attention. q: [B, T, H, E] already scaled; k, v: [B, T, K, E] (K
+    divides H: grouped-query heads as transformers' repeat_kv); segment_ids: [B, T]. Returns [B, T, H, E].
+    implementation: "cudnn" (the GPU kernel); the tests pass "xla", jax's reference path for the same call."""
+    if cfg.attn_logit_softcap is not None:
+        raise ValueError("cudnn_attention computes attention without a logit soft-cap; this config has one")
+    window = (cfg.sliding_window - 1, 0) if kind == LOCAL else None  # t - (W - 1) <= s <= t
+    return jax.nn.dot_product_attention(q, k, v, mask=segment_mask(segment_ids)[:, None], scale=1.0,
+                                        is_causal=True, local_window_size=window, implementation=implementation)
 
 
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, kind: str,

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from gemmatune import sharding
-from gemmatune.attention import IMPLS, attention_impl, splash_attention
+from gemmatune.attention import IMPLS, attention_impl, cudnn_attention, segment_mask, splash_attention
 from gemmatune.config import LOCAL, LoraConfig, ModelConfig
 from gemmatune.layout import PROJECTIONS, Params, is_shape, param_shapes
 
@@ -198,16 +198,24 @@ def output_logits(hn: jax.Array, embed: jax.Array, cap: float | None) -> jax.Arr
 
 def full_attend(cfg: ModelConfig, segment_ids: jax.Array, impl: str) -> dict[str, Attend]:
     """For each layer kind, attend(q, k, v) -> (out, None) over the whole sequence: causal, within segments
-    (segment_ids [B, T], 0 marks padding), and within the sliding window on local layers."""
+    (segment_ids [B, T], 0 marks padding), and within the sliding window on local layers. impl: one of IMPLS
+    (gemmatune.attention chooses it: attention_impl)."""
     kinds = set(cfg.layer_types)
     if impl == "splash":
         return {kind: lambda q, k, v, kind=kind: (splash_attention(q, k, v, segment_ids, kind, cfg), None)
                 for kind in kinds}
+    if impl == "cudnn":
+        def fused(q: jax.Array, k: jax.Array, v: jax.Array, kind: str) -> tuple[jax.Array, None]:
+            # cuDNN's partitioner takes queries, keys and values split alike; block constrains q and k, not v.
+            v = sharding.shard(v, "batch", "seq", "kv_heads", "head_dim")
+            return cudnn_attention(q, k, v, segment_ids, kind, cfg), None
+
+        return {kind: lambda q, k, v, kind=kind: fused(q, k, v, kind) for kind in kinds}
     if impl != "xla":
         raise ValueError(f"attn_impl must be one of {IMPLS}, got {impl!r}")
     idx = jnp.arange(segment_ids.shape[1])
     causal = idx[None, :] <= idx[:, None]  # [T, S]
-    same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] != 0)
+    same = segment_mask(segment_ids)  # [B, T, S]
     masks = {kind: same & causal & ((idx[:, None] - idx[None, :] < cfg.sliding_window) if kind == LOCAL else True)
              for kind in kinds}  # [B, T, S] each
     return {kind: lambda q, k, v, m=masks[kind]: (attention(q, k, v, m, cfg.attn_logit_softcap), None)
@@ -223,7 +231,7 @@ def hidden_states(params: Params, tokens: jax.Array, cfg: ModelConfig, *, positi
     adapter: the LoraConfig of params["layers"]["lora"] (its scale and dropout); key: the dropout randomness.
     remat: what the backward pass keeps of each layer: "none" everything; "block" only the matrix products
     (norms, activations, softmax recomputed: little extra work); "full" only the layer's input (the layer is
-    recomputed: least memory, about one more forward pass of work). attn_impl: "xla" or "splash" (see
+    recomputed: least memory, about one more forward pass of work). attn_impl: "xla", "splash" or "cudnn" (see
     gemmatune.attention); by default the platform's choice."""
     B, T = tokens.shape
     dtype = dtype or params["embed"].dtype
@@ -231,7 +239,7 @@ def hidden_states(params: Params, tokens: jax.Array, cfg: ModelConfig, *, positi
         segment_ids = jnp.ones((B, T), jnp.int32)
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    attend = full_attend(cfg, segment_ids, attn_impl or attention_impl(jax.default_backend(), cfg, T))
+    attend = full_attend(cfg, segment_ids, attn_impl or attention_impl(jax.default_backend(), cfg, T, dtype=dtype))
 
     if remat not in REMAT:
         raise ValueError(f"remat must be one of {REMAT}, got {remat!r}")
