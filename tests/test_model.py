@@ -366,3 +366,4 @@ def test_gemma3_configs_in_both_layouts_and_multimodal_read_alike():
         from_hf_dict({**old, "rope_scaling": {"rope_type": "yarn", "factor": 8.0}})
     with pytest.raises(GemmatuneError, match="use_bidirectional_attention"):
         from_hf_dict({**old, "use_bidirectional_attention": True})
+

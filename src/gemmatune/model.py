@@ -161,18 +161,9 @@ def block(x: jax.Array, p: Params, cfg: ModelConfig, kind: str, positions: jax.A
     return x, update
 
 
-def _grouped(layers: Params, start: int, repeats: int, pattern: tuple[str, ...]) -> Params:
-    """Layers start .. start + repeats * P of [L, ...] as [repeats, P, ...], P the pattern's length. A segment that
-    is the whole stack is a free reshape; a shorter one (a stack ending in a partial repeat of the pattern, as Gemma 3
-    1B's 26 layers) is a slice, which XLA copies."""
-    P = len(pattern)
-
-    def take(a: jax.Array) -> jax.Array:
-        if start or repeats * P != a.shape[0]:
-            a = jax.lax.slice_in_dim(a, start, start + repeats * P)
-        return a.reshape(repeats, P, *a.shape[1:])
-
-    return jax.tree.map(take, layers)
+def _grouped(layers: Params, repeats: int, pattern: tuple[str, ...]) -> Params:
+    """[L, ...] -> [repeats, P, ...], P the pattern's length (L = repeats * P): a free reshape."""
+    return jax.tree.map(lambda a: a.reshape(repeats, len(pattern), *a.shape[1:]), layers)
 
 
 def embed(params: Params, tokens: jax.Array, dtype: Any) -> jax.Array:
@@ -245,13 +236,20 @@ def hidden_states(params: Params, tokens: jax.Array, cfg: ModelConfig, *, positi
         raise ValueError(f"remat must be one of {REMAT}, got {remat!r}")
     x = embed(params, tokens, dtype)
     # One scan per segment of the stack (cfg.layer_segments); its body is one repeat of the local/global pattern.
+    # A segment that is the whole stack scans the weights as xs, reshaped to [repeats, P, ...]. A shorter one (a
+    # stack that ends in a partial repeat: Gemma 3 1B, 4B, 27B) reads its layers from the whole stack inside the
+    # loop: slicing the stack into xs would make XLA copy every layer's weights (6 GiB on 4B).
     for start, repeats, pattern in cfg.layer_segments:
-        def group(x: jax.Array, pg: tuple[Params, jax.Array], start: int = start,
-                  pattern: tuple[str, ...] = pattern) -> tuple[jax.Array, None]:
+        whole = repeats * len(pattern) == cfg.num_layers
+
+        def group(x: jax.Array, pg: tuple[Params, jax.Array], start: int = start, pattern: tuple[str, ...] = pattern,
+                  whole: bool = whole) -> tuple[jax.Array, None]:
             p, g = pg
             for j, kind in enumerate(pattern):
-                pj = jax.tree.map(lambda a, j=j: a[j], p)
-                layer_key = None if key is None else jax.random.fold_in(key, start + g * len(pattern) + j)
+                i = start + g * len(pattern) + j  # the layer's index in the stack
+                pj = jax.tree.map(lambda a, j=j, i=i: a[j] if whole else jax.lax.dynamic_index_in_dim(a, i, 0, False),
+                                  p)
+                layer_key = None if key is None else jax.random.fold_in(key, i)
                 x, _ = block(x, pj, cfg, kind, positions, attend[kind], adapter, layer_key)
             return x, None
 
@@ -259,7 +257,10 @@ def hidden_states(params: Params, tokens: jax.Array, cfg: ModelConfig, *, positi
             group = jax.checkpoint(group, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
         elif remat == "full":
             group = jax.checkpoint(group, policy=jax.checkpoint_policies.nothing_saveable)
-        x, _ = jax.lax.scan(group, x, (_grouped(params["layers"], start, repeats, pattern), jnp.arange(repeats)))
+        if whole:
+            x, _ = jax.lax.scan(group, x, (_grouped(params["layers"], repeats, pattern), jnp.arange(repeats)))
+        else:
+            x, _ = jax.lax.scan(lambda x, g, group=group: group(x, (params["layers"], g)), x, jnp.arange(repeats))
     return x
 
 

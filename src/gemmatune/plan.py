@@ -13,10 +13,8 @@ are read back per device:
   estimate (BENCHMARKS.md compares the plan with measured peaks).
 - CPU: XLA's CPU compiler, on as many simulated host devices.
 
-The figures are what the compiled program holds, so they include what XLA copies: where the layer stack ends in a
-partial repeat of its local/global pattern (Gemma 3 1B, 4B and 27B: 26, 34 and 62 layers, five local to one global)
-the model scans it in segments, slicing the stacked weights, and XLA materialises those slices in the step's
-temporaries. The plan says how much of "activations" that copy is (`stack_copy`).
+The figures are what the compiled program holds, so they include whatever XLA copies (tests/test_plan.py checks that
+a Gemma 3 stack ending in a partial repeat of its pattern holds no copy of the layer weights).
 
 Each plan compiles in a child process, because the device kind and count are fixed when JAX starts.
 """
@@ -214,16 +212,6 @@ def _per_device(tree: Any) -> int:
     return sum(nbytes(a) for a in jax.tree.leaves(tree))
 
 
-def stack_copy(cfg: ModelConfig, layer_bytes: int) -> int:
-    """Bytes of the layer weights copied by the step, of `layer_bytes` for the whole stack: model._grouped slices
-    the stacked [L, ...] arrays for each scanned segment that is not the whole stack (cfg.layer_segments: a stack
-    ending in a partial repeat of its pattern), and XLA materialises each slice; a whole stack is only reshaped."""
-    L = cfg.num_layers
-    sliced = sum(reps * len(pattern) for start, reps, pattern in cfg.layer_segments
-                 if not (start == 0 and reps * len(pattern) == L))
-    return layer_bytes * sliced // L
-
-
 def _devices(job: dict[str, Any]) -> list[Any]:
     """The devices a plan compiles for: a TPU topology's (no TPU needed), or this process's CPU devices."""
     import jax
@@ -264,14 +252,6 @@ def _child(job: dict[str, Any], devices: list[Any]) -> dict[str, Any]:
         parts["activations"] = int(float(found[1]) * 1024 ** "KMGT".index(found[2]) * 1024)
         refused = True
         notes.append("over the device's memory at compile time: " + str(e).split("\n")[0][:200])
-    # The stacked layer weights the model reads: the frozen base's and the trained tree's (adapters, all per layer;
-    # or, for full fine-tuning, the float32 master weights).
-    trained_layers = state["params"]["layers"] if tcfg.method == "full" else state["params"]
-    copy = stack_copy(cfg, _per_device(frozen.get("layers", {})) + _per_device(trained_layers))
-    if copy:
-        notes.append(f"activations include about {copy / GiB:.2f} GiB of copied layer weights: the "
-                     f"{cfg.num_layers}-layer stack ends in a partial repeat of its local/global pattern, which the "
-                     "model scans as a slice of the stack")
     total = sum(parts.values())
     return Plan(job["changes"], dict(mesh.shape), {**{p: parts[p] for p in PARTS}, "total": total},
                 job["capacity"], total <= job["capacity"] and not refused, "; ".join(notes)).to_json()
