@@ -24,7 +24,7 @@ from gemmatune.data.formats import (
 )
 from gemmatune.data.records import Example, RowError
 from gemmatune.errors import GemmatuneError
-from gemmatune.tokenizer import Tokenizer, load_tokenizer, render_chat
+from gemmatune.tokenizer import GEMMA3_CHAT_TEMPLATE, Tokenizer, load_tokenizer, render_chat
 
 DOLLY = ("instruction", "context", "response")
 ALPACA = ("instruction", "input", "output")
@@ -159,12 +159,13 @@ def conversations(draw: st.DrawFn) -> list[dict[str, str]]:
 
 
 def folded(messages: list[dict[str, str]]) -> list[tuple[str, str]]:
-    """(role, trimmed content) per turn, the system text folded into the first user turn."""
-    turns = [("model" if m["role"] in ("assistant", "model") else "user", m["content"]) for m in messages
+    """(role, trimmed content) per turn, the system text (as written) folded into the first user turn, as the Gemma 3
+    template does."""
+    turns = [("model" if m["role"] in ("assistant", "model") else "user", m["content"].strip()) for m in messages
              if m["role"] != "system"]
     if messages[0]["role"] == "system":
         turns[0] = ("user", messages[0]["content"] + "\n\n" + turns[0][1])
-    return [(role, content.strip()) for role, content in turns]
+    return turns
 
 
 @settings(max_examples=150, deadline=None)
@@ -195,9 +196,8 @@ def test_chat_mask_covers_exactly_the_model_turns(tok: Tokenizer, messages: list
 def test_chat_tokens_match_transformers(hf, messages: list[dict[str, str]]) -> None:
     tok = load_tokenizer(DEFAULT_MODEL)
     ex = formatter(tok, {"messages"}).encode({"messages": messages})
-    # The released template refuses a system role; give it the conversation with the system text folded by hand.
-    reference = msgs(*[("user" if r == "user" else "assistant", c) for r, c in folded(messages)])
-    ids = hf.apply_chat_template(reference, tokenize=True)
+    # The released Gemma 2 template refuses a system role; Gemma 3's folds it, as gemmatune does for both.
+    ids = hf.apply_chat_template(messages, chat_template=GEMMA3_CHAT_TEMPLATE, tokenize=True)
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids  # transformers 5 returns a BatchEncoding
     assert ex.tokens.tolist() == [*ids, tok.eos_id]
 
@@ -219,7 +219,7 @@ def test_chat_exact_tokens(tok: Tokenizer) -> None:
     messages = msgs(("system", " Be brief. "), ("user", "Hi\n"), ("assistant", "\tHello there \n"))
     ex = formatter(tok, {"messages"}).encode({"messages": messages})
     e = tok.encode
-    header = e("<start_of_turn>user\nBe brief. \n\nHi<end_of_turn>\n<start_of_turn>model\n")
+    header = e("<start_of_turn>user\n Be brief. \n\nHi<end_of_turn>\n<start_of_turn>model\n")
     reply = e("Hello there")
     assert ex.tokens.tolist() == [tok.bos_id, *header, *reply, tok.end_of_turn_id, *e("\n"), tok.eos_id]
     assert ex.mask.tolist() == [False] * (1 + len(header)) + [True] * (len(reply) + 1) + [False, True]

@@ -22,6 +22,7 @@ TIERS = [
      "distributed"},  # the numbers, and the primitives every writer and reader uses
     {"data", "data.records", "data.packing", "data.sources", "data.formats", "data.loader", "data.pipeline",
      "data.inspect", "convert", "convert.common", "convert.hf", "convert.kerashub", "convert.peft", "convert.gguf",
+     "convert.gguf_read",
      "checkpoint", "hub"},  # other formats in and out: checkpoints, data files, other tools' models
     {"step"},  # the compiled train and eval steps
     {"loop", "metrics", "trackers", "settings", "export", "plan"},  # what a command drives

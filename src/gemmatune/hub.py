@@ -80,7 +80,7 @@ def resolve_config(spec: str) -> ModelConfig:
 def _resolve(spec: str, config_only: bool) -> Path:
     path = Path(spec).expanduser()
     if path.exists():
-        if not path.is_dir():
+        if not path.is_dir() and path.suffix.lower() != ".gguf":  # a GGUF file is a whole model (convert.load_model)
             raise GemmatuneError(f"--model {spec}: is a file; pass the checkpoint directory that holds it.")
         return path
     if spec == EMBEDDED_MODEL:

@@ -1,4 +1,5 @@
-"""Gemma tokenizer loading (tokenizer.json or tokenizer.model), the Gemma 2 chat template, and streaming decode.
+"""Gemma tokenizer loading (tokenizer.json, tokenizer.model, or a GGUF file's own vocabulary), the Gemma chat
+templates, and streaming decode.
 
 Both backends give the same ids for the same text. Gemma's tokenizer adds no dummy prefix space, splits digits, falls
 back to bytes for characters outside the vocabulary, and maps special-token strings written in the text (such as
@@ -10,13 +11,15 @@ from __future__ import annotations
 
 import codecs
 import re
+import struct
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from gemmatune.errors import GemmatuneError
 
-# The released Gemma 2 instruct template, verbatim. It is written into the tokenizer_config.json of the embedded
-# tokenizer and of exports; at runtime render_chat() reproduces it in plain Python.
+# The released Gemma 2 instruct template, verbatim. chat_template(family) picks the one written into the
+# tokenizer_config.json of exports and into GGUF files; at runtime render_chat() reproduces both in plain Python.
 GEMMA2_CHAT_TEMPLATE = (
     "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
     "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
@@ -25,6 +28,52 @@ GEMMA2_CHAT_TEMPLATE = (
     "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
 )
+
+# The released Gemma 3 instruct template, verbatim (google/gemma-3-*-it tokenizer_config.json). Unlike Gemma 2's it
+# folds a leading system message into the first user turn, and takes contents as lists of {"type": "text"} items.
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}\n"
+    "{%- if messages[0]['role'] == 'system' -%}\n"
+    "    {%- if messages[0]['content'] is string -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}\n"
+    "    {%- endif -%}\n"
+    "    {%- set loop_messages = messages[1:] -%}\n"
+    "{%- else -%}\n"
+    "    {%- set first_user_prefix = \"\" -%}\n"
+    "    {%- set loop_messages = messages -%}\n"
+    "{%- endif -%}\n"
+    "{%- for message in loop_messages -%}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
+    "        {{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}\n"
+    "    {%- endif -%}\n"
+    "    {%- if (message['role'] == 'assistant') -%}\n"
+    "        {%- set role = \"model\" -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set role = message['role'] -%}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}\n"
+    "    {%- if message['content'] is string -%}\n"
+    "        {{ message['content'] | trim }}\n"
+    "    {%- elif message['content'] is iterable -%}\n"
+    "        {%- for item in message['content'] -%}\n"
+    "            {%- if item['type'] == 'image' -%}\n"
+    "                {{ '<start_of_image>' }}\n"
+    "            {%- elif item['type'] == 'text' -%}\n"
+    "                {{ item['text'] | trim }}\n"
+    "            {%- endif -%}\n"
+    "        {%- endfor -%}\n"
+    "    {%- else -%}\n"
+    "        {{ raise_exception(\"Invalid content type\") }}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<end_of_turn>\n' }}\n"
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}\n"
+    "    {{'<start_of_turn>model\n'}}\n"
+    "{%- endif -%}\n"
+)
+CHAT_TEMPLATES = {"gemma2": GEMMA2_CHAT_TEMPLATE, "gemma3": GEMMA3_CHAT_TEMPLATE}
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_MODEL = "tokenizer.model"
@@ -129,8 +178,11 @@ class StreamDecoder:
 
 def load_tokenizer(model_dir: str | Path) -> Tokenizer:
     """Load `model_dir`/tokenizer.json (preferred) or `model_dir`/tokenizer.model, or a KerasHub preset's
-    assets/tokenizer/vocabulary.spm (a SentencePiece model)."""
+    assets/tokenizer/vocabulary.spm (a SentencePiece model); or, given a `.gguf` file, the SentencePiece model built
+    from that file's own vocabulary (gguf_sentencepiece)."""
     model_dir = Path(model_dir)
+    if model_dir.suffix.lower() == GGUF_SUFFIX and not model_dir.is_dir():
+        return _from_processor(_sentencepiece_processor(model_dir, gguf_sentencepiece(model_dir)), model_dir)
     keras_spm = model_dir / KERAS_SPM
     if keras_spm.is_file():  # a KerasHub preset: its tokenizer.json is a Keras layer config, not a tokenizer
         return _load_sentencepiece(keras_spm)
@@ -173,12 +225,22 @@ def _load_tokenizer_json(path: Path) -> Tokenizer:
 
 
 def _load_sentencepiece(path: Path) -> Tokenizer:
+    return _from_processor(_sentencepiece_processor(path), path)
+
+
+def _sentencepiece_processor(path: Path, proto: bytes | None = None) -> Any:
+    """A SentencePieceProcessor of the model file `path`, or of the serialized `proto` built from it."""
     import sentencepiece as spm
 
     try:
-        sp = spm.SentencePieceProcessor(model_file=str(path))
+        if proto is None:
+            return spm.SentencePieceProcessor(model_file=str(path))
+        return spm.SentencePieceProcessor(model_proto=proto)
     except (OSError, RuntimeError) as err:
         raise _corrupt(path, err) from err
+
+
+def _from_processor(sp: Any, path: Path) -> Tokenizer:
     n = sp.get_piece_size()
     pieces = [sp.id_to_piece(i) for i in range(n)]
     byte_ids = {i for i in range(n) if sp.is_byte(i)}
@@ -201,24 +263,184 @@ def _load_sentencepiece(path: Path) -> Tokenizer:
     return Tokenizer(path, encode_plain, pieces, byte_ids, special)
 
 
+GGUF_SUFFIX = ".gguf"
+GGUF_MAGIC = b"GGUF"
+# GGUF metadata value types (the gguf spec's numbering) -> struct format; 8 is a string, 9 an array.
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+# llama.cpp's token types use SentencePiece's numbering (1 normal .. 6 byte), except 0, "undefined", read as normal.
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+
+
+def gguf_metadata(path: str | Path) -> dict[str, Any]:
+    """The key/value metadata of the GGUF file `path` (versions 2 and 3, either byte order), without the tensors.
+
+    Numeric arrays come back as numpy arrays, string arrays as lists of str. Reading only the header this way takes
+    a fraction of a second where gguf.GGUFReader spends many seconds indexing a 262,144-token vocabulary."""
+    import mmap
+
+    path = Path(path)
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            return _GGUFHeader(buf, path).metadata()
+    except (OSError, ValueError) as err:  # ValueError: mmap of an empty file
+        raise GemmatuneError(f"{path}: cannot be read as a GGUF file ({err})") from err
+
+
+class _GGUFHeader:
+    """A cursor over the start of a GGUF file: magic, version, counts, then kv_count (key, type, value) entries."""
+
+    def __init__(self, buf: Any, path: Path) -> None:
+        self._buf, self._path, self._pos = buf, path, len(GGUF_MAGIC)
+        if buf[:4] != GGUF_MAGIC:
+            raise GemmatuneError(f"{path}: not a GGUF file (it does not start with {GGUF_MAGIC!r}); pass a .gguf "
+                                 "model file as llama.cpp and Ollama use")
+        self._order = "<"
+        version = self._read("I", 4)
+        if version & 0xFFFF == 0:  # a big-endian file (the spec allows one); its version reads byte-swapped
+            self._order, self._pos = ">", 4
+            version = self._read("I", 4)
+        if version not in (2, 3):
+            raise GemmatuneError(f"{path}: GGUF version {version} is not supported (only 2 and 3); convert the model "
+                                 "again with a current llama.cpp")
+
+    def metadata(self) -> dict[str, Any]:
+        self._read("Q", 8)  # the tensor count, read by the weight loader
+        count = self._read("Q", 8)
+        meta: dict[str, Any] = {}
+        for _ in range(count):
+            key = self._string()
+            meta[key] = self._value(self._read("I", 4), key)
+        return meta
+
+    def _read(self, fmt: str, size: int) -> Any:
+        if self._pos + size > len(self._buf):
+            raise GemmatuneError(f"{self._path}: the GGUF header ends early (at byte {len(self._buf)}); the file is "
+                                 "truncated, download it again")
+        (value,) = struct.unpack_from(self._order + fmt, self._buf, self._pos)
+        self._pos += size
+        return value
+
+    def _string(self) -> str:
+        n = self._read("Q", 8)
+        raw = self._buf[self._pos:self._pos + n]
+        if len(raw) < n:
+            self._read("B", n)  # raises: truncated
+        self._pos += n
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise GemmatuneError(f"{self._path}: a GGUF string at byte {self._pos - n} is not UTF-8 ({err}); the file "
+                                 "is corrupt") from None
+
+    def _value(self, kind: int, key: str) -> Any:
+        import numpy as np
+
+        if kind in _GGUF_SCALARS:
+            fmt = _GGUF_SCALARS[kind]
+            return self._read(fmt, struct.calcsize(fmt))
+        if kind == _GGUF_STRING:
+            return self._string()
+        if kind == _GGUF_ARRAY:
+            item, n = self._read("I", 4), self._read("Q", 8)
+            if item in _GGUF_SCALARS:
+                dtype = np.dtype(_GGUF_SCALARS[item]).newbyteorder(self._order)
+                size = n * dtype.itemsize
+                self._read("B", size) if size else None  # bounds check, and moves past the array
+                return np.frombuffer(self._buf, dtype, n, self._pos - size).astype(dtype.newbyteorder("="))
+            return [self._value(item, key) for _ in range(n)]
+        raise GemmatuneError(f"{self._path}: metadata {key!r} has unknown GGUF value type {kind}; the file is "
+                             "corrupt or from a newer GGUF version")
+
+
+def gguf_sentencepiece(path: str | Path) -> bytes:
+    """A serialized SentencePiece ModelProto rebuilt from the GGUF file's tokenizer metadata (tokenizer.ggml.*).
+
+    llama.cpp's "llama" vocabulary is a SentencePiece model taken apart: pieces, scores and token types (numbered as
+    SentencePiece numbers them), the special ids, and add_space_prefix. It encodes the way llama.cpp does with
+    SentencePiece's BPE (merges by score, whitespace as "▁", no normalization), so it goes back as a BPE model with
+    an identity normalizer; byte fallback is on when the vocabulary has the 256 byte pieces."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    path = Path(path)
+    meta = gguf_metadata(path)
+    kind = meta.get("tokenizer.ggml.model")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if kind != "llama" or not isinstance(tokens, list):
+        what = f"tokenizer model {kind!r}" if kind is not None else "no tokenizer.ggml.model"
+        raise GemmatuneError(f"{path}: the GGUF vocabulary is {what}, not a SentencePiece one (\"llama\"); gemmatune "
+                             "reads Gemma's SentencePiece vocabulary only, so this is not a Gemma GGUF file")
+    n = len(tokens)
+    scores = meta.get("tokenizer.ggml.scores")
+    types = meta.get("tokenizer.ggml.token_type")
+    for key, values in (("scores", scores), ("token_type", types)):
+        if values is not None and len(values) != n:
+            raise GemmatuneError(f"{path}: tokenizer.ggml.{key} has {len(values)} entries for {n} tokens; the file "
+                                 "is corrupt")
+    proto = pb.ModelProto()
+    for i, piece in enumerate(tokens):
+        kind_i = int(types[i]) if types is not None else _NORMAL
+        if kind_i == _USER_DEFINED:
+            # Gemma 3's whitespace runs ("  ", "   ", ...) are user-defined pieces that llama.cpp stores with plain
+            # spaces and matches in the raw text; SentencePiece matches them after writing spaces as "▁".
+            piece = piece.replace(" ", "\u2581")
+        proto.pieces.add(piece=piece, score=float(scores[i]) if scores is not None else 0.0,
+                         type=kind_i if _NORMAL <= kind_i <= _BYTE else _NORMAL)
+    spec = proto.trainer_spec
+    spec.model_type = pb.TrainerSpec.BPE
+    spec.vocab_size = n
+    spec.byte_fallback = types is not None and int((types == _BYTE).sum()) == 256
+    for name in ("unk", "bos", "eos", "pad"):
+        key = "unknown" if name == "unk" else "padding" if name == "pad" else name
+        token_id = meta.get(f"tokenizer.ggml.{key}_token_id")
+        if token_id is None:
+            setattr(spec, f"{name}_id", -1)
+            continue
+        if not 0 <= token_id < n:
+            raise GemmatuneError(f"{path}: tokenizer.ggml.{key}_token_id is {token_id}, outside the {n} tokens; the "
+                                 "file is corrupt")
+        setattr(spec, f"{name}_id", int(token_id))
+        setattr(spec, f"{name}_piece", tokens[token_id])
+    if spec.unk_id >= 0:
+        # llama.cpp's converter may type <unk> CONTROL (Gemma 3's does); SentencePiece needs its one UNKNOWN piece.
+        proto.pieces[spec.unk_id].type = _UNKNOWN
+    norm = proto.normalizer_spec
+    norm.name = "identity"
+    norm.add_dummy_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))  # llama.cpp's default
+    norm.remove_extra_whitespaces = False
+    norm.escape_whitespaces = True
+    return proto.SerializeToString()
+
+
+def chat_template(family: str) -> str:
+    """The released instruct template of the model family ("gemma2" or "gemma3"), verbatim: what exports write into
+    tokenizer_config.json and GGUF files write as tokenizer.chat_template. render_chat() renders both."""
+    if family not in CHAT_TEMPLATES:
+        raise GemmatuneError(f"no chat template for model family {family!r}; the families are "
+                             + ", ".join(map(repr, CHAT_TEMPLATES)))
+    return CHAT_TEMPLATES[family]
+
+
 def render_chat(messages: Sequence[Mapping[str, object]], add_generation_prompt: bool = False) -> str:
-    """Render `messages` as the released Gemma 2 instruct template does, without the leading `<bos>`.
+    """Render `messages` as the released Gemma 3 instruct template does (GEMMA3_CHAT_TEMPLATE), without the leading
+    `<bos>`; on the conversations Gemma 2's template accepts (no system message) both templates give the same text.
 
-    Each message is {"role": ..., "content": str}; roles are "user" and "assistant" (or its synonym "model"),
-    alternating and starting with "user". Content is stripped of surrounding whitespace (the template's `trim`).
-
-    Gemma has no system role and the released template raises on one. gemmatune instead folds a leading system
-    message into the first user turn as `system_text + "\\n\\n" + user_text`, which is common practice.
+    Each message is {"role": ..., "content": ...}; roles are "user" and "assistant" (or its synonym "model"),
+    alternating and starting with "user", after an optional first "system" message. Content is a string or the
+    template's list of {"type": "text", "text": ...} items; it is stripped of surrounding whitespace (the template's
+    `trim`, item by item). A system message is folded into the first user turn as the Gemma 3 template does,
+    `system_text + "\\n\\n" + user_text` with the system text as written; Gemma 2's template refuses one, and
+    gemmatune folds it the same way for both families.
     """
-    turns = chat_turns(messages)
-    text = "".join(f"<start_of_turn>{role}\n{content.strip()}<end_of_turn>\n" for role, content in turns)
+    text = "".join(f"<start_of_turn>{role}\n{content}<end_of_turn>\n" for role, content in chat_turns(messages))
     return text + "<start_of_turn>model\n" if add_generation_prompt else text
 
 
 def chat_turns(messages: Sequence[Mapping[str, object]], roles: Mapping[str, str] | None = None,
                column: str = "messages") -> list[tuple[str, str]]:
-    """Validated (template role "user" | "model", content as given) pairs, a leading system message folded into
-    the first user turn; render_chat writes them out, and the data pipeline tokenises them part by part.
+    """Validated (template role "user" | "model", content as the template writes it) pairs: contents trimmed, a
+    leading system message folded into the first user turn. render_chat writes them out, and the data pipeline
+    tokenises them part by part.
 
     `roles` maps each role as the caller's rows spell it (ShareGPT's "human"/"gpt", ...) to system / user / model
     (default: system, user, assistant and model); `column` names the conversation. Errors quote the role as
@@ -226,23 +448,19 @@ def chat_turns(messages: Sequence[Mapping[str, object]], roles: Mapping[str, str
     roles = {"system": "system", **_ROLES} if roles is None else roles
     if len(messages) == 0:
         raise GemmatuneError(f"{column}: the conversation is empty; it needs at least one user message")
-    checked: list[tuple[str, str]] = []  # (role as written, content)
+    checked: list[tuple[str, str]] = []  # (role as written, content as the template writes it)
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
             raise GemmatuneError(f"{column}[{i}]: expected a mapping with 'role' and 'content', got {message!r}")
-        role, content = message["role"], message["content"]
+        role = message["role"]
         if role not in tuple(roles):  # a tuple, so an unhashable role is reported rather than a TypeError
             raise GemmatuneError(f"{column}[{i}]: unknown role {role!r}; use "
                                  + ", ".join(map(repr, roles)) + " (a system one only first)")
-        if not isinstance(content, str):
-            raise GemmatuneError(
-                f"{column}[{i}] (role {role!r}): content must be a string, got {type(content).__name__}"
-            )
         if roles[role] == "system" and i > 0:
             raise GemmatuneError(
                 f"{column}[{i}]: a 'system' message is only allowed as the first message (role {role!r})"
             )
-        checked.append((role, content))
+        checked.append((role, _content_text(message["content"], roles[role] == "system", f"{column}[{i}]", role)))
 
     first = 1 if roles[checked[0][0]] == "system" else 0
     if first and len(checked) == 1:
@@ -260,6 +478,30 @@ def chat_turns(messages: Sequence[Mapping[str, object]], roles: Mapping[str, str
                 "user/assistant starting with user (after an optional first system message)"
             )
         turns.append((expected, content))
-    if first:
+    if first:  # the system text goes in as written; only the user text is trimmed
         turns[0] = ("user", checked[0][1] + "\n\n" + turns[0][1])
     return turns
+
+
+def _content_text(content: object, system: bool, where: str, role: object) -> str:
+    """A message's content as the Gemma 3 template writes it: a string trimmed, a list's text items each trimmed and
+    joined; a system message's text untrimmed (its first item, the only one the template reads)."""
+    if isinstance(content, str):
+        return content if system else content.strip()
+    if not isinstance(content, list | tuple):
+        raise GemmatuneError(f"{where} (role {role!r}): content must be a string or a list of "
+                             f"{{'type': 'text', 'text': ...}} items, got {type(content).__name__}")
+    texts = []
+    for k, item in enumerate(content):
+        if not (isinstance(item, Mapping) and item.get("type") == "text" and isinstance(item.get("text"), str)):
+            kind = item.get("type") if isinstance(item, Mapping) else type(item).__name__
+            raise GemmatuneError(f"{where}.content[{k}] (role {role!r}): expected a {{'type': 'text', 'text': str}} "
+                                 f"item, got {kind!r}; gemmatune trains on text only")
+        texts.append(item["text"])
+    if system:
+        if len(texts) != 1:
+            # The template reads only the first item of a system list: refuse rather than drop text silently.
+            raise GemmatuneError(f"{where} (role {role!r}): a system message's content list must hold exactly one "
+                                 f"text item (the Gemma 3 template reads only the first), got {len(texts)}")
+        return texts[0]
+    return "".join(t.strip() for t in texts)

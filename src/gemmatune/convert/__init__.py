@@ -8,6 +8,7 @@ from jax.sharding import Mesh
 
 from gemmatune import sharding
 from gemmatune.config import ModelConfig, load_config
+from gemmatune.convert.gguf_read import gguf_config, is_gguf, load_gguf
 from gemmatune.convert.hf import load_hf
 from gemmatune.convert.kerashub import is_kerashub_preset, kerashub_config, load_kerashub
 from gemmatune.layout import Params
@@ -16,9 +17,12 @@ from gemmatune.model import unstack
 
 def load_model(model_dir: str | Path, dtype: str = "auto", *, stacked: bool = True,
                mesh: Mesh | None = None) -> tuple[ModelConfig, Params]:
-    """A Gemma 2 checkpoint: a Hugging Face directory, or a KerasHub preset (config.json + model.weights.h5, as
-    downloaded from Kaggle), converted on load. stacked=False gives the per-layer list decoding takes. With a
-    mesh, the parameters are split over it (sharding.param_shardings)."""
+    """A Gemma 2 or Gemma 3 checkpoint: a Hugging Face directory, a KerasHub preset (config.json +
+    model.weights.h5, as downloaded from Kaggle) or a GGUF file (llama.cpp, Ollama), converted on load.
+    stacked=False gives the per-layer list decoding takes. With a mesh, the parameters are split over it
+    (sharding.param_shardings)."""
+    if is_gguf(model_dir):
+        return load_gguf(model_dir, dtype, stacked=stacked, mesh=mesh)
     if is_kerashub_preset(model_dir):
         cfg, params = load_kerashub(model_dir, dtype)
         params = params if stacked else unstack(params)
@@ -30,4 +34,6 @@ def load_model(model_dir: str | Path, dtype: str = "auto", *, stacked: bool = Tr
 
 def model_config(model_dir: str | Path) -> ModelConfig:
     """The configuration of a checkpoint `load_model` reads, without its weights."""
+    if is_gguf(model_dir):
+        return gguf_config(model_dir)
     return kerashub_config(model_dir) if is_kerashub_preset(model_dir) else load_config(model_dir)

@@ -1,14 +1,19 @@
-"""GGUF export for llama.cpp and Ollama (architecture "gemma2"), with an Ollama Modelfile beside the file.
+"""GGUF export for llama.cpp and Ollama (architectures "gemma2" and "gemma3"), with an Ollama Modelfile beside the
+file.
 
-The tensors are the Hugging Face ones (`hf_state`) renamed to llama.cpp's gemma2 names, with the numbers llama.cpp
-expects rather than transformers' (both from llama.cpp's convert_hf_to_gguf.py and its gemma2 loader):
-- RMSNorm weights are stored with the 1 added (llama.cpp multiplies by w, transformers by 1 + w), kept in float32;
+The tensors are the Hugging Face ones (`hf_state`) renamed to llama.cpp's names, with the numbers llama.cpp expects
+rather than transformers' (both from llama.cpp's convert_hf_to_gguf.py and its gemma2/gemma3 loaders):
+- RMSNorm weights (Gemma 3's attn_q_norm/attn_k_norm included) are stored with the 1 added (llama.cpp multiplies by
+  w, transformers by 1 + w), kept in float32;
 - llama.cpp does not read query_pre_attn_scalar: it scales queries by 1/sqrt(head_dim), or by 1/sqrt(hidden/heads)
-  when the model has 46 layers (27B). Where that differs from the config, the query weights are pre-scaled;
-- the local/global layer pattern is fixed (even layers local) and both soft-caps are always applied, so configs
-  outside that are refused rather than exported wrongly;
-- there is no output tensor: llama.cpp ties the output projection to token_embd, as Gemma 2 does.
-The vocabulary comes from tokenizer.model (pieces, scores, types); tokenizer.json holds no scores.
+  for the 27B models (46 layers in Gemma 2, 62 in Gemma 3). Where that differs from the config, the queries are
+  pre-scaled: Gemma 2's query weights, Gemma 3's query norm (its RMSNorm would undo a scaled projection);
+- the layer pattern is fixed (Gemma 2: even layers local; Gemma 3: five local then one global, local RoPE base
+  10,000 unscaled), Gemma 2 always applies both soft-caps and Gemma 3 none, so configs outside that are refused
+  rather than exported wrongly; Gemma 3's global RoPE base is rope.freq_base, its linear scaling rope.scaling.*;
+- there is no output tensor: llama.cpp ties the output projection to token_embd, as Gemma does.
+The vocabulary comes from tokenizer.model (pieces, scores, types; tokenizer.json holds no scores), or is copied
+from a GGUF source file.
 """
 
 from __future__ import annotations
@@ -30,21 +35,26 @@ from gemmatune.convert.common import GEMMATUNE_KEY, MERGED_ADAPTERS, read_json
 from gemmatune.convert.hf import hf_keys, hf_shape, hf_state
 from gemmatune.errors import GemmatuneError
 from gemmatune.layout import Params
-from gemmatune.tokenizer import GEMMA2_CHAT_TEMPLATE, TOKENIZER_JSON, TOKENIZER_MODEL
+from gemmatune.tokenizer import GEMMA2_CHAT_TEMPLATE, TOKENIZER_JSON, TOKENIZER_MODEL, gguf_metadata
 
-ARCH = gguf.MODEL_ARCH.GEMMA2
+ARCHS = {"gemma2": gguf.MODEL_ARCH.GEMMA2, "gemma3": gguf.MODEL_ARCH.GEMMA3}  # by ModelConfig.family
 T = gguf.MODEL_TENSOR
 # gemmatune name -> llama.cpp tensor ("blk.{bid}.attn_q" etc., plus ".weight").
 TENSORS = {
     "embed": T.TOKEN_EMBD, "final_norm": T.OUTPUT_NORM,
     "input_norm": T.ATTN_NORM, "post_attn_norm": T.ATTN_POST_NORM,
     "pre_ffw_norm": T.FFN_PRE_NORM, "post_ffw_norm": T.FFN_POST_NORM,
+    "q_norm": T.ATTN_Q_NORM, "k_norm": T.ATTN_K_NORM,  # Gemma 3's QK-norm
     "q_proj": T.ATTN_Q, "k_proj": T.ATTN_K, "v_proj": T.ATTN_V, "o_proj": T.ATTN_OUT,
     "gate_proj": T.FFN_GATE, "up_proj": T.FFN_UP, "down_proj": T.FFN_DOWN,
 }
-# Every tensor gguf-py lists for gemma2 is written (old exports without the post-norms failed to load).
-assert set(TENSORS.values()) == set(gguf.MODEL_TENSORS[ARCH]), "gguf's gemma2 tensor list changed"
-NORMS = {"final_norm", "input_norm", "post_attn_norm", "pre_ffw_norm", "post_ffw_norm"}
+# Every tensor gguf-py lists for gemma2 is written (old exports without the post-norms failed to load); gemma3's
+# list adds the QK-norms and an optional untied output head, which Gemma never has.
+assert set(TENSORS.values()) - {T.ATTN_Q_NORM, T.ATTN_K_NORM} == set(gguf.MODEL_TENSORS[ARCHS["gemma2"]]), \
+    "gguf's gemma2 tensor list changed"
+assert set(TENSORS.values()) | {T.OUTPUT} == set(gguf.MODEL_TENSORS[ARCHS["gemma3"]]), \
+    "gguf's gemma3 tensor list changed"
+NORMS = {"final_norm", "input_norm", "post_attn_norm", "pre_ffw_norm", "post_ffw_norm", "q_norm", "k_norm"}
 
 Q = gguf.GGMLQuantizationType
 # dtype name -> (storage of the matrices, general.file_type). Norms are float32 in every file, as llama.cpp's
@@ -55,7 +65,9 @@ DTYPES = {
     "bf16": (Q.BF16, gguf.LlamaFileType.MOSTLY_BF16),
     "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
 }
-LLAMA_CPP_27B_LAYERS = 46  # llama.cpp recognises Gemma 2 27B by its layer count alone
+LLAMA_CPP_27B_LAYERS = {"gemma2": 46, "gemma3": 62}  # llama.cpp recognises the 27B models by layer count alone
+LLAMA_CPP_GEMMA3_PATTERN = 6  # llama.cpp's gemma3: layer i is global when (i + 1) % 6 == 0
+LLAMA_CPP_GEMMA3_LOCAL_THETA = 10000.0  # and local layers' RoPE base is 10,000, unscaled, whatever the file says
 
 # Ollama's Go template for one chat turn; a system prompt is folded into the user turn, as render_chat does.
 OLLAMA_TEMPLATE = """<start_of_turn>user
@@ -70,9 +82,9 @@ MODELFILE_SUFFIX = ".Modelfile"  # out/mine.gguf -> out/mine.Modelfile: one per 
 
 
 def llama_cpp_query_scalar(cfg: ModelConfig) -> float:
-    """The query_pre_attn_scalar llama.cpp applies to a gemma2 GGUF; it reads none from the file (gemma2's
-    load_arch_hparams in llama.cpp's src/models/gemma2.cpp, formerly llama-model.cpp)."""
-    if cfg.num_layers == LLAMA_CPP_27B_LAYERS:
+    """The query_pre_attn_scalar llama.cpp applies to a gemma2 or gemma3 GGUF; it reads none from the file (the
+    gemma2/gemma3 cases of llama.cpp's hyper-parameter loading, src/llama-model.cpp)."""
+    if cfg.num_layers == LLAMA_CPP_27B_LAYERS[cfg.family]:
         return cfg.hidden_size // cfg.num_heads  # llama.cpp divides integers here
     return cfg.head_dim
 
@@ -83,12 +95,23 @@ def tensor_name(name: str, layer: int | None) -> str:
 
 def _check_supported(cfg: ModelConfig, params: Params) -> None:
     problems = []
-    expected = tuple(LOCAL if i % 2 == 0 else GLOBAL for i in range(cfg.num_layers))
-    if cfg.layer_types != expected:
-        problems.append("llama.cpp's gemma2 makes even layers sliding-window and odd layers global, but this "
-                        f"config's layer_types are {list(cfg.layer_types)}")
-    if cfg.attn_logit_softcap is None or cfg.final_logit_softcap is None:
-        problems.append("llama.cpp's gemma2 always applies both logit soft-caps, but this config turns one off")
+    if cfg.family == "gemma2":
+        expected = tuple(LOCAL if i % 2 == 0 else GLOBAL for i in range(cfg.num_layers))
+        if cfg.layer_types != expected:
+            problems.append("llama.cpp's gemma2 makes even layers sliding-window and odd layers global, but this "
+                            f"config's layer_types are {list(cfg.layer_types)}")
+        if cfg.attn_logit_softcap is None or cfg.final_logit_softcap is None:
+            problems.append("llama.cpp's gemma2 always applies both logit soft-caps, but this config turns one off")
+    else:
+        expected = tuple(GLOBAL if (i + 1) % LLAMA_CPP_GEMMA3_PATTERN == 0 else LOCAL for i in range(cfg.num_layers))
+        if cfg.layer_types != expected:
+            problems.append("llama.cpp's gemma3 makes every sixth layer global and the others sliding-window, but "
+                            f"this config's layer_types are {list(cfg.layer_types)}")
+        if (cfg.rope_local_theta, cfg.rope_local_scaling) != (LLAMA_CPP_GEMMA3_LOCAL_THETA, 1.0):
+            problems.append("llama.cpp's gemma3 fixes the local layers' RoPE base at 10000 without scaling, but this "
+                            f"config has base {cfg.rope_local_theta:g}, factor {cfg.rope_local_scaling:g}")
+        if cfg.attn_logit_softcap is not None or cfg.final_logit_softcap is not None:
+            problems.append("llama.cpp's gemma3 applies no logit soft-cap, but this config sets one")
     if problems:
         raise GemmatuneError("cannot export to GGUF: " + "; ".join(problems) + ".")
     if "lora" in params["layers"]:
@@ -150,14 +173,48 @@ def _vocab(tokenizer_dir: Path, vocab_size: int) -> tuple[list[str], list[float]
     return tokens, scores, types
 
 
-def _add_tokenizer(w: gguf.GGUFWriter, tokenizer_dir: Path, vocab_size: int) -> None:
-    tokens, scores, types = _vocab(tokenizer_dir, vocab_size)
+def _vocab_from_gguf(path: Path, vocab_size: int) -> tuple[list[str], list[float], list[int], str | None]:
+    """(pieces, scores, token types, chat template or None) of a GGUF source file, copied as they are."""
+    meta = gguf_metadata(path)
+    tokens, scores, types = (meta.get(f"tokenizer.ggml.{k}") for k in ("tokens", "scores", "token_type"))
+    if meta.get("tokenizer.ggml.model") != "llama" or tokens is None or scores is None or types is None:
+        raise GemmatuneError(f"{path}: no SentencePiece vocabulary (tokenizer.ggml.model \"llama\" with tokens, "
+                             "scores and token types) to copy; re-download the GGUF file with its tokenizer.")
+    if len(tokens) != vocab_size:
+        raise GemmatuneError(f"{path}: {len(tokens)} tokens, but the model's embedding has {vocab_size} rows; this "
+                             "vocabulary belongs to another model.")
+    return list(tokens), np.asarray(scores).tolist(), np.asarray(types).tolist(), meta.get("tokenizer.chat_template")
+
+
+def _chat_template(tokenizer_dir: Path, family: str) -> str:
+    """The chat template written into the file: Gemma 2's (gemmatune's own); for Gemma 3 the tokenizer directory's
+    (tokenizer_config.json or chat_template.jinja) when it has one, else the same turn format (Gemma 2's)."""
+    if family == "gemma3":
+        config = tokenizer_dir / "tokenizer_config.json"
+        template = read_json(config, "re-download the tokenizer files").get("chat_template") if config.is_file() \
+            else None
+        if isinstance(template, str) and template:
+            return template
+        if (tokenizer_dir / "chat_template.jinja").is_file():
+            return (tokenizer_dir / "chat_template.jinja").read_text(encoding="utf-8")
+    return GEMMA2_CHAT_TEMPLATE
+
+
+def _add_tokenizer(w: gguf.GGUFWriter, source: Path, cfg: ModelConfig) -> None:
+    """The vocabulary of `source`: a tokenizer directory (tokenizer.model) or a GGUF file, whose vocabulary, scores,
+    types and chat template are copied."""
+    if source.suffix.lower() == ".gguf" and source.is_file():
+        tokens, scores, types, template = _vocab_from_gguf(source, cfg.vocab_size)
+        template = template or GEMMA2_CHAT_TEMPLATE  # the Gemma turn format; Google's GGUF files carry none
+    else:
+        tokens, scores, types = _vocab(source, cfg.vocab_size)
+        template = _chat_template(source, cfg.family)
     ids = {t: i for i, t in reversed(list(enumerate(tokens)))}  # first id wins, as in gemmatune's tokenizer
     missing = [t for t in ("<pad>", "<eos>", "<bos>", "<end_of_turn>") if t not in ids]
     unknown = [i for i, k in enumerate(types) if k == gguf.TokenType.UNKNOWN]
     if missing or not unknown:
-        raise GemmatuneError(f"{tokenizer_dir / TOKENIZER_MODEL}: no {', '.join(missing) or 'unknown'} token; "
-                             "this is not a Gemma tokenizer.")
+        where = source if source.suffix.lower() == ".gguf" else source / TOKENIZER_MODEL
+        raise GemmatuneError(f"{where}: no {', '.join(missing) or 'unknown'} token; this is not a Gemma tokenizer.")
     w.add_tokenizer_model("llama")  # llama.cpp's name for SentencePiece
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)
@@ -172,7 +229,7 @@ def _add_tokenizer(w: gguf.GGUFWriter, tokenizer_dir: Path, vocab_size: int) -> 
     w.add_add_eos_token(False)
     # Gemma's tokenizer adds no dummy prefix space; llama.cpp's SentencePiece tokenizer does unless told.
     w.add_add_space_prefix(False)
-    w.add_chat_template(GEMMA2_CHAT_TEMPLATE)
+    w.add_chat_template(template)
 
 
 # --- tensors -----------------------------------------------------------------------------------------------------
@@ -181,12 +238,14 @@ def _storage(name: str, qtype: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizati
     return Q.F32 if name in NORMS else qtype
 
 
-def _encode(name: str, t: np.ndarray, qtype: gguf.GGMLQuantizationType, q_scale: float) -> np.ndarray:
-    """One Hugging Face tensor -> its GGUF bytes (as an array, rows stay rows)."""
+def _encode(name: str, t: np.ndarray, qtype: gguf.GGMLQuantizationType, scale: float) -> np.ndarray:
+    """One Hugging Face tensor -> its GGUF bytes (as an array, rows stay rows), multiplied by `scale` (the query
+    pre-scale, `_scaled_tensor`; 1 for every other tensor)."""
     if name in NORMS:
-        return t.astype(np.float32) + 1.0  # llama.cpp scales by w, Gemma by 1 + w
-    if name == "q_proj" and q_scale != 1.0:
-        t = t.astype(np.float32) * np.float32(q_scale)
+        t = t.astype(np.float32) + 1.0  # llama.cpp scales by w, Gemma by 1 + w
+        return t if scale == 1.0 else t * np.float32(scale)
+    if scale != 1.0:
+        t = t.astype(np.float32) * np.float32(scale)
     if qtype == Q.F32:
         return t.astype(np.float32, copy=False)
     if qtype == Q.F16:
@@ -194,6 +253,12 @@ def _encode(name: str, t: np.ndarray, qtype: gguf.GGMLQuantizationType, q_scale:
     if qtype == Q.BF16:  # ml_dtypes rounds to nearest even, as ggml does; a bfloat16 tensor is copied bit for bit
         return t.astype(ml_dtypes.bfloat16, copy=False).view(np.uint16)
     return gguf.quants.quantize(t.astype(np.float32, copy=False), qtype)
+
+
+def _scaled_tensor(cfg: ModelConfig) -> str:
+    """Where the query pre-scale goes: Gemma 3's query norm (its RMSNorm would remove a scale of the projection),
+    Gemma 2's query weights."""
+    return "q_norm" if cfg.qk_norm else "q_proj"
 
 
 def _tensor_plan(cfg: ModelConfig, qtype: gguf.GGMLQuantizationType) -> list[tuple[str, str, tuple[int, ...], Q]]:
@@ -231,9 +296,10 @@ def modelfile(gguf_file: str) -> str:
 
 def save_gguf(path: str | Path, cfg: ModelConfig, params: Params, tokenizer_dir: str | Path, *, dtype: str = "f32",
               force: bool = False, merged_adapters: list[dict[str, Any]] | None = None) -> None:
-    """Write a GGUF file that llama.cpp (and Ollama) load as "gemma2": hyper-parameters, the SentencePiece vocabulary
-    from tokenizer_dir/tokenizer.model with its special tokens and the chat template, and every weight; and beside
-    it the Ollama Modelfile for it (`modelfile_path`: `ollama create NAME -f out/NAME.Modelfile`).
+    """Write a GGUF file that llama.cpp (and Ollama) load as "gemma2" or "gemma3" (cfg.family): hyper-parameters,
+    the SentencePiece vocabulary with its special tokens and the chat template, and every weight; and beside it the
+    Ollama Modelfile for it (`modelfile_path`: `ollama create NAME -f out/NAME.Modelfile`). tokenizer_dir: a
+    directory with tokenizer.model, or the GGUF file the model came from (its vocabulary is copied).
 
     dtype: "f32", "f16", "bf16" or "q8_0" for the matrices (norms stay float32). params: stacked, merged weights
     (no LoRA adapters). merged_adapters: the records of the adapters folded into them (`convert.peft.merged_record`),
@@ -252,7 +318,7 @@ def save_gguf(path: str | Path, cfg: ModelConfig, params: Params, tokenizer_dir:
     # two renames leaves a Modelfile that is right for the GGUF file that follows.
     with staged_files([modelfile_path(path), path], force) as (staged_modelfile, staged):
         staged_modelfile.write_text(modelfile(path.name), encoding="utf-8")
-        w = gguf.GGUFWriter(staged, gguf.MODEL_ARCH_NAMES[ARCH])
+        w = gguf.GGUFWriter(staged, gguf.MODEL_ARCH_NAMES[ARCHS[cfg.family]])
         try:
             w.add_name(path.stem)
             if merged_adapters:
@@ -270,16 +336,20 @@ def save_gguf(path: str | Path, cfg: ModelConfig, params: Params, tokenizer_dir:
             w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
             w.add_rope_freq_base(cfg.rope_theta)
             w.add_sliding_window(cfg.sliding_window)
-            w.add_attn_logit_softcapping(cfg.attn_logit_softcap)
-            w.add_final_logit_softcapping(cfg.final_logit_softcap)
-            _add_tokenizer(w, tokenizer_dir, cfg.vocab_size)
+            if cfg.family == "gemma2":
+                w.add_attn_logit_softcapping(cfg.attn_logit_softcap)
+                w.add_final_logit_softcapping(cfg.final_logit_softcap)
+            elif cfg.rope_scaling != 1.0:  # llama.cpp divides the global layers' positions by the factor
+                w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+                w.add_rope_scaling_factor(cfg.rope_scaling)
+            _add_tokenizer(w, tokenizer_dir, cfg)
             for gguf_name, _, byte_shape, storage in plan:
                 w.add_tensor_info(gguf_name, byte_shape, np.dtype(np.uint8), math.prod(byte_shape), raw_dtype=storage)
             w.write_header_to_file()
             w.write_kv_data_to_file()
             w.write_ti_data_to_file()
             for (_, name, byte_shape, storage), (_, t) in zip(plan, hf_state(cfg, params), strict=True):
-                data = _encode(name, t, storage, q_scale)
+                data = _encode(name, t, storage, q_scale if name == _scaled_tensor(cfg) else 1.0)
                 assert data.nbytes == math.prod(byte_shape), (name, data.shape, data.dtype)
                 w.write_tensor_data(data)
                 del t, data  # host memory: one tensor at a time

@@ -234,8 +234,7 @@ class Formatter:
             raise RowError(ENDS_ON_USER_TURN, "the conversation ends on a user turn, so its last turn has no model "
                            "reply to learn from; end it with a model/assistant message or remove the last user turn")
         parts: list[tuple[str, bool]] = []
-        for role, content in turns:
-            content = content.strip()  # the template's trim
+        for role, content in turns:  # contents as the template writes them (trimmed, a system message folded in)
             if role == "user":
                 parts.append((f"<start_of_turn>user\n{content}<end_of_turn>\n", False))
             else:
