@@ -45,8 +45,11 @@ def dmy(iso: str) -> str:
 
 def splits(n_train: int, n_eval: int, seed: int = 0) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """Train and held-out examples ({"instruction", "response"} rows), disjoint: distinct dates from one seeded
-    permutation, the first n_train for training and the next n_eval held out."""
-    offsets = random.Random(seed).sample(range(DAYS), n_train + n_eval)
+    permutation of all of them, the first n_train for training and the next n_eval held out (so a longer held-out
+    split extends a shorter one, and the training split does not depend on n_eval)."""
+    offsets = list(range(DAYS))
+    random.Random(seed).shuffle(offsets)
+    offsets = offsets[:n_train + n_eval]
     rows = []
     for off in offsets:
         iso = (FIRST + datetime.timedelta(days=off)).isoformat()
