@@ -2,9 +2,10 @@
 skill it does not have, and the skill carries over to dates it never saw.
 
 The task (benchmarks/tasks.py): "Date: 2024-03-15\\nDMY: " -> "15.03.2024", exact match on a held-out split of dates
-disjoint from the training ones. The base model copies the ISO date or guesses (0 of 32 measured, with gemmatune
-and with transformers); after 16 LoRA steps of 8 examples it answers all 32 held-out dates (measured 32/32, the
-training loss ~1e-3). Everything goes through what a user runs: the data as a JSONL file, gemmatune.train with the
+disjoint from the training ones. The base model copies the ISO date or guesses (0 of 32, with gemmatune and with
+transformers); after 16 LoRA steps of 8 examples it answers 31 of the 32 held-out dates (training loss ~2e-4;
+transformers + PEFT with the same recipe and another example order: 28 of 32, benchmarks/quality.py), hence the
+margin in the thresholds. Everything goes through what a user runs: the data as a JSONL file, gemmatune.train with the
 GGUF file as the model, the adapter it writes loaded back and merged, and greedy generation.
 """
 
@@ -42,4 +43,4 @@ def test_fine_tune_teaches_the_real_270m_a_held_out_skill(gemma3_gguf, tmp_path)
     after = tasks.exact_match(answers, held_out)
     wrong = [(r["response"], a) for r, a in zip(held_out, answers) if tasks.answer_of(a) != r["response"]]
     assert before <= 0.1, before
-    assert after >= 0.85 and after >= before + 0.6, (before, after, wrong)
+    assert after >= 0.75 and after >= before + 0.5, (before, after, wrong)
