@@ -45,10 +45,19 @@ def test_weights_make_a_sensitive_reference(small_params):
         assert np.abs(base - v).max() > 100 * TOL
 
 
+@pytest.fixture(params=["gemma2", "gemma3"])
+def family(request):
+    """(config, weights, transformers reference) of the small Gemma 2 and the small Gemma 3."""
+    if request.param == "gemma2":
+        return SMALL, request.getfixturevalue("small_params"), request.getfixturevalue("small_hf")
+    return SMALL3, request.getfixturevalue("small3_params"), request.getfixturevalue("small3_hf")
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_padding_matches_transformers_and_unpadded(small_params, small_hf, side):
+def test_padding_matches_transformers_and_unpadded(family, side):
+    cfg, params, hf = family
     T, n = 36, 21  # row 1 holds n real tokens, padded to T
-    tokens = rng.randint(3, SMALL.vocab_size, (2, T))
+    tokens = rng.randint(3, cfg.vocab_size, (2, T))
     real = np.ones((2, T), np.int32)
     if side == "left":
         real[1, :T - n] = 0
@@ -56,26 +65,27 @@ def test_padding_matches_transformers_and_unpadded(small_params, small_hf, side)
         real[1, n:] = 0
     tokens = np.where(real == 1, tokens, 0)
     positions = np.maximum(np.cumsum(real, axis=1) - 1, 0)
-    ours = np.asarray(M.forward(small_params, jnp.asarray(tokens), SMALL, positions=jnp.asarray(positions),
+    ours = np.asarray(M.forward(params, jnp.asarray(tokens), cfg, positions=jnp.asarray(positions),
                                 segment_ids=jnp.asarray(real)))
-    ref = hf_logits(small_hf, tokens, attention_mask=real, position_ids=positions)
+    ref = hf_logits(hf, tokens, attention_mask=real, position_ids=positions)
     keep = real.astype(bool)
     assert np.isfinite(ours).all()  # fully masked padding rows must not produce NaN
     np.testing.assert_allclose(ours[keep], ref[keep], atol=TOL, rtol=0)
-    alone = np.asarray(M.forward(small_params, jnp.asarray(tokens[1][keep[1]][None]), SMALL))[0]
+    alone = np.asarray(M.forward(params, jnp.asarray(tokens[1][keep[1]][None]), cfg))[0]
     np.testing.assert_allclose(ours[1][keep[1]], alone, atol=TOL, rtol=0)
 
 
-def test_packed_segments_equal_separate_runs(small_params, small_hf):
-    a = rng.randint(3, SMALL.vocab_size, 23)
-    b = rng.randint(3, SMALL.vocab_size, 17)
+def test_packed_segments_equal_separate_runs(family):
+    cfg, params, hf = family
+    a = rng.randint(3, cfg.vocab_size, 23)
+    b = rng.randint(3, cfg.vocab_size, 17)
     tokens = np.concatenate([a, b, np.zeros(4, int)])[None]  # two examples and padding in one row
     segments = np.array([[1] * 23 + [2] * 17 + [0] * 4])
     positions = np.array([list(range(23)) + list(range(17)) + [0] * 4])
-    ours = np.asarray(M.forward(small_params, jnp.asarray(tokens), SMALL, segment_ids=jnp.asarray(segments),
+    ours = np.asarray(M.forward(params, jnp.asarray(tokens), cfg, segment_ids=jnp.asarray(segments),
                                 positions=jnp.asarray(positions)))[0]
-    np.testing.assert_allclose(ours[:23], hf_logits(small_hf, a[None])[0], atol=TOL, rtol=0)
-    np.testing.assert_allclose(ours[23:40], hf_logits(small_hf, b[None])[0], atol=TOL, rtol=0)
+    np.testing.assert_allclose(ours[:23], hf_logits(hf, a[None])[0], atol=TOL, rtol=0)
+    np.testing.assert_allclose(ours[23:40], hf_logits(hf, b[None])[0], atol=TOL, rtol=0)
 
 
 @pytest.mark.parametrize("types", [(GLOBAL,) * 4, (LOCAL, LOCAL, GLOBAL, GLOBAL), (LOCAL,) * 4])
@@ -251,37 +261,6 @@ def test_gemma3_weights_make_a_sensitive_reference(small3_params):
                        {"attn_logit_softcap": 3.0}, {"final_logit_softcap": 5.0})]
     for v in variants:
         assert np.abs(base - v).max() > 100 * TOL
-
-
-@pytest.mark.parametrize("side", ["left", "right"])
-def test_gemma3_padding_matches_transformers(small3_params, small3_hf, side):
-    T, n = 36, 21
-    tokens = rng.randint(3, SMALL3.vocab_size, (2, T))
-    real = np.ones((2, T), np.int32)
-    if side == "left":
-        real[1, :T - n] = 0
-    else:
-        real[1, n:] = 0
-    tokens = np.where(real == 1, tokens, 0)
-    positions = np.maximum(np.cumsum(real, axis=1) - 1, 0)
-    ours = np.asarray(M.forward(small3_params, jnp.asarray(tokens), SMALL3, positions=jnp.asarray(positions),
-                                segment_ids=jnp.asarray(real)))
-    ref = hf_logits(small3_hf, tokens, attention_mask=real, position_ids=positions)
-    keep = real.astype(bool)
-    assert np.isfinite(ours).all()
-    np.testing.assert_allclose(ours[keep], ref[keep], atol=TOL, rtol=0)
-
-
-def test_gemma3_packed_segments_equal_separate_runs(small3_params, small3_hf):
-    a = rng.randint(3, SMALL3.vocab_size, 23)
-    b = rng.randint(3, SMALL3.vocab_size, 17)
-    tokens = np.concatenate([a, b, np.zeros(4, int)])[None]
-    segments = np.array([[1] * 23 + [2] * 17 + [0] * 4])
-    positions = np.array([list(range(23)) + list(range(17)) + [0] * 4])
-    ours = np.asarray(M.forward(small3_params, jnp.asarray(tokens), SMALL3, segment_ids=jnp.asarray(segments),
-                                positions=jnp.asarray(positions)))[0]
-    np.testing.assert_allclose(ours[:23], hf_logits(small3_hf, a[None])[0], atol=TOL, rtol=0)
-    np.testing.assert_allclose(ours[23:40], hf_logits(small3_hf, b[None])[0], atol=TOL, rtol=0)
 
 
 def test_gemma3_cached_chunks_equal_transformers(small3_params, small3_hf):

@@ -59,7 +59,7 @@ def cuda_capability() -> tuple[int, int] | None:
 
 def _active_model_axis() -> int:
     """The size of the active mesh's model axis (1 off a mesh)."""
-    mesh = sharding._ACTIVE.get()  # the mesh `sharding.shard` constrains activations to inside this trace
+    mesh = sharding.active_mesh()
     return 1 if mesh is None else int(mesh.shape.get("model", 1))
 
 

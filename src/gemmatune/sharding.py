@@ -106,6 +106,11 @@ def active(mesh: Mesh | None) -> Iterator[None]:
         _ACTIVE.reset(token)
 
 
+def active_mesh() -> Mesh | None:
+    """The mesh `shard` constrains activations to in this trace (None off a mesh)."""
+    return _ACTIVE.get()
+
+
 def shard(x: jax.Array, *logical: str | None) -> jax.Array:
     """Constrain an activation to the active mesh by its logical axes; returns x unchanged off-mesh."""
     mesh = _ACTIVE.get()

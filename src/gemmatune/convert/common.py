@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,10 +18,12 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-from jax.sharding import NamedSharding
+from jax.sharding import Mesh, NamedSharding
 
+from gemmatune import sharding
+from gemmatune.config import ModelConfig
 from gemmatune.errors import GemmatuneError
-from gemmatune.layout import Params
+from gemmatune.layout import Params, param_shapes
 
 # The dtypes weights are loaded and computed in. float16 is left out on purpose: Gemma's activations overflow it
 # (NaN logits, transformers #30004, #36822); a float16 checkpoint loads as float32.
@@ -66,6 +69,41 @@ def set_layer(stacks: Params, layer: Params, i: jax.Array) -> Params:
     result (jax.block_until_ready) so that the host holds one layer at a time."""
     return {name: jax.lax.dynamic_update_index_in_dim(s, layer[name].astype(s.dtype), i, axis=0)
             for name, s in stacks.items()}
+
+
+def place_params(cfg: ModelConfig, tensors: Iterator[tuple[str, int | None, np.ndarray]], dtype: np.dtype, *,
+                 stacked: bool = True, mesh: Mesh | None = None) -> Params:
+    """The parameter tree from (gemmatune name, layer index or None, host array in gemmatune's layout) in
+    `hf_keys` order (the embedding, each layer's tensors, the final norm), on the default device or split over
+    `mesh` as sharding.param_shardings lays it out. Each tensor is cast to `dtype` and placed straight onto its
+    devices (on a mesh, every device receives only its slice), then written a layer at a time into preallocated
+    stacks (stacked=False: the per-layer list that decoding takes): beyond the loaded model, host memory holds one
+    tensor and one layer at most. Waiting for each placement keeps asynchronous dispatch from reading ahead while
+    earlier host copies are still alive."""
+    stacks = sharding.param_shardings(cfg, mesh)["layers"] if mesh is not None else None
+    # One layer's shardings (the stacks' without the layer axis) and the top-level tensors'.
+    placement = sharding.param_shardings(cfg, mesh, stacked=False) if mesh is not None else None
+    params: Params = {"layers": zero_stacks(tuple(param_shapes(cfg)["layers"].items()), dtype,
+                                            None if stacks is None else tuple(sorted(stacks.items())))
+                      if stacked else []}
+    for i, group in itertools.groupby(tensors, key=lambda t: t[1]):
+        arrays = {}
+        for name, _, host in group:
+            host = host.astype(dtype, copy=False)
+            if placement is None:
+                arrays[name] = jax.block_until_ready(jax.device_put(host))
+            else:
+                at = placement[name] if i is None else placement["layers"][i][name]
+                arrays[name] = jax.block_until_ready(sharding.place(host, at))
+            del host
+        if i is None:
+            params.update(arrays)
+        elif not stacked:
+            params["layers"].append(arrays)
+        else:
+            params["layers"] = jax.block_until_ready(set_layer(params["layers"], arrays, i))
+        del arrays
+    return params
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:

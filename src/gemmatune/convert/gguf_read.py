@@ -23,25 +23,22 @@ bfloat16 and anything else (F32, F16, every quantized type: gguf-py dequantizes 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import gguf
-import jax
 import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh
 
-from gemmatune import sharding
 from gemmatune.config import GLOBAL, LOCAL, ModelConfig
-from gemmatune.convert.common import GEMMATUNE_KEY, MERGED_ADAPTERS, check_dtype, load_dtype, set_layer, zero_stacks
+from gemmatune.convert.common import GEMMATUNE_KEY, MERGED_ADAPTERS, check_dtype, load_dtype, place_params
 from gemmatune.convert.gguf import ARCHS, NORMS, llama_cpp_query_scalar, tensor_name
 from gemmatune.convert.hf import from_hf, hf_keys, hf_shape
 from gemmatune.errors import GemmatuneError
-from gemmatune.layout import Params, param_shapes
+from gemmatune.layout import Params
 from gemmatune.tokenizer import gguf_metadata
 
 SUFFIX = ".gguf"
@@ -325,26 +322,4 @@ def load_gguf(path: str | Path, dtype: str = "auto", *, stacked: bool = True,
     embed = tensors.get(tensor_name("embed", None))
     target = load_dtype(dtype, np.dtype(ml_dtypes.bfloat16 if embed is not None and embed.qtype == Q.BF16
                                         else np.float32))
-    stacks = sharding.param_shardings(cfg, mesh)["layers"] if mesh is not None else None
-    placement = sharding.param_shardings(cfg, mesh, stacked=False) if mesh is not None else None
-    params: Params = {"layers": zero_stacks(tuple(param_shapes(cfg)["layers"].items()), target,
-                                            None if stacks is None else tuple(sorted(stacks.items())))
-                      if stacked else []}
-    for i, group in itertools.groupby(gguf_state(tensors, cfg, path), key=lambda k: k[1]):
-        arrays = {}
-        for name, _, host in group:
-            host = host.astype(target, copy=False)
-            if placement is None:
-                arrays[name] = jax.block_until_ready(jax.device_put(host))
-            else:
-                at = placement[name] if i is None else placement["layers"][i][name]
-                arrays[name] = jax.block_until_ready(sharding.place(host, at))
-            del host  # host memory: one tensor at a time
-        if i is None:
-            params.update(arrays)
-        elif not stacked:
-            params["layers"].append(arrays)
-        else:
-            params["layers"] = jax.block_until_ready(set_layer(params["layers"], arrays, i))
-        del arrays
-    return cfg, params
+    return cfg, place_params(cfg, gguf_state(tensors, cfg, path), target, stacked=stacked, mesh=mesh)

@@ -21,12 +21,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import jax
 import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh
 
-from gemmatune import sharding
 from gemmatune.atomic import refuse_to_replace, staged_dir
 from gemmatune.config import ModelConfig, load_config
 from gemmatune.convert.common import (
@@ -36,9 +34,8 @@ from gemmatune.convert.common import (
     WEIGHT_DTYPES,
     check_dtype,
     load_dtype,
+    place_params,
     read_json,
-    set_layer,
-    zero_stacks,
 )
 from gemmatune.errors import GemmatuneError
 from gemmatune.layout import Params, param_shapes
@@ -302,32 +299,9 @@ def load_hf(model_dir: str | Path, dtype: str = "auto", *, stacked: bool = True,
         where, layout = _check_tensors(cfg, readers, config_path, multimodal)
         embed_key = layout.key(TOP_KEYS["embed"])
         target = load_dtype(dtype, where[embed_key].tensors[embed_key].dtype)
-        stacks = sharding.param_shardings(cfg, mesh)["layers"] if mesh is not None else None
-        # One layer's shardings (the stacks' without the layer axis) and the top-level tensors'.
-        placement = sharding.param_shardings(cfg, mesh, stacked=False) if mesh is not None else None
-        params: Params = {"layers": zero_stacks(tuple(param_shapes(cfg)["layers"].items()), target,
-                                                None if stacks is None else tuple(sorted(stacks.items())))
-                          if stacked else []}
         # hf_keys lists the embedding, then each layer's tensors, then the final norm: grouped by layer index.
-        # Each tensor's host copy is freed once it is on its devices; waiting for each placement keeps asynchronous
-        # dispatch from reading ahead while earlier host copies are still alive.
-        for i, group in itertools.groupby(hf_keys(cfg, layout), key=lambda k: k[2]):
-            arrays = {}
-            for key, name, _ in group:
-                host = from_hf(name, where[key].read(key), cfg).astype(target, copy=False)
-                if placement is None:
-                    arrays[name] = jax.block_until_ready(jax.device_put(host))
-                else:
-                    at = placement[name] if i is None else placement["layers"][i][name]
-                    arrays[name] = jax.block_until_ready(sharding.place(host, at))
-                del host
-            if i is None:
-                params.update(arrays)
-            elif not stacked:
-                params["layers"].append(arrays)
-            else:
-                params["layers"] = jax.block_until_ready(set_layer(params["layers"], arrays, i))
-            del arrays
+        tensors = ((name, i, from_hf(name, where[key].read(key), cfg)) for key, name, i in hf_keys(cfg, layout))
+        params = place_params(cfg, tensors, target, stacked=stacked, mesh=mesh)
     return cfg, params
 
 
