@@ -109,6 +109,12 @@ def test_llama_cpp_matches_gemmatune(tmp_path, model, tokenizer, prompt_ids):
     chat = render_chat([{"role": "user", "content": "Hi there!\n\tTabs, 7 digits 1234567."}], True)
     assert llm.tokenize(chat.encode(), add_bos=True, special=True) == tokenizer.encode(chat, add_bos=True)
 
+    assert_llama_agrees(llm, params, cfg, prompt_ids, min_distinct)
+
+
+def assert_llama_agrees(llm, params: dict, cfg, prompt_ids: list[int], min_distinct: int) -> None:
+    """llama.cpp's logits on the prompt are within LOGIT_RTOL of gemmatune's, and its greedy continuation is
+    gemmatune's (which must vary, with a top-2 margin that the logit tolerance cannot flip)."""
     ours = np.asarray(forward(params, jnp.asarray([prompt_ids]), cfg))[0]
     theirs = _llama_logits(llm, prompt_ids)
     diff, tol = np.abs(ours - theirs).max(), LOGIT_RTOL * np.abs(ours).max()

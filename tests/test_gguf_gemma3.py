@@ -11,7 +11,7 @@ import gguf
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_gguf import LOGIT_RTOL, PROMPT, _llama, _llama_greedy, _llama_logits
+from test_gguf import NEW_TOKENS, PROMPT, _llama, assert_llama_agrees
 
 from conftest import strong_params
 from gemmatune.config import DEFAULT_MODEL, GLOBAL, LOCAL, PRESETS, ModelConfig
@@ -19,7 +19,6 @@ from gemmatune.convert import load_model, model_config
 from gemmatune.convert.gguf import save_gguf
 from gemmatune.convert.hf import load_hf
 from gemmatune.errors import GemmatuneError
-from gemmatune.generate import generate
 from gemmatune.model import forward
 from gemmatune.tokenizer import load_tokenizer
 
@@ -33,7 +32,6 @@ G3 = ModelConfig(family="gemma3", vocab_size=4096, hidden_size=128, intermediate
 # (both asserted below).
 SEED = 6
 PROMPT_TOKENS = 96
-NEW_TOKENS = 24
 
 
 @pytest.fixture(scope="module")
@@ -59,18 +57,7 @@ def test_llama_cpp_runs_a_gemma3_export_like_gemmatune(tmp_path, g3, prompt_ids)
     assert fields["gemma3.attention.sliding_window"].contents() == 16
     assert not [k for k in fields if "softcapping" in k]
 
-    llm = _llama(path)
-    ours = np.asarray(forward(g3, jnp.asarray([prompt_ids]), G3))[0]
-    theirs = _llama_logits(llm, prompt_ids)
-    diff, tol = np.abs(ours - theirs).max(), LOGIT_RTOL * np.abs(ours).max()
-    print(f"gemma3: max |logit diff| {diff:.2e}, relative {diff / np.abs(ours).max():.1e}")
-    assert diff < tol
-
-    expected = generate(g3, G3, [prompt_ids], max_new_tokens=NEW_TOKENS)[0]
-    full = np.asarray(forward(g3, jnp.asarray([prompt_ids + expected]), G3))[0, len(prompt_ids) - 1:-1]
-    top2 = np.sort(full, axis=-1)[:, -2:]
-    assert len(set(expected)) >= NEW_TOKENS // 2 and (top2[:, 1] - top2[:, 0]).min() > 2 * tol
-    assert _llama_greedy(llm, prompt_ids, NEW_TOKENS) == expected
+    assert_llama_agrees(_llama(path), g3, G3, prompt_ids, NEW_TOKENS // 2)
 
 
 def _assert_same_params(got: dict, want: dict) -> None:
