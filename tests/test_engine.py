@@ -22,7 +22,7 @@ rng = np.random.RandomState(3)
 # Prompt lengths around a chunk boundary and over several chunks.
 PROMPTS = [list(rng.randint(3, SMALL.vocab_size, n)) for n in (5, CHUNK, CHUNK + 1, 2 * CHUNK + 7, 1)]
 NEW = 2 * SMALL.sliding_window + 3  # past the local layers' ring, twice
-STOP = 1  # a stop id; generation never meets it on these weights (asserted through the lengths)
+STOP = 1  # a stop id, met by some greedy continuations
 
 
 def adapter(cfg, seed: int, lora_cfg: LoraConfig):
@@ -84,7 +84,8 @@ def test_mixed_adapters_in_one_batch_equal_each_merged_alone(setup):
         jobs = [(p, names[(i + j) % 3], Sampling(NEW)) for j in range(3) for i, p in enumerate(PROMPTS)]
         got = collect(engine, jobs)
     for (prompt, name, _), (tokens, finish) in zip(jobs, got):
-        assert tokens == ref[name][PROMPTS.index(prompt)] and finish == "length"
+        r = ref[name][PROMPTS.index(prompt)]
+        assert (tokens, finish) == (r, "length" if len(r) == NEW else "stop")
 
 
 def test_a_request_joining_a_running_batch(setup):

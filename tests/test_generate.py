@@ -119,35 +119,50 @@ def test_sampled_tokens_stay_within_top_k(params):
     assert rank.max() < k and rank.max() > 0  # a high temperature leaves the argmax sometimes
 
 
+def rows(logits: jax.Array, seed: int, temperature: float, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
+    """G.sample_rows with the same settings on every row, each row its own seed (independent draws)."""
+    B = logits.shape[0]
+    return np.asarray(G.sample_rows(logits, jnp.full(B, temperature), jnp.full(B, top_k), jnp.full(B, top_p),
+                                    seed + jnp.arange(B), jnp.zeros(B, jnp.int32)))
+
+
 @settings(max_examples=25, deadline=None)
-@given(st.integers(0, 2**31 - 1), st.integers(1, 6), st.floats(0.05, 1.0), st.floats(0.3, 3.0))
-def test_sample_logits_stays_in_the_cut(seed, k, p, temperature):
+@given(st.integers(0, 2**30), st.integers(1, 6), st.floats(0.05, 1.0), st.floats(0.3, 3.0))
+def test_sample_rows_stays_in_the_cut(seed, k, p, temperature):
     r = np.random.RandomState(seed)
     logits = jnp.asarray(r.normal(0, 3, (64, 16)), jnp.float32)  # [B, V]
-    key = jax.random.key(seed)
 
-    def rank(tok: jax.Array) -> np.ndarray:  # [B]: how many tokens are more likely than the sampled one
-        return np.asarray((logits > jnp.take_along_axis(logits, tok[:, None], -1)).sum(-1))
+    def rank(tok: np.ndarray) -> np.ndarray:  # [B]: how many tokens are more likely than the sampled one
+        return np.asarray((logits > jnp.take_along_axis(logits, jnp.asarray(tok)[:, None], -1)).sum(-1))
 
-    assert rank(G.sample_logits(logits, key, temperature=temperature, top_k=k)).max() < k
+    assert rank(rows(logits, seed, temperature, top_k=k)).max() < k
     # Top-p: the nucleus is the shortest prefix (by decreasing probability) whose mass reaches p.
     probs = np.sort(np.asarray(jax.nn.softmax(logits / temperature)), -1)[:, ::-1]
     size = (np.cumsum(probs, -1) - probs < p).sum(-1)
-    assert (rank(G.sample_logits(logits, key, temperature=temperature, top_p=p)) < size).all()
+    assert (rank(rows(logits, seed, temperature, top_p=p)) < size).all()
 
 
-def test_sample_logits_frequencies():
+def test_sample_rows_frequencies():
     """Temperature then top-p renormalise as expected: probabilities .5 .3 .15 .05 with top_p 0.75 keep the
     first two (0.5 < 0.75 <= 0.8) in ratio 5:3."""
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 20000))  # [B, 4]: 20000 independent draws
 
     def freq(**kw: float) -> np.ndarray:
-        return np.bincount(np.asarray(G.sample_logits(logits, jax.random.key(0), **kw)), minlength=4) / 20000
+        return np.bincount(rows(logits, 0, **kw), minlength=4) / 20000
 
     np.testing.assert_allclose(freq(temperature=1.0), [0.5, 0.3, 0.15, 0.05], atol=0.015)
     np.testing.assert_allclose(freq(temperature=1.0, top_p=0.75), [0.625, 0.375, 0, 0], atol=0.015)
     hot = np.exp(np.log([0.5, 0.3, 0.15, 0.05]) / 2.0)
     np.testing.assert_allclose(freq(temperature=2.0), hot / hot.sum(), atol=0.015)
+
+
+def test_sample_rows_mixes_greedy_and_sampled_rows():
+    logits = jnp.asarray(np.random.RandomState(0).normal(0, 1, (6, 50)), jnp.float32)
+    temperature = jnp.array([0, 5, 0, 5, 5, 0], jnp.float32)
+    zeros = jnp.zeros(6, jnp.int32)
+    got = np.asarray(G.sample_rows(logits, temperature, zeros, jnp.ones(6), jnp.arange(6), zeros))
+    greedy = np.asarray(logits.argmax(-1))
+    assert (got[[0, 2, 5]] == greedy[[0, 2, 5]]).all() and (got[[1, 3, 4]] != greedy[[1, 3, 4]]).any()
 
 
 def test_decode_step_compiles_once(params, monkeypatch):

@@ -31,9 +31,10 @@ import numpy as np
 
 from gemmatune.config import LoraConfig, ModelConfig
 from gemmatune.errors import GemmatuneError
+from gemmatune.generate import next_tokens
 from gemmatune.layout import Params
 from gemmatune.lora import make_bank
-from gemmatune.model import Cache, forward_cached, init_cache, unstack
+from gemmatune.model import Cache, init_cache, unstack
 
 CHUNK = 32  # prompt tokens per prefill call; a prompt is left-padded to a multiple of it
 DEFAULT_MAX_LEN = 4096
@@ -50,31 +51,6 @@ class Sampling:
     top_p: float | None = None
     top_k: int | None = None
     seed: int = 0
-
-
-def sample_rows(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, seed: jax.Array,
-                step: jax.Array) -> jax.Array:
-    """The next token of each row from float32 logits [B, V], each row with its own settings ([B] each): temperature
-    0 is greedy; otherwise the logits divided by it, cut to the top_k most likely (0: no cut), then to the smallest
-    prefix by decreasing probability whose mass reaches top_p (1: no cut), and sampled with the key of (seed, step):
-    a request's draws do not depend on the other rows."""
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-    def sampled() -> jax.Array:
-        order = jnp.argsort(-logits, axis=-1)  # [B, V], most likely first
-        vals = jnp.take_along_axis(logits, order, axis=-1) / jnp.maximum(temperature, 1e-6)[:, None]
-        rank = jnp.arange(logits.shape[-1])
-        vals = jnp.where((top_k[:, None] == 0) | (rank < top_k[:, None]), vals, -jnp.inf)
-        probs = jax.nn.softmax(vals, axis=-1)
-        ahead = jnp.cumsum(probs, axis=-1) - probs  # mass before each candidate; 0 for the first
-        vals = jnp.where(ahead < top_p[:, None], vals, -jnp.inf)
-        keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(seed, step)
-        choice = jax.vmap(jax.random.categorical)(keys, vals)  # [B]
-        pick = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
-        return jnp.where(temperature > 0, pick, greedy)
-
-    # The sort over the vocabulary is paid only by steps where some row samples.
-    return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: greedy)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +116,7 @@ class Engine:
         self._entries: list[tuple[Params, LoraConfig] | None] = [None]
         self._bank = make_bank(self._entries)
         # A decoding step ([slots, 1]) and a prompt chunk ([1, CHUNK]) are the same call: two compilations in all.
-        self._next = jax.jit(functools.partial(_next_tokens, cfg=cfg, dtype=self.dtype), donate_argnames=("cache",))
+        self._next = functools.partial(next_tokens, cfg=cfg, dtype=self.dtype)
         self._insert = jax.jit(_insert, donate_argnames=("cache",))
 
     # --- adapters ------------------------------------------------------------------------------------------
@@ -312,9 +288,8 @@ class Engine:
         cache = init_cache(self.cfg, 1, self._cache_len, self.dtype, jnp.asarray([width - n]))
         s = _Settings.of(req.sampling)
         for lo in range(0, width, CHUNK):
-            first, cache = self._next(self.params, bank, jnp.asarray(tokens[:, lo:lo + CHUNK]), cache,
-                                         jnp.asarray([req.adapter], jnp.int32), *_arrays([s]),
-                                         jnp.zeros(1, jnp.int32))
+            first, cache = self._next(self.params, jnp.asarray(tokens[:, lo:lo + CHUNK]), cache, bank,
+                                      jnp.asarray([req.adapter], jnp.int32), *_arrays([s]), jnp.zeros(1, jnp.int32))
         self._cache = self._insert(self._cache, cache, jnp.asarray(b, jnp.int32))
         with self._cond:
             self._rows[b] = req
@@ -329,8 +304,8 @@ class Engine:
             return
         ids = np.array([r.adapter if r is not None else 0 for r in self._rows], np.int32)
         steps = np.array([r.generated if r is not None else 0 for r in self._rows], np.int32)
-        nxt, self._cache = self._next(self.params, bank, jnp.asarray(self._tokens[:, None]), self._cache,
-                                        jnp.asarray(ids), *_arrays(self._settings), jnp.asarray(steps))
+        nxt, self._cache = self._next(self.params, jnp.asarray(self._tokens[:, None]), self._cache, bank,
+                                      jnp.asarray(ids), *_arrays(self._settings), jnp.asarray(steps))
         nxt = np.asarray(nxt)  # [slots]; the one host sync per step
         for b in busy:
             self._tokens[b] = nxt[b]
@@ -353,15 +328,6 @@ class Engine:
                 self._rows[b] = None
             if finish != "cancelled":
                 req.emit(None, finish)
-
-
-def _next_tokens(params: Params, bank: list[Params], tokens: jax.Array, cache: Cache, adapter_ids: jax.Array,
-                 temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, seed: jax.Array, step: jax.Array, *,
-                 cfg: ModelConfig, dtype: Any) -> tuple[jax.Array, Cache]:
-    """tokens [B, n] (a decoding step, or a chunk of a prompt) -> (the next token per row [B], the cache n further)."""
-    logits, cache = forward_cached(params, tokens, cache, cfg, dtype, last_only=True, bank=bank,
-                                   adapter_ids=adapter_ids)  # [B, 1, V]
-    return sample_rows(logits[:, 0], temperature, top_k, top_p, seed, step), cache
 
 
 def _arrays(settings: Sequence[_Settings]) -> tuple[jax.Array, ...]:

@@ -21,39 +21,49 @@ BUCKET = 8
 FINISHED = -1  # what `on_tokens` receives for a row that has stopped
 
 
-def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float, top_k: int | None = None,
-                  top_p: float | None = None) -> jax.Array:
-    """The next token per row from float32 logits [B, V] -> int32 [B]. temperature 0 is greedy (argmax);
-    otherwise the logits are divided by the temperature, cut to the top_k most likely, then to the smallest
-    prefix (by decreasing probability) whose mass reaches top_p, and sampled."""
-    if temperature == 0.0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits.astype(jnp.float32) / temperature
-    if top_k is None and top_p is None:
-        return jax.random.categorical(key, logits).astype(jnp.int32)
-    # Candidates sorted by decreasing logit: the k best (cheap for small k), or all of them when only top-p is set.
-    vals, ids = jax.lax.top_k(logits, min(top_k or logits.shape[-1], logits.shape[-1]))  # [B, k] each
-    if top_p is not None:
+def sample_rows(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, seed: jax.Array,
+                step: jax.Array) -> jax.Array:
+    """The next token of each row from float32 logits [B, V], each row with its own settings ([B] each): temperature
+    0 is greedy; otherwise the logits divided by it, cut to the top_k most likely (0: no cut), then to the smallest
+    prefix by decreasing probability whose mass reaches top_p (1: no cut), and sampled with the key of (seed, step):
+    a request's draws do not depend on the other rows."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def sampled() -> jax.Array:
+        order = jnp.argsort(-logits, axis=-1)  # [B, V], most likely first
+        vals = jnp.take_along_axis(logits, order, axis=-1) / jnp.maximum(temperature, 1e-6)[:, None]
+        rank = jnp.arange(logits.shape[-1])
+        vals = jnp.where((top_k[:, None] == 0) | (rank < top_k[:, None]), vals, -jnp.inf)
         probs = jax.nn.softmax(vals, axis=-1)
-        ahead = jnp.cumsum(probs, axis=-1) - probs  # mass of the candidates before this one; exactly 0 for the first
-        vals = jnp.where(ahead < top_p, vals, -jnp.inf)
-    choice = jax.random.categorical(key, vals)  # [B] index into the candidates
-    return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+        ahead = jnp.cumsum(probs, axis=-1) - probs  # mass before each candidate; 0 for the first
+        vals = jnp.where(ahead < top_p[:, None], vals, -jnp.inf)
+        keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(seed, step)
+        choice = jax.vmap(jax.random.categorical)(keys, vals)  # [B]
+        pick = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+        return jnp.where(temperature > 0, pick, greedy)
+
+    # The sort over the vocabulary is paid only by steps where some row samples.
+    return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: greedy)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "temperature", "top_k", "top_p"),
-                   donate_argnames=("cache",))
-def _step(params: Params, tokens: jax.Array, cache: Cache, key: jax.Array, bank: list[Params] | None,
-          adapter_ids: jax.Array | None, *, cfg: ModelConfig, dtype: Any, temperature: float, top_k: int | None,
-          top_p: float | None) -> tuple[jax.Array, Cache]:
-    """Feed tokens [B, n] (the padded prompts, or the last sampled token with n = 1) and sample the next one.
-    Returns ([B, 1] int32, the new cache); the [B, 1] output is the next call's input as is."""
-    # Folding in the time gives every step fresh randomness without threading a key through the loop.
-    key = jax.random.fold_in(key, cache["length"][0])  # every row of a generate batch shares the clock
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype"), donate_argnames=("cache",))
+def next_tokens(params: Params, tokens: jax.Array, cache: Cache, bank: list[Params] | None,
+                adapter_ids: jax.Array | None, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
+                seed: jax.Array, step: jax.Array, *, cfg: ModelConfig, dtype: Any) -> tuple[jax.Array, Cache]:
+    """Feed tokens [B, n] (prompts or chunks of them, or each row's last token) and pick each row's next token
+    (`sample_rows`, its settings [B] each; step [B]: how many tokens the row has generated). Returns (int32 [B],
+    the cache n further). bank and adapter_ids: each row's adapter (model.forward_cached). The one decoding step of
+    `generate` and of the serving engine."""
     logits, cache = forward_cached(params, tokens, cache, cfg, dtype, last_only=True, bank=bank,
                                    adapter_ids=adapter_ids)  # [B, 1, V]
-    nxt = sample_logits(logits[:, 0], key, temperature=temperature, top_k=top_k, top_p=top_p)
-    return nxt[:, None], cache
+    return sample_rows(logits[:, 0], temperature, top_k, top_p, seed, step), cache
+
+
+def settings(B: int, temperature: float, top_k: int | None, top_p: float | None, seed: int) -> tuple[jax.Array, ...]:
+    """Sampling settings as `next_tokens` takes them, the same for B rows: temperature, top_k (0: no cut), top_p
+    (1: no cut), seed."""
+    return (jnp.full(B, temperature, jnp.float32), jnp.full(B, top_k or 0, jnp.int32),
+            jnp.full(B, 1.0 if top_p is None else top_p, jnp.float32), jnp.full(B, seed, jnp.int32))
 
 
 def _round_up(n: int, m: int) -> int:
@@ -97,8 +107,9 @@ def generate(params: Params, cfg: ModelConfig, prompts: list[list[int]], *, max_
     """Continue each prompt (token ids) by up to max_new_tokens tokens; returns only the new ids per row.
 
     A row ends after a token in stop_ids (not returned) or after max_new_tokens; the loop ends when every row
-    has. Sampling is deterministic for a seed. `on_tokens` gets each step's tokens, int32 [B], with FINISHED (-1)
-    for rows that have stopped, including a row whose token this step was a stop id.
+    has. Sampling is deterministic for a seed, and a row's draws do not depend on the other rows (`sample_rows`).
+    `on_tokens` gets each step's tokens, int32 [B], with FINISHED (-1) for rows that have stopped, including a row
+    whose token this step was a stop id.
     dtype is the compute and cache dtype (default: the parameters' dtype). bank (lora.make_bank) and adapter_ids
     (one bank index per prompt) give each row its own LoRA adapter, unmerged. Decoding takes per-layer weights:
     stacked parameters are unstacked here, a copy of the layer weights for the call; pass `unstack(params)` (or
@@ -115,25 +126,19 @@ def generate(params: Params, cfg: ModelConfig, prompts: list[list[int]], *, max_
         tokens[b, width - len(p):] = p
     dtype = jnp.dtype(dtype or params["embed"].dtype)
     cache = init_cache(cfg, B, _round_up(width + max_new_tokens, BUCKET), dtype, jnp.asarray(width - lengths))
-    # Static sampling settings: one compilation per setting; greedy ignores the cuts, and these cuts are no-ops.
-    greedy = temperature == 0
-    step = functools.partial(
-        _step, params, cfg=cfg, dtype=dtype, temperature=float(temperature),
-        top_k=None if greedy or top_k is None or top_k >= cfg.vocab_size else int(top_k),
-        top_p=None if greedy or top_p is None or top_p >= 1 else float(top_p))
-    key = jax.random.key(seed)
-    step = functools.partial(step, bank=bank or None,
-                             adapter_ids=None if not bank else jnp.asarray(adapter_ids or [0] * B, jnp.int32))
+    step = functools.partial(next_tokens, params, cfg=cfg, dtype=dtype)
+    extra = (bank or None, None if not bank else jnp.asarray(adapter_ids or [0] * B, jnp.int32),
+             *settings(B, temperature, top_k, top_p, seed))
     stops = np.array(sorted(set(stop_ids)), np.int64)
 
     out: list[list[int]] = [[] for _ in range(B)]
     done = np.zeros(B, bool)
-    nxt, cache = step(jnp.asarray(tokens), cache, key)  # [B, 1]
+    nxt, cache = step(jnp.asarray(tokens), cache, *extra, jnp.zeros(B, jnp.int32))  # [B]
     for i in range(max_new_tokens):
         current = nxt
         if i + 1 < max_new_tokens:  # queue the next step before reading this one, so the device never idles
-            nxt, cache = step(current, cache, key)
-        ids = np.asarray(current)[:, 0]  # [B]; the one host sync per token
+            nxt, cache = step(current[:, None], cache, *extra, jnp.full(B, i + 1, jnp.int32))
+        ids = np.asarray(current)  # [B]; the one host sync per token
         done |= np.isin(ids, stops)
         shown = np.where(done, FINISHED, ids).astype(np.int32)
         for b in np.flatnonzero(~done):
