@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import html
 import io
 import json
@@ -169,6 +170,12 @@ def answer_and_score(params: Params, cfg: ModelConfig, adapter: Adapter | None, 
 
 # --- loss ------------------------------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=8)
+def _eval_step(cfg: ModelConfig, tcfg: TrainConfig) -> Any:
+    """One compiled eval step per model and adapter configuration (runs with equal configs share it)."""
+    return make_eval_step(cfg, tcfg)
+
+
 def loss_of(params: Params, cfg: ModelConfig, adapter: Adapter | None, split: Split, indices: np.ndarray,
             dcfg: DataConfig, pad_id: int, batch_size: int) -> tuple[float, int]:
     """(mean loss per trained token, trained tokens) of the examples at `indices`, with the training's eval step
@@ -180,7 +187,7 @@ def loss_of(params: Params, cfg: ModelConfig, adapter: Adapter | None, split: Sp
     else:
         tcfg = TrainConfig(method="lora", lora=adapter[1], dtype=dtype)
         trainable, frozen = jax.tree.map(jnp.asarray, adapter[0]), params
-    step = make_eval_step(cfg, tcfg)
+    step = _eval_step(cfg, tcfg)
     rows = BatchIterator(split.store, indices, seq_len=dcfg.max_seq_len, batch_size=batch_size, pad_id=pad_id,
                          packing=dcfg.packing, shuffle_buffer=dcfg.shuffle_buffer, seed=dcfg.seed, shuffle=False)
     total = count = 0.0
@@ -296,9 +303,14 @@ def table(runs: Sequence[dict[str, Any]]) -> list[list[str]]:
     rows = [["adapter", "examples", *(COLUMNS[c] for c in cols)]]
     for run in runs:
         rows.append([run["adapter"], str(run["examples"]),
-                     *(f"{run[c]:.4f}" if c in ("loss", "perplexity") or c in METRICS else f"{run[c]:.2f}"
-                       for c in cols)])
+                     *(_cell(c, run[c]) for c in cols)])
     return rows
+
+
+def _cell(column: str, value: float) -> str:
+    if column == "perplexity" and value >= 1e6:  # an untrained model's: digits beyond the fourth say nothing
+        return f"{value:.3e}"
+    return f"{value:.2f}" if column in ("perplexity", "examples_per_s") else f"{value:.4f}"
 
 
 def format_table(runs: Sequence[dict[str, Any]]) -> str:
