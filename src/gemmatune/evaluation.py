@@ -212,8 +212,9 @@ class EvalOptions:
             raise GemmatuneError(f"--metric {', '.join(unknown) or '(none)'}: unknown metric; choose among "
                                  f"{', '.join(METRICS)}.")
         s = self.sampling
-        if s.batch_size < 1 or (self.limit is not None and self.limit < 1):
-            raise GemmatuneError(f"--batch-size ({s.batch_size}) and --limit ({self.limit}) must be at least 1.")
+        for name, value in (("--batch-size", s.batch_size), ("--limit", self.limit)):
+            if value is not None and value < 1:
+                raise GemmatuneError(f"{name} is {value}; it must be at least 1.")
         if s.max_new_tokens is not None and s.max_new_tokens < 1:
             raise GemmatuneError(f"--max-new-tokens is {s.max_new_tokens}; it must be at least 1.")
 
