@@ -143,7 +143,9 @@ def _eval(args: argparse.Namespace) -> None:
         check_output(Path(args.output), args.force)  # refused now, not after the evaluation
     result = evaluate(_model_dir(args.model), args.adapter or [], dcfg, opts, dtype=args.dtype)
     if args.output:
-        write_outputs(Path(args.output), result, args.force)
+        about = f"model {args.model}, data {', '.join(dcfg.val_paths or dcfg.paths)}" + \
+            (", the validation examples" if dcfg.val_fraction and not dcfg.val_paths else "")
+        write_outputs(Path(args.output), result, args.force, about)
         print(f"wrote {args.output}/report.html, results.json"
               f"{', predictions.jsonl' if result.answers else ''}", file=sys.stderr)
     print(json.dumps({"runs": result.runs}, indent=2) if args.json else format_table(result.runs))

@@ -132,7 +132,7 @@ def _answers(base: Params, cfg: ModelConfig, adapter: Adapter | None, prompts: S
     out: list[list[int]] = [[] for _ in prompts]
     for b, first in enumerate(range(0, len(order), sampling.batch_size)):
         batch = order[first:first + sampling.batch_size]
-        # Short prompts near the context's end still get an answer: the limit is the room left after the longest.
+        # Never past the model's context: the batch's longest prompt leaves this much room.
         room = cfg.max_position_embeddings - max(len(prompts[i]) for i in batch)
         got = generate(params, cfg, [prompts[i] for i in batch], max_new_tokens=min(max_new_tokens, max(room, 1)),
                        temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed + b,
@@ -217,6 +217,12 @@ class EvalOptions:
                 raise GemmatuneError(f"{name} is {value}; it must be at least 1.")
         if s.max_new_tokens is not None and s.max_new_tokens < 1:
             raise GemmatuneError(f"--max-new-tokens is {s.max_new_tokens}; it must be at least 1.")
+        # Checked here too (generate checks them), so that a typo fails before the weights are read.
+        if s.temperature < 0:
+            raise GemmatuneError(f"--temperature is {s.temperature}; use 0 for greedy decoding or a positive value "
+                                 "to sample.")
+        if s.top_p is not None and not 0 < s.top_p <= 1:
+            raise GemmatuneError(f"--top-p is {s.top_p}; it must be in (0, 1].")
 
 
 @dataclasses.dataclass
@@ -364,8 +370,9 @@ def _diff_sections(ev: Evaluation) -> list[str]:
     return out
 
 
-def report_html(ev: Evaluation) -> str:
-    """One self-contained HTML page: the table, the plot (inline PNG) and the answers that changed."""
+def report_html(ev: Evaluation, about: str = "") -> str:
+    """One self-contained HTML page: `about` (what was evaluated), the table, the plot (inline PNG) and the answers
+    that changed."""
     e = html.escape
     head, *rows = table(ev.runs)
     cells = "".join(f"<th>{e(h)}</th>" for h in head)
@@ -377,6 +384,7 @@ def report_html(ev: Evaluation) -> str:
              "pre.new{background:#e9f7ec}.case{border-top:1px solid #ddd;margin-top:1em}p{margin:.3em 0}")
     return "\n".join(["<!DOCTYPE html>", '<html><head><meta charset="utf-8"><title>gemmatune eval</title>',
                       f"<style>{style}</style></head><body>", "<h1>gemmatune eval</h1>",
+                      f"<p>{e(about)}</p>" if about else "",
                       f"<table><tr>{cells}</tr>{body}</table>",
                       f'<p><img alt="metrics per run" src="data:image/png;base64,{png}"></p>',
                       *_diff_sections(ev), "</body></html>"])
@@ -387,7 +395,7 @@ def check_output(out: Path, force: bool) -> None:
     refuse_to_replace(out, force, "output")
 
 
-def write_outputs(out: Path, ev: Evaluation, force: bool) -> None:
+def write_outputs(out: Path, ev: Evaluation, force: bool, about: str = "") -> None:
     """results.json, report.html and (with generation) predictions.jsonl into `out`, all at once or not at all."""
     check_output(out, force)
     with staged_dir(out) as staged:
@@ -395,4 +403,4 @@ def write_outputs(out: Path, ev: Evaluation, force: bool) -> None:
         if ev.answers:
             (staged / "predictions.jsonl").write_text(
                 "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in ev.predictions()), encoding="utf-8")
-        (staged / "report.html").write_text(report_html(ev), encoding="utf-8")
+        (staged / "report.html").write_text(report_html(ev, about), encoding="utf-8")
