@@ -25,7 +25,7 @@ from gemmatune.config import DEFAULT_MODEL, PRESETS, DataConfig, LoraConfig
 from gemmatune.convert.hf import save_hf
 from gemmatune.convert.peft import save_peft
 from gemmatune.data.pipeline import prepare
-from gemmatune.evaluation import format_table, split_prompt
+from gemmatune.evaluation import format_table, loss_of, split_prompt
 from gemmatune.generate import generate
 from gemmatune.scoring import f1
 from gemmatune.tokenizer import load_tokenizer
@@ -200,16 +200,23 @@ def test_split_prompt_takes_the_last_trained_span():
     assert split_prompt(tokens, np.array([0, 0, 0, 0, 0, 0, 0, 1], bool), (1, 107)) is None  # only <eos> trained
 
 
-def test_gemma3_loss_equals_transformers(tmp_path, capsys):
-    cfg = dataclasses.replace(SMALL3, vocab_size=4096)
-    params = strong_params(cfg)
-    save_hf(tmp_path / "base", cfg, params, tokenizer_dir=DEFAULT_MODEL)
-    data = rows_file(tmp_path / "rows.jsonl", ["Four.", "Blue.", "Just because.", "Paris."])
-    assert main(["eval", "--model", str(tmp_path / "base"), "--data", str(data), "--max-seq-len", "64",
-                 "--dtype", "float32", "--json"]) == 0
-    [run] = json.loads(capsys.readouterr().out)["runs"]
-    tok = load_tokenizer(tmp_path / "base")
-    assert run["loss"] == pytest.approx(hf_loss(hf_model(cfg, params), examples(data, tok, tmp_path / "d")), abs=1e-4)
+def test_gemma3_packed_loss_equals_transformers(small3_params, small3_hf, tmp_path):
+    """The loss function of `gemmatune eval` on a Gemma 3, with examples packed several to a row: the same per-token
+    mean as transformers' on each example alone."""
+    from gemmatune.data.loader import ExampleStore, StoreWriter
+    from gemmatune.data.records import Example
+
+    rng = np.random.default_rng(0)
+    with StoreWriter(tmp_path / "store") as w:
+        for n in (9, 23, 14, 30, 5):  # prompt tokens untrained, the rest trained
+            tokens = np.concatenate([[2], rng.integers(3, SMALL3.vocab_size, n - 1)]).astype(np.int32)
+            w.append(Example(tokens, np.arange(n) >= n // 2))
+    store = ExampleStore(tmp_path / "store")
+    ex = store.get_many(range(len(store)))
+    dcfg = DataConfig(paths=("unused",), max_seq_len=48)  # 81 slots in rows of 48: packed, some rows shared
+    loss, tokens = loss_of(small3_params, SMALL3, None, store, np.arange(len(store)), dcfg, pad_id=0, batch_size=2)
+    assert tokens == sum(int(e.mask.sum()) for e in ex)
+    assert loss == pytest.approx(hf_loss(small3_hf, ex), abs=1e-4)
 
 
 @pytest.fixture(scope="module")

@@ -47,7 +47,7 @@ from gemmatune.config import (
     TrainConfig,
 )
 from gemmatune.data.loader import BatchIterator, ExampleStore
-from gemmatune.data.pipeline import Split, describe, prepare
+from gemmatune.data.pipeline import describe, prepare
 from gemmatune.errors import GemmatuneError
 from gemmatune.generate import generate
 from gemmatune.layout import Params
@@ -176,7 +176,7 @@ def _eval_step(cfg: ModelConfig, tcfg: TrainConfig) -> Any:
     return make_eval_step(cfg, tcfg)
 
 
-def loss_of(params: Params, cfg: ModelConfig, adapter: Adapter | None, split: Split, indices: np.ndarray,
+def loss_of(params: Params, cfg: ModelConfig, adapter: Adapter | None, store: ExampleStore, indices: np.ndarray,
             dcfg: DataConfig, pad_id: int, batch_size: int) -> tuple[float, int]:
     """(mean loss per trained token, trained tokens) of the examples at `indices`, with the training's eval step
     (the adapter attached unmerged, as in training). Rows are packed as training packs them (data.packing)."""
@@ -188,7 +188,7 @@ def loss_of(params: Params, cfg: ModelConfig, adapter: Adapter | None, split: Sp
         tcfg = TrainConfig(method="lora", lora=adapter[1], dtype=dtype)
         trainable, frozen = jax.tree.map(jnp.asarray, adapter[0]), params
     step = _eval_step(cfg, tcfg)
-    rows = BatchIterator(split.store, indices, seq_len=dcfg.max_seq_len, batch_size=batch_size, pad_id=pad_id,
+    rows = BatchIterator(store, indices, seq_len=dcfg.max_seq_len, batch_size=batch_size, pad_id=pad_id,
                          packing=dcfg.packing, shuffle_buffer=dcfg.shuffle_buffer, seed=dcfg.seed, shuffle=False)
     total = count = 0.0
     for batch in rows:  # [batch_size, max_seq_len] each; the last topped up with weightless padding rows
@@ -274,7 +274,7 @@ def evaluate(model_dir: Path, adapters: Sequence[str], dcfg: DataConfig, opts: E
             result.prompts = [tokenizer.decode(c.prompt[1:], skip_special_tokens=False) for c in cases]
             result.references = [tokenizer.decode(c.reference) for c in cases]
         for name, adapter in zip(names, loaded):
-            loss, tokens = loss_of(base, cfg, adapter, split, indices, dcfg, tokenizer.pad_id,
+            loss, tokens = loss_of(base, cfg, adapter, split.store, indices, dcfg, tokenizer.pad_id,
                                    opts.sampling.batch_size)
             run: dict[str, Any] = {"adapter": name, "loss": loss, "perplexity": _exp(loss),
                                    "examples": len(indices), "trained_tokens": tokens}
