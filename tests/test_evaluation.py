@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import SMALL, SMALL3, hf_model, strong_params
+from conftest import SMALL, SMALL3, hf_model
 from gemmatune import lora
 from gemmatune.checkpoint import save_adapter
 from gemmatune.cli import main
@@ -54,11 +54,14 @@ def alone(params, tok, prompt: list[int]) -> str:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, small_params):
     """The checkpoint, an adapter (gemmatune's and its PEFT export), the data: rows 0 and 1 answered by what the base
     model itself answers greedily (so their exact match is known to be 1), rows 2 and 3 by other text."""
     d = tmp_path_factory.mktemp("eval")
-    params = strong_params(CFG)
+    # The session's small Gemma 2 with its embedding grown to the tokenizer's 4096 rows (like the first 256).
+    embed = np.asarray(small_params["embed"])
+    rows = np.random.default_rng(0).normal(0, embed.std(), (CFG.vocab_size - len(embed), embed.shape[1]))
+    params = {**small_params, "embed": jnp.asarray(np.concatenate([embed, rows]), jnp.float32)}
     save_hf(d / "base", CFG, params, tokenizer_dir=DEFAULT_MODEL)
     tok = load_tokenizer(d / "base")
     lora_cfg = LoraConfig(rank=4, alpha=8.0, targets=("q", "v", "down"))
