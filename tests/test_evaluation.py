@@ -252,3 +252,12 @@ def test_errors_are_one_message(setup, foreign_adapter, tmp_path, capsys, case, 
     assert main(argv) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.startswith("error: ") and want in err and err.count("\n") == 1, err
+
+
+def test_eval_takes_the_data_options_of_train(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    shown = "".join(capsys.readouterr().out.split())
+    for option in ("--seq-len,--max-seq-len,--data.max-seq-len", "--template,--data.template", "--val-fraction",
+                   "--adapterDIR", "--metricNAME", "--dtype{auto,float32,bfloat16}"):
+        assert option in shown, option

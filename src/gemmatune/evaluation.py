@@ -333,18 +333,19 @@ def _plot(runs: Sequence[dict[str, Any]]) -> bytes:
     from matplotlib.figure import Figure  # no pyplot: no global backend, no display
 
     metrics = [m for m in METRICS if m in runs[0]] or ["loss"]
-    fig = Figure(figsize=(max(5.0, 1.3 * len(metrics) * len(runs) ** 0.5 + 2), 3.8), layout="constrained")
+    fig = Figure(figsize=(max(5.0, 1.3 * len(metrics) * len(runs) ** 0.5 + 2), 4.2), layout="constrained")
     ax = fig.subplots()
     width = 0.8 / len(runs)
     x = np.arange(len(metrics))
     for i, run in enumerate(runs):
-        ax.bar(x + (i - (len(runs) - 1) / 2) * width, [run[m] for m in metrics], width, label=run["adapter"])
+        bars = ax.bar(x + (i - (len(runs) - 1) / 2) * width, [run[m] for m in metrics], width, label=run["adapter"])
+        ax.bar_label(bars, fmt="%.2f", fontsize="x-small")
     ax.set_xticks(x, metrics)
     if metrics != ["loss"]:
-        ax.set_ylim(0, 1)
+        ax.set_ylim(0, 1.08)  # room for the labels of bars at 1
     ax.set_ylabel("mean over examples" if metrics != ["loss"] else "loss per trained token")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize="small")
+    fig.legend(loc="outside lower center", ncols=min(len(runs), 3), fontsize="small")  # below: never over a bar
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     return buf.getvalue()
