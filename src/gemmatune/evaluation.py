@@ -7,8 +7,10 @@ Each run (the base alone, "none", or the base with one adapter) gets
   - with generation, answers to each example's prompt scored against its reference (gemmatune.scoring).
 
 An example's prompt is its tokens before its last trained span (for chat and instruction rows: everything up to
-and including the last `<start_of_turn>model\\n`), and its reference that span's text without the <end_of_turn> and
-<eos> that close it. Plain-text rows (or train_on all) train every token after <bos>: they have no prompt.
+and including the last `<start_of_turn>model\\n`, earlier model turns as the data writes them), and its reference
+that span's text without the <end_of_turn> and <eos> that close it. Plain-text rows (or train_on all) train every
+token after <bos>: they have no prompt. An example that max_seq_len cut keeps its start, so its reference is cut
+too (the data line on stderr counts them): raise --max-seq-len to compare whole answers.
 
 The same functions serve validation during training (`--eval-generate`, loop.evaluate): `generation_cases` and
 `answer_and_score`.
