@@ -19,13 +19,13 @@ ROOT = Path(__file__).parent.parent / "src" / "gemmatune"
 TIERS = [
     {"errors", "config", "layout", "platforms"},  # the configuration and the parameter layout: import nothing else
     {"attention", "sharding", "model", "lora", "loss", "generate", "atomic", "safetensors_io", "tokenizer",
-     "distributed"},  # the numbers, and the primitives every writer and reader uses
+     "distributed", "scoring"},  # the numbers, and the primitives every writer and reader uses
     {"data", "data.records", "data.packing", "data.sources", "data.formats", "data.loader", "data.pipeline",
      "data.inspect", "convert", "convert.common", "convert.hf", "convert.kerashub", "convert.peft", "convert.gguf",
      "convert.gguf_read",
      "checkpoint", "hub", "engine"},  # other formats in and out; the serving engine (decoding, not a format)
     {"step"},  # the compiled train and eval steps
-    {"loop", "metrics", "trackers", "settings", "export", "plan"},  # what a command drives
+    {"loop", "evaluation", "metrics", "trackers", "settings", "export", "plan"},  # what a command drives
     {"cli", ""},  # the command line and the package's public API (gemmatune/__init__.py)
 ]
 

@@ -350,13 +350,18 @@ def test_validation_loss_and_samples(tmp_path, capsys):
     data = write_rows(tmp_path / "rows.jsonl", 30)
     out = tmp_path / "run"
     assert main(["train", "--data", str(data), "--output", str(out), "--max-steps", "5", "--val-fraction", "0.2",
-                 "--eval-every", "2", "--eval_prompts", "hi", "--eval_max_new_tokens", "8", *TINY]) == 0
+                 "--eval-every", "2", "--eval_prompts", "hi", "--eval_max_new_tokens", "8", "--eval-generate",
+                 "--eval-generate-examples", "3", *TINY]) == 0
     stdout, _ = capsys.readouterr()
     rows = read_jsonl(out / "metrics.jsonl")
     val = [row for row in rows if "val_loss" in row]
     assert [row["step"] for row in val] == [2, 4, 5]  # every eval_every steps and at the end
     for row in val:
         assert 0 < row["val_loss"] < 20 and row["val_ppl"] == pytest.approx(math.exp(row["val_loss"]), rel=1e-9)
+        # --eval-generate: the validation answers' metrics (means over 3 examples) in the same row
+        assert all(0 <= row[f"val_{m}"] <= 1 for m in ("exact_match", "contains", "f1", "rouge_l")), row
+    tensorboard = next((out / "tensorboard").glob("events.out.tfevents.*")).read_bytes()
+    assert b"val_rouge_l" in tensorboard
     samples = read_jsonl(out / "samples.jsonl")
     assert [(s["step"], s["tag"]) for s in samples] == [(2, "hi"), (4, "hi"), (5, "hi")]
     assert all(isinstance(s["text"], str) for s in samples)

@@ -59,7 +59,8 @@ BASE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "
 # The mesh and the processes are left out too: every mesh computes the same step (to float rounding), so a run may
 # resume on other devices.
 NOT_IN_DIGEST = frozenset({"resume", "overwrite", "output", "log_every", "save_every", "keep", "eval_every",
-                           "eval_prompts", "eval_max_new_tokens", "max_steps", "epochs", "mesh", "distributed",
+                           "eval_prompts", "eval_max_new_tokens", "eval_generate",
+                           "eval_generate_examples", "max_steps", "epochs", "mesh", "distributed",
                            "coordinator_address", "num_processes", "process_id", "report_to"})
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")

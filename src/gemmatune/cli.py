@@ -126,6 +126,29 @@ def _inspect(args: argparse.Namespace) -> None:
     print(s["example"])
 
 
+def _eval(args: argparse.Namespace) -> None:
+    import json
+
+    from gemmatune.evaluation import EvalOptions, Sampling, check_output, evaluate, format_table, write_outputs
+    from gemmatune.settings import data_config_from_args
+
+    dcfg = data_config_from_args(args)
+    metrics = tuple(m.strip() for given in args.metric or [] for m in given.split(",") if m.strip())
+    opts = EvalOptions(generate=args.generate, limit=args.limit, **({"metrics": metrics} if metrics else {}),
+                       sampling=Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                         top_p=args.top_p, seed=args.seed, batch_size=args.batch_size))
+    if args.output:
+        check_output(Path(args.output), args.force)  # refused now, not after the evaluation
+    result = evaluate(_model_dir(args.model), args.adapter or [], dcfg, opts, dtype=args.dtype)
+    if args.output:
+        about = f"model {args.model}, data {', '.join(dcfg.val_paths or dcfg.paths)}" + \
+            (", the validation examples" if dcfg.val_fraction and not dcfg.val_paths else "")
+        write_outputs(Path(args.output), result, args.force, about)
+        print(f"wrote {args.output}/report.html, results.json"
+              f"{', predictions.jsonl' if result.answers else ''}", file=sys.stderr)
+    print(json.dumps({"runs": result.runs}, indent=2) if args.json else format_table(result.runs))
+
+
 def _train(args: argparse.Namespace) -> None:
     import dataclasses
 
@@ -259,6 +282,45 @@ def build_parser() -> argparse.ArgumentParser:
                                 "f32, f16, bf16 and q8_0 (default: auto)")
         e.add_argument("--force", action="store_true", help="replace an existing output")
         e.set_defaults(run=_export, parser=e)
+
+    from gemmatune.config import EVAL_BATCH, EVAL_MAX_NEW_TOKENS, EVAL_NEW_TOKENS_SLACK, NO_ADAPTER
+    from gemmatune.scoring import METRICS
+
+    ev = sub.add_parser("eval", help="loss, perplexity and answer metrics of a base model and adapters on your data",
+                        description="Evaluate the base model and adapters on one dataset, side by side: the loss "
+                                    "and perplexity over the trained tokens (the data read, formatted and masked "
+                                    "as train reads it; with --val-fraction or --val-data, the validation examples "
+                                    "that training held out), and with --generate the answers to each example's "
+                                    "prompt (its text before the last model turn) scored against that turn: exact "
+                                    "match, contains, token F1 and ROUGE-L.")
+    ev.add_argument("--model", default=EMBEDDED_MODEL, help="the base model: " + MODEL_HELP + "; default: tiny")
+    ev.add_argument("--adapter", action="append", metavar="DIR",
+                    help=f"an adapter directory (OUTPUT/adapter, or a PEFT adapter); repeat for several runs side by "
+                         f"side; {NO_ADAPTER} is the base model alone (default: {NO_ADAPTER})")
+    ev.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                    help="compute dtype; auto means the checkpoint's")
+    ev.add_argument("--generate", action="store_true", help="also answer every prompt and score the answers "
+                                                            "(instruction or chat rows)")
+    ev.add_argument("--metric", action="append", metavar="NAME",
+                    help=f"with --generate: a metric to report, repeatable or comma-separated: "
+                         f"{', '.join(METRICS)} (default: all)")
+    ev.add_argument("--max-new-tokens", type=int, default=None,
+                    help=f"tokens generated per answer at most (default: the longest reference's tokens + "
+                         f"{EVAL_NEW_TOKENS_SLACK}, at most {EVAL_MAX_NEW_TOKENS})")
+    ev.add_argument("--temperature", type=float, default=0.0, help="0 (the default) means greedy decoding")
+    ev.add_argument("--top-p", type=float, default=None)
+    ev.add_argument("--seed", type=int, default=0, help="sampling seed")
+    ev.add_argument("--batch-size", type=int, default=EVAL_BATCH,
+                    help=f"prompts answered together, and rows per loss batch (default: {EVAL_BATCH})")
+    ev.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate only the first N examples")
+    ev.add_argument("--json", action="store_true", help='print one JSON object {"runs": [...]} instead of the table')
+    ev.add_argument("--output", default=None, metavar="DIR",
+                    help="write results.json, report.html (table, plot, the answers that changed) and, with "
+                         "--generate, predictions.jsonl here")
+    ev.add_argument("--force", action="store_true", help="replace a non-empty --output directory")
+    add_data_args(ev)
+    ev.usage = "%(prog)s --data PATH [--adapter DIR ...] [--generate] [--output DIR] [options]"
+    ev.set_defaults(run=_eval, parser=ev)
 
     from gemmatune.plan import DEVICES
 

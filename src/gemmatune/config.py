@@ -347,6 +347,14 @@ EMBEDDED_MODEL = "tiny"
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "tiny"
 
 
+# `gemmatune eval` (evaluation.py) defaults, here so that the command line builds its --help without JAX.
+NO_ADAPTER = "none"  # the adapter name of the base model alone
+EVAL_BATCH = 16  # prompts answered together (one left-padded batch)
+# Default max new tokens: the longest reference plus this, at most EVAL_MAX_NEW_TOKENS. The slack lets an answer run
+# a little past the reference's length (and emit its <end_of_turn>) without decoding far beyond it.
+EVAL_NEW_TOKENS_SLACK = 16
+EVAL_MAX_NEW_TOKENS = 512
+
 FORMATS = ("auto", "text", "instruction", "chat")
 PLAIN_TEMPLATE = "Instruction:\n{instruction}\n\nResponse:\n{response}"  # the original notebooks' template
 
@@ -483,6 +491,12 @@ class TrainConfig:
     eval_prompts: tuple[str, ...] = setting((), "chat prompts answered at each evaluation and logged; one prompt "
                                                 "per value", commas=False)
     eval_max_new_tokens: int = setting(64, "tokens generated per eval prompt")
+    eval_generate: bool = setting(False, "at each evaluation, answer validation examples' prompts with the current "
+                                         "weights (greedy) and log exact match, contains, F1 and ROUGE-L against "
+                                         "their references (val_exact_match, val_contains, val_f1, val_rouge_l); "
+                                         "needs validation data of instruction or chat rows")
+    eval_generate_examples: int = setting(64, "with eval_generate: the first this many validation examples are "
+                                              "answered at each evaluation")
     save_every: int = setting(0, "steps between checkpoints; 0: only at the end")
     keep: int = setting(3, "checkpoints kept")
     resume: bool = setting(False, "continue from the latest checkpoint in output")
@@ -512,7 +526,8 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise GemmatuneError(f"{name}: {getattr(self, name)!r} is not valid; expected one of "
                                      f"{', '.join(allowed)}.")
-        positive = ("batch_size", "grad_accum", "loss_chunk", "log_every", "keep", "eval_max_new_tokens")
+        positive = ("batch_size", "grad_accum", "loss_chunk", "log_every", "keep", "eval_max_new_tokens",
+                    "eval_generate_examples")
         for name in positive:
             if getattr(self, name) < 1:
                 raise GemmatuneError(f"{name}: {getattr(self, name)!r} is not valid; expected a positive integer.")
@@ -527,6 +542,9 @@ class TrainConfig:
         if self.process_id is not None and not 0 <= self.process_id < (self.num_processes or self.process_id + 1):
             raise GemmatuneError(f"process_id: {self.process_id!r} is not valid; expected 0 to num_processes - 1 "
                                  f"({(self.num_processes or 1) - 1}).")
+        if self.eval_generate and not (self.data.val_fraction > 0 or self.data.val_paths):
+            raise GemmatuneError("eval_generate: answers validation examples, but there are none; set "
+                                 "data.val_fraction (e.g. --val-fraction 0.1) or data.val_paths (--val-data FILE).")
         if self.max_steps == 0 and self.epochs <= 0:
             raise GemmatuneError(f"epochs: {self.epochs!r} is not valid; expected a positive number "
                                  "(or set max_steps).")

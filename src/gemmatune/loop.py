@@ -43,6 +43,7 @@ from gemmatune.convert.peft import load_adapter_for
 from gemmatune.data.loader import BatchIterator
 from gemmatune.data.pipeline import Prepared, Split, describe, prepare
 from gemmatune.errors import GemmatuneError
+from gemmatune.evaluation import Case, answer_and_score, generation_cases
 from gemmatune.generate import generate
 from gemmatune.hub import resolve_model
 from gemmatune.layout import Params
@@ -112,6 +113,7 @@ class Run:
     loss: float | None = None  # the last finite training loss
     val_loss: float | None = None
     answers: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # from the last evaluation
+    val_cases: list[Case] = dataclasses.field(default_factory=list)  # eval_generate: the validation prompts
 
     def next_batch(self) -> Batch:
         """The step's [k, B, T] global batch, of which this process supplies its rows."""
@@ -190,6 +192,9 @@ def setup(tcfg: TrainConfig) -> Run:
             workdir = _private_dir()
         data = prepare(tcfg.data, tokenizer, workdir)
         print(f"data: {describe(data.train.report)}", file=sys.stderr)
+        # Checked now (plain-text rows have no prompt to answer), not at the first evaluation after many steps.
+        val_cases = generation_cases(data.val.store, data.val.indices[:tcfg.eval_generate_examples], tokenizer) \
+            if tcfg.eval_generate and data.val is not None else []
         cfg, base = load_model(model_dir, dtype=tcfg.dtype, mesh=mesh)  # the weights last: the slowest to read
         seq_len, rows_per_step = tcfg.data.max_seq_len, tcfg.batch_size * tcfg.grad_accum
         shapes = Shapes(tcfg.grad_accum, tcfg.batch_size, seq_len)
@@ -230,7 +235,8 @@ def setup(tcfg: TrainConfig) -> Run:
                data=data, shapes=shapes, shardings=sh, mine=mine, total=total, lr_at=schedule(tcfg, total),
                train_step=make_train_step(cfg, tcfg, opt, mesh), eval_step=make_eval_step(cfg, tcfg, mesh),
                frozen=frozen, state=state, train_it=train_it, log=log, progress=progress,
-               started=started, start=start, skipped=skipped, tokens_seen=tokens_seen, tokens_at_start=tokens_seen)
+               started=started, start=start, skipped=skipped, tokens_seen=tokens_seen, tokens_at_start=tokens_seen,
+               val_cases=val_cases)
 
 
 def answer(params: Params, cfg: ModelConfig, tokenizer: Tokenizer, prompts: Sequence[str],
@@ -262,8 +268,8 @@ class LogStep:
 
 
 def evaluate(run: Run, step: int, record: bool = True) -> None:
-    """Validation loss (logged with perplexity) and the answers to the evaluation prompts (logged), into run,
-    logged unless record is False."""
+    """Validation loss (logged with perplexity), with eval_generate the validation examples' answer metrics
+    (logged), and the answers to the evaluation prompts (logged), into run, logged unless record is False."""
     tcfg = run.tcfg
     if run.data.val is not None:
         total = count = 0.0
@@ -273,7 +279,13 @@ def evaluate(run: Run, step: int, record: bool = True) -> None:
             total, count = total + float(s), count + float(c)
         run.val_loss = total / max(count, 1.0)
         if record:
-            run.log.log(step, val_loss=run.val_loss, val_ppl=math.exp(min(run.val_loss, 50.0)))
+            values = {"val_loss": run.val_loss, "val_ppl": math.exp(min(run.val_loss, 50.0))}
+            if run.val_cases:  # greedy answers to validation prompts, scored as `gemmatune eval` scores them
+                base, adapter = (run.state["params"], None) if tcfg.method == "full" else \
+                    (run.frozen, (run.state["params"], tcfg.lora))
+                scored = answer_and_score(base, run.cfg, adapter, run.val_cases, run.tokenizer)
+                values.update({f"val_{name}": value for name, value in scored.means.items()})
+            run.log.log(step, **values)
     if tcfg.eval_prompts:
         params = run.state["params"] if tcfg.method == "full" else lora.merge(run.frozen, run.state["params"],
                                                                                tcfg.lora)
