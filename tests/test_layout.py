@@ -25,7 +25,7 @@ TIERS = [
      "convert.gguf_read",
      "checkpoint", "hub"},  # other formats in and out: checkpoints, data files, other tools' models
     {"step"},  # the compiled train and eval steps
-    {"loop", "metrics", "trackers", "settings", "export", "plan"},  # what a command drives
+    {"loop", "metrics", "trackers", "settings", "export", "plan", "server"},  # what a command drives
     {"cli", ""},  # the command line and the package's public API (gemmatune/__init__.py)
 ]
 

@@ -1,0 +1,315 @@
+"""`gemmatune serve` through the real `openai` client, against one server started in this process on the embedded
+tiny model with two adapters: every greedy answer equals `gemmatune generate`'s (the merged adapter, decoded alone),
+whatever else is in the batch; every mistake is an OpenAI-style 4xx JSON error; a client that goes away frees its
+slot. And `gemmatune chat` fed lines through stdin."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import jax
+import openai
+import pytest
+
+from gemmatune import cli
+from gemmatune.checkpoint import save_adapter
+from gemmatune.config import DEFAULT_MODEL, EMBEDDED_MODEL, LoraConfig
+from gemmatune.convert import model_config
+from gemmatune.generate import generate
+from gemmatune.lora import init_adapters
+from gemmatune.server import open_server
+from gemmatune.tokenizer import load_tokenizer
+
+KEY = "sk-test-0123456789"
+MAX_LEN = 96  # the engine's context per request: small, so "too long" is cheap to reach
+SLOTS = 4  # fewer than the concurrent clients below, so some requests wait for a slot and join mid-batch
+QUESTIONS = ["Hello!", "What is JAX?", "Tell me a story.", "2 + 2 =", "Why is the sky blue?", "Name three colours.",
+             "Translate 'cat' to French.", "Write a haiku.", "Say something.", "What is LoRA?", "Count to five.",
+             "Who are you?", "Summarise: the cat sat.", "Is water wet?", "Give me a word.", "Goodbye."]
+
+
+def write_adapter(path, cfg, seed: int) -> str:
+    """A gemmatune adapter with a nonzero B (a fresh one is the base exactly), large enough to change answers."""
+    lora_cfg = LoraConfig(rank=4, alpha=8.0, targets=("q", "v", "down"))
+    adapters = init_adapters(cfg, lora_cfg, jax.random.key(seed))
+    keys = jax.random.split(jax.random.key(seed + 1), len(adapters))
+    adapters = {n: {"a": ab["a"], "b": 0.5 * jax.random.normal(k, ab["b"].shape)}
+                for k, (n, ab) in zip(keys, adapters.items())}
+    save_adapter(path, adapters, lora_cfg, cfg, EMBEDDED_MODEL)
+    return str(path)
+
+
+class Served:
+    def __init__(self, server, paths):
+        self.server, self.paths = server, paths  # paths: {model name: adapter directory or None}
+        self.url = server.url
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+        self.http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
+        self.tok = load_tokenizer(DEFAULT_MODEL)
+        self._params: dict[str, tuple] = {}
+
+    def reference(self, model: str, prompt: list[int], max_tokens: int) -> tuple[str, int]:
+        """What `gemmatune generate [--adapter]` answers: the CLI's own loading (the adapter merged into the
+        base) and generate(), one prompt alone. (text, tokens)."""
+        if model not in self._params:
+            self._params[model] = cli._load_merged(DEFAULT_MODEL, self.paths[model], "auto", stacked=False)
+        cfg, params = self._params[model]
+        [out] = generate(params, cfg, [prompt], max_new_tokens=max_tokens,
+                         stop_ids=(self.tok.eos_id, self.tok.end_of_turn_id))
+        return self.tok.decode(out), len(out)
+
+    def chat_ids(self, question: str) -> list[int]:
+        return self.tok.encode_chat([{"role": "user", "content": question}], add_generation_prompt=True)
+
+    def active(self) -> int:
+        return self.http.get("/health").json()["active_requests"]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    cfg = model_config(DEFAULT_MODEL)
+    paths = {"tiny": None, "alpha": write_adapter(tmp / "alpha", cfg, 1), "beta": write_adapter(tmp / "beta", cfg, 2)}
+    server = open_server(EMBEDDED_MODEL, {"alpha": paths["alpha"], "beta": paths["beta"]}, port=0, api_key=KEY,
+                         slots=SLOTS, max_len=MAX_LEN)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.uvicorn.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.02)
+    s = Served(server, paths)
+    yield s
+    server.stop()
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+
+
+def test_models_lists_the_base_and_each_adapter(served):
+    assert [m.id for m in served.client.models.list()] == ["tiny", "alpha", "beta"]
+    health = httpx.get(served.url + "/health")  # no key needed: probes poll it
+    assert health.status_code == 200 and health.json() == {"status": "ok", "active_requests": 0}
+
+
+def test_chat_plain_and_streaming_for_the_base_and_both_adapters(served):
+    question, max_tokens = "What is JAX?", 12
+    answers = {}
+    for model in ("tiny", "alpha", "beta"):
+        want, n = served.reference(model, served.chat_ids(question), max_tokens)
+        r = served.client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
+                                                  max_tokens=max_tokens, temperature=0)
+        assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and r.model == model
+        assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == want, model
+        assert r.choices[0].finish_reason == ("length" if n == max_tokens else "stop")
+        assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(served.chat_ids(question)), n)
+        assert r.usage.total_tokens == r.usage.prompt_tokens + n
+
+        chunks = list(served.client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": question}], max_tokens=max_tokens, temperature=0,
+            stream=True, stream_options={"include_usage": True}))
+        assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == r.choices[0].finish_reason
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == n
+        answers[model] = want
+    assert len(set(answers.values())) == 3, answers  # each row decoded with its own adapter
+
+
+def test_completions_plain_and_streaming(served):
+    prompt = "The quick brown fox"
+    want, n = served.reference("beta", [served.tok.bos_id] + served.tok.encode(prompt), 10)
+    r = served.client.completions.create(model="beta", prompt=prompt, max_tokens=10, temperature=0)
+    assert (r.object, r.choices[0].text, r.usage.completion_tokens) == ("text_completion", want, n)
+    streamed = served.client.completions.create(model="beta", prompt=prompt, max_tokens=10, temperature=0,
+                                                stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == want
+
+
+def test_sixteen_concurrent_clients_with_mixed_adapters_match_serial_generate(served):
+    """THE acceptance test: 16 clients at once over 4 slots (requests join the running batch as others finish),
+    base and both adapters mixed; every greedy answer equals its own serial `generate`."""
+    models = ["tiny", "alpha", "beta"]
+    jobs = [(models[i % 3], q, 6 + i % 5) for i, q in enumerate(QUESTIONS)]  # different lengths: rows end apart
+
+    def ask(job):
+        model, question, max_tokens = job
+        r = served.client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
+                                                  max_tokens=max_tokens, temperature=0)
+        return r.choices[0].message.content, r.usage.completion_tokens
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        got = list(pool.map(ask, jobs))
+    took = time.perf_counter() - t0
+    want = [served.reference(model, served.chat_ids(q), n) for model, q, n in jobs]
+    assert got == want, [(j, g, w) for j, g, w in zip(jobs, got, want) if g != w]
+    print(f"16 concurrent requests in {took:.2f}s")
+
+
+def test_stop_strings_cut_the_text_plain_and_streaming(served):
+    question = "Tell me a story."
+    full, _ = served.reference("alpha", served.chat_ids(question), 16)
+    assert len(full) > 4
+    stop = full[2:4]  # the text is cut before its first occurrence
+    want = full[:full.index(stop)]
+    kw = dict(model="alpha", messages=[{"role": "user", "content": question}], max_tokens=16, temperature=0,
+              stop=[stop, "\u2603never"])
+    r = served.client.chat.completions.create(**kw)
+    assert (r.choices[0].message.content, r.choices[0].finish_reason) == (want, "stop")
+    chunks = [c for c in served.client.chat.completions.create(**kw, stream=True) if c.choices]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    deadline = time.monotonic() + 10  # the request was cancelled at the stop string
+    while served.active() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert served.active() == 0
+
+
+def test_sampling_is_repeatable_with_a_seed(served):
+    kw = dict(model="tiny", messages=[{"role": "user", "content": "Hello!"}], max_tokens=8, temperature=0.9,
+              top_p=0.95, seed=7)
+    first = served.client.chat.completions.create(**kw).choices[0].message.content
+    assert served.client.chat.completions.create(**kw).choices[0].message.content == first
+
+
+def post(served, path, body, headers=None, raw=None):
+    return httpx.post(served.url + path, content=raw if raw is not None else json.dumps(body),
+                      headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json",
+                               **(headers or {})}, timeout=30)
+
+
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+# (what, method, path, body or raw bytes, headers, status, param, words in the message)
+ERRORS = [
+    ("no key", "POST", "/v1/chat/completions", CHAT, {"Authorization": ""}, 401, None, "API key"),
+    ("wrong key", "POST", "/v1/chat/completions", CHAT, {"Authorization": "Bearer sk-test-0123456788"}, 401, None,
+     "API key"),
+    ("wrong key, models", "GET", "/v1/models", None, {"Authorization": "Bearer nope"}, 401, None, "API key"),
+    ("unknown model", "POST", "/v1/chat/completions", {**CHAT, "model": "gamma"}, {}, 404, "model", "'gamma'"),
+    ("no model", "POST", "/v1/chat/completions", {k: v for k, v in CHAT.items() if k != "model"}, {}, 400, "model",
+     "required"),
+    ("negative temperature", "POST", "/v1/chat/completions", {**CHAT, "temperature": -1}, {}, 400, "temperature",
+     "-1"),
+    ("top_p 0", "POST", "/v1/chat/completions", {**CHAT, "top_p": 0}, {}, 400, "top_p", "(0, 1]"),
+    ("n 2", "POST", "/v1/chat/completions", {**CHAT, "n": 2}, {}, 400, "n", "n = 1"),
+    ("max_tokens 0", "POST", "/v1/chat/completions", {**CHAT, "max_tokens": 0}, {}, 400, "max_tokens", "between 1"),
+    ("max_tokens a string", "POST", "/v1/chat/completions", {**CHAT, "max_tokens": "ten"}, {}, 400, "max_tokens",
+     "integer"),
+    ("max_tokens a bool", "POST", "/v1/chat/completions", {**CHAT, "max_tokens": True}, {}, 400, "max_tokens",
+     "integer"),
+    ("max_tokens past the context", "POST", "/v1/chat/completions", {**CHAT, "max_tokens": 1000}, {}, 400,
+     "max_tokens", f"the context is {MAX_LEN} tokens"),
+    ("max_completion_tokens past the context", "POST", "/v1/chat/completions",
+     {**CHAT, "max_completion_tokens": 1000}, {}, 400, "max_completion_tokens", "1000"),
+    ("prompt too long", "POST", "/v1/chat/completions",
+     {**CHAT, "messages": [{"role": "user", "content": "word " * 400}]}, {}, 400, "messages", f"context is {MAX_LEN}"),
+    ("completion prompt too long", "POST", "/v1/completions", {"model": "tiny", "prompt": "word " * 400}, {}, 400,
+     "prompt", f"context is {MAX_LEN}"),
+    ("token ids outside the vocabulary", "POST", "/v1/completions", {"model": "tiny", "prompt": [2, 99999]}, {},
+     400, "prompt", "vocabulary"),
+    ("messages not a list", "POST", "/v1/chat/completions", {**CHAT, "messages": "Hi"}, {}, 400, "messages", "list"),
+    ("bad role", "POST", "/v1/chat/completions", {**CHAT, "messages": [{"role": "robot", "content": "x"}]}, {}, 400,
+     "messages", "robot"),
+    ("stop not strings", "POST", "/v1/chat/completions", {**CHAT, "stop": [1]}, {}, 400, "stop", "string"),
+    ("malformed JSON", "POST", "/v1/chat/completions", b'{"model": "tiny", ', {}, 400, None, "not valid JSON"),
+    ("not UTF-8", "POST", "/v1/chat/completions", b'\xff\xfe{', {}, 400, None, "not valid JSON"),
+    ("not an object", "POST", "/v1/chat/completions", b"[1, 2]", {}, 400, None, "JSON object"),
+    ("too large", "POST", "/v1/chat/completions", b" " * (2**20 + 1), {}, 413, None, "limit"),
+    ("unknown path", "GET", "/v1/nothing", None, {}, 404, None, "Not Found"),
+    ("wrong method", "GET", "/v1/chat/completions", None, {}, 405, None, "Method Not Allowed"),
+    ("adapter without path", "POST", "/v1/adapters", {"name": "x"}, {}, 400, "path", "path"),
+    ("adapter not there", "POST", "/v1/adapters", {"name": "x", "path": "/no/such/dir"}, {}, 400, "path",
+     "/no/such/dir"),
+    ("adapter name taken", "POST", "/v1/adapters", {"name": "alpha", "path": "/no/such/dir"}, {}, 409, "name",
+     "taken"),
+    ("remove the base", "DELETE", "/v1/adapters/tiny", None, {}, 400, "name", "base model"),
+    ("remove an unknown adapter", "DELETE", "/v1/adapters/gamma", None, {}, 404, "model", "'gamma'"),
+]
+
+
+def test_every_mistake_is_an_openai_style_4xx_error(served):
+    for what, method, path, body, headers, status, param, words in ERRORS:
+        raw = body if isinstance(body, bytes) else None
+        r = httpx.request(method, served.url + path, content=raw if raw is not None else
+                          (json.dumps(body) if body is not None else None),
+                          headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json", **headers},
+                          timeout=30)
+        assert r.status_code == status, (what, r.status_code, r.text)
+        error = r.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}, what
+        assert error["param"] == param and words in error["message"], (what, error)
+    # the client library raises its own exceptions for them
+    with pytest.raises(openai.NotFoundError) as e:
+        served.client.chat.completions.create(model="gamma", messages=[{"role": "user", "content": "x"}])
+    assert e.value.code == "model_not_found"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=served.url + "/v1", api_key="wrong", max_retries=0).models.list()
+    assert served.active() == 0 and served.client.models.list()  # still serving
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(served):
+    prompt = served.chat_ids("Tell me a story.")
+    body = {"model": "alpha", "messages": [{"role": "user", "content": "Tell me a story."}], "stream": True,
+            "max_tokens": MAX_LEN - len(prompt), "temperature": 0}
+    # All slots taken by answers as long as the context allows, each dropped after its first chunk.
+    for _ in range(SLOTS):
+        with served.http.stream("POST", "/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200 and next(r.iter_lines()).startswith("data: ")
+    deadline = time.monotonic() + 10
+    while served.active() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert served.active() == 0
+    want, _ = served.reference("tiny", served.chat_ids("Hello!"), 4)
+    r = served.client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hello!"}],
+                                              max_tokens=4, temperature=0, timeout=10)
+    assert r.choices[0].message.content == want
+
+
+def test_adapters_added_and_removed_while_serving(served):
+    question = "Name three colours."
+    r = post(served, "/v1/adapters", {"name": "gamma", "path": served.paths["alpha"]})
+    assert r.status_code == 200 and r.json()["id"] == "gamma"
+    assert [m.id for m in served.client.models.list()] == ["tiny", "alpha", "beta", "gamma"]
+    want, _ = served.reference("alpha", served.chat_ids(question), 12)  # gamma holds alpha's weights
+    stream = served.client.chat.completions.create(model="gamma", messages=[{"role": "user", "content": question}],
+                                                   max_tokens=12, temperature=0, stream=True)
+    first = next(stream)
+    assert served.http.delete("/v1/adapters/gamma").json() == {"id": "gamma", "object": "model", "deleted": True}
+    # the answer already decoding with it finishes
+    assert "".join(c.choices[0].delta.content or "" for c in [first, *stream] if c.choices) == want
+    assert [m.id for m in served.client.models.list()] == ["tiny", "alpha", "beta"]
+    with pytest.raises(openai.NotFoundError):
+        served.client.chat.completions.create(model="gamma", messages=[{"role": "user", "content": question}])
+
+
+def test_serve_refuses_a_bad_adapter_and_a_port_in_use(capsys):
+    assert cli.main(["serve", "--adapter", "x=/no/such/adapter"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "/no/such/adapter" in err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert cli.main(["serve", "--port", str(taken.getsockname()[1])]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "in use" in err and "--port" in err
+
+
+def test_chat_keeps_the_history_and_reads_a_pipe(served, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello!\nWhat is JAX?\n/reset\nHello!\n/exit\nnot read\n"))
+    assert cli.main(["chat", "--adapter", served.paths["beta"], "--max-new-tokens", "8"]) == 0
+    tok = served.tok
+    first, _ = served.reference("beta", served.chat_ids("Hello!"), 8)
+    history = [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": first},
+               {"role": "user", "content": "What is JAX?"}]
+    second, _ = served.reference("beta", tok.encode_chat(history, add_generation_prompt=True), 8)
+    out, err = capsys.readouterr()
+    assert out == f"{first}\n{second}\n{first}\n"  # after /reset the first question is answered afresh
+    assert "/reset" in err and "history cleared" in err
