@@ -5,6 +5,7 @@ slot. And `gemmatune chat` fed lines through stdin."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import socket
@@ -255,18 +256,37 @@ def test_every_mistake_is_an_openai_style_4xx_error(served):
     assert served.active() == 0 and served.client.models.list()  # still serving
 
 
-def test_a_client_that_disconnects_mid_stream_frees_its_slot(served):
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(served, monkeypatch):
+    engine, seen = served.server.engine, []  # seen: per engine request, what its on_token was given
+    submit = engine.submit
+
+    def spy(prompt, sampling, on_token, adapter=None):
+        got: list = []
+        seen.append(got)
+        return submit(prompt, sampling, lambda t, f: (got.append((t, f)), on_token(t, f)), adapter=adapter)
+
+    monkeypatch.setattr(engine, "submit", spy)
     prompt = served.chat_ids("Tell me a story.")
+    room = MAX_LEN - len(prompt)
     body = {"model": "alpha", "messages": [{"role": "user", "content": "Tell me a story."}], "stream": True,
-            "max_tokens": MAX_LEN - len(prompt), "temperature": 0}
-    # All slots taken by answers as long as the context allows, each dropped after its first chunk.
-    for _ in range(SLOTS):
-        with served.http.stream("POST", "/v1/chat/completions", json=body) as r:
-            assert r.status_code == 200 and next(r.iter_lines()).startswith("data: ")
+            "max_tokens": room, "temperature": 0}
+    # Every slot taken by an answer as long as the context allows, all dropped once each has sent some text.
+    with contextlib.ExitStack() as streams:
+        held = []  # the line iterators too: closing one (when collected) would close its response
+        for _ in range(SLOTS):
+            r = streams.enter_context(served.http.stream("POST", "/v1/chat/completions", json=body))
+            assert r.status_code == 200
+            held.append(json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {"))
+            assert any(c["choices"][0]["delta"].get("content") for c in held[-1])
     deadline = time.monotonic() + 10
     while served.active() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert served.active() == 0
+    counts = [len(got) for got in seen]
+    time.sleep(0.3)
+    # cancelled: no finish, not decoded to the end, and nothing more after the cancel
+    assert len(seen) == SLOTS and [len(got) for got in seen] == counts
+    assert all(f is None for got in seen for _, f in got) and max(counts) < room, counts
     want, _ = served.reference("tiny", served.chat_ids("Hello!"), 4)
     r = served.client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hello!"}],
                                               max_tokens=4, temperature=0, timeout=10)

@@ -311,6 +311,8 @@ class Api:
             raise ApiError(400, f"'top_k' is {top_k}; it must be at least 1 (-1: no cut)", param="top_k")
         # Without a seed each sampled answer differs, as OpenAI's do; with one it is repeatable.
         seed = _param(body, "seed", (int,), secrets.randbits(31))
+        if not -2**63 <= seed < 2**63:
+            raise ApiError(400, f"'seed' is {seed}; it must fit in 64 bits", param="seed")
         stream = _param(body, "stream", (bool,), False)
         options = _param(body, "stream_options", (dict,), {})
         include_usage = _param(options, "include_usage", (bool,), False)
