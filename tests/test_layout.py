@@ -23,7 +23,7 @@ TIERS = [
     {"data", "data.records", "data.packing", "data.sources", "data.formats", "data.loader", "data.pipeline",
      "data.inspect", "convert", "convert.common", "convert.hf", "convert.kerashub", "convert.peft", "convert.gguf",
      "convert.gguf_read",
-     "checkpoint", "hub"},  # other formats in and out: checkpoints, data files, other tools' models
+     "checkpoint", "hub", "engine"},  # other formats in and out; the serving engine (decoding, not a format)
     {"step"},  # the compiled train and eval steps
     {"loop", "metrics", "trackers", "settings", "export", "plan", "server"},  # what a command drives
     {"cli", ""},  # the command line and the package's public API (gemmatune/__init__.py)

@@ -48,7 +48,7 @@ def _step(params: Params, tokens: jax.Array, cache: Cache, key: jax.Array, *, cf
     """Feed tokens [B, n] (the padded prompts, or the last sampled token with n = 1) and sample the next one.
     Returns ([B, 1] int32, the new cache); the [B, 1] output is the next call's input as is."""
     # Folding in the time gives every step fresh randomness without threading a key through the loop.
-    key = jax.random.fold_in(key, cache["length"])
+    key = jax.random.fold_in(key, cache["length"][0])  # every row of a generate batch shares the clock
     logits, cache = forward_cached(params, tokens, cache, cfg, dtype, last_only=True)  # [B, 1, V]
     nxt = sample_logits(logits[:, 0], key, temperature=temperature, top_k=top_k, top_p=top_p)
     return nxt[:, None], cache

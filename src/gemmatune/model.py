@@ -110,6 +110,8 @@ def project(x: jax.Array, p: Params, names: tuple[str, ...], adapter: LoraConfig
     the weight gradient of B, a full extra pass. Projections that read the same x (q, k, v; gate, up) share one
     x A product, with their A's side by side; with dropout each draws its own mask, so each has its own product."""
     ys = [jnp.einsum(PROJECTIONS[name], x, p[name]) for name in names]
+    if "lora_rows" in p:
+        return _project_rows(x, ys, p["lora_rows"], names)
     lora = p.get("lora", {})
     adapted = [i for i, name in enumerate(names) if name in lora]
     if not adapted or adapter is None:
@@ -129,6 +131,20 @@ def project(x: jax.Array, p: Params, names: tuple[str, ...], adapter: LoraConfig
         b = lora[names[i]]["b"]
         ys[i] = ys[i] + adapter.scale * (u @ b.reshape(b.shape[0], -1)).reshape(ys[i].shape)
     return ys
+
+
+def _project_rows(x: jax.Array, ys: list[jax.Array], rows: Params, names: tuple[str, ...]) -> list[jax.Array]:
+    """The projections ys of x plus each row's own LoRA update (x A_b) B_b: rows[name] = {"a": [B, *inputs, R],
+    "b": [B, R, *outputs]}, the adapter of each row of the batch (lora.Bank.rows), its scale already in B."""
+    B, T = x.shape[:2]
+    x3 = x.reshape(B, T, -1)  # [B, T, inputs]
+    out = list(ys)
+    for i, name in enumerate(names):
+        if name in rows:
+            a, b = rows[name]["a"], rows[name]["b"]
+            xa = jnp.einsum("bti,bir->btr", x3, a.reshape(B, x3.shape[-1], -1))  # [B, T, R]
+            out[i] = ys[i] + jnp.einsum("btr,bro->bto", xa, b.reshape(B, b.shape[1], -1)).reshape(ys[i].shape)
+    return out
 
 
 def block(x: jax.Array, p: Params, cfg: ModelConfig, kind: str, positions: jax.Array, attend: Attend,
@@ -270,8 +286,10 @@ def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, **kw: Any) -> j
 
 
 # --- KV cache (generation) -------------------------------------------------------------------------------------
-# Time t counts slots from the start of the (left-padded) batch; row b's real tokens start at time start[b].
-# Global layers keep every time; local layers keep a ring of the last `sliding_window` times (slot = t % W).
+# Each row has its own clock: time t counts that row's cache slots from its start, and its real tokens begin at
+# time start[b] (left padding before them is masked). Rows advance independently (length [B]), so a serving batch
+# can hold requests that began at different moments. Global layers keep every time; local layers keep a ring of
+# the last `sliding_window` times (slot = t % W).
 #
 # Decoding runs the layers in a Python loop over per-layer weights and per-layer caches. Slicing a layer out of
 # the stacked [L, ...] arrays inside a scan makes XLA's CPU backend copy that layer's weights at every step, and
@@ -287,11 +305,12 @@ def unstack(params: Params) -> Params:
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any, start: jax.Array | None = None) -> Cache:
+    """An empty cache of `batch` rows, `max_len` times each. start: [B], where each row's real tokens begin."""
     kv = []
     for kind in cfg.layer_types:
         size = min(cfg.sliding_window, max_len) if kind == LOCAL else max_len
         kv.append({n: jnp.zeros((batch, size, cfg.num_kv_heads, cfg.head_dim), dtype) for n in ("k", "v")})
-    return {"kv": kv, "length": jnp.zeros((), jnp.int32),
+    return {"kv": kv, "length": jnp.zeros((batch,), jnp.int32),
             "start": jnp.zeros((batch,), jnp.int32) if start is None else start.astype(jnp.int32)}
 
 
@@ -303,55 +322,67 @@ def _slot_times(length: jax.Array, size: int, ring: bool) -> jax.Array:
     return (length - 1) - jnp.mod(length - 1 - s, size)  # latest t < length with t % size == s
 
 
-def _cached_attend(kind: str, cfg: ModelConfig, c: Params, length: jax.Array, start: jax.Array,
-                   q_times: jax.Array) -> Any:
-    """Attention of a chunk at times q_times ([n]) against one layer's cache c ({"k", "v": [B, S, K, E]})."""
-    size = c["k"].shape[1]
+def _attend_row(kind: str, cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, c: Params,
+                length: jax.Array, start: jax.Array) -> tuple[jax.Array, Params]:
+    """One row's attention of a chunk (q [n, H, E], k, v [n, K, E], at times length .. length + n - 1) against its
+    cache c ({"k", "v": [S, K, E]}); returns (out [n, H, E], the row's new cache). `_cached_attend` maps it over
+    the rows."""
+    n, size = k.shape[0], c["k"].shape[0]
+    q_times = length + jnp.arange(n)
     # A local layer's cache is a ring exactly when it holds one window; shorter caches never wrap.
     ring = kind == LOCAL and size == cfg.sliding_window
-
-    def attend(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, Params]:
-        n = k.shape[1]
-        if not ring:  # write the chunk in place, then attend over the whole cache
-            new = {"k": jax.lax.dynamic_update_slice_in_dim(c["k"], k, length, axis=1),
-                   "v": jax.lax.dynamic_update_slice_in_dim(c["v"], v, length, axis=1)}
-            keys, times = new, _slot_times(length + n, size, False)
-        elif n == 1:  # one token overwrites only the slot that just left its window: write, then attend
-            slot = jnp.mod(length, size)
-            new = {"k": jax.lax.dynamic_update_slice_in_dim(c["k"], k, slot, axis=1),
-                   "v": jax.lax.dynamic_update_slice_in_dim(c["v"], v, slot, axis=1)}
-            keys, times = new, _slot_times(length + 1, size, True)
-        else:  # a longer chunk needs the slots it overwrites: attend over ring + chunk, then write
-            keys = {"k": jnp.concatenate([c["k"], k], axis=1), "v": jnp.concatenate([c["v"], v], axis=1)}
-            times = jnp.concatenate([_slot_times(length, size, True), q_times])
-            if n >= size:  # the chunk alone fills the ring: its last `size` tokens, rolled to slot t % size
-                shift = jnp.mod(length + n - size, size)
-                new = {"k": jnp.roll(k[:, -size:], shift, axis=1), "v": jnp.roll(v[:, -size:], shift, axis=1)}
-            else:
-                slots = jnp.mod(q_times, size)
-                new = {"k": c["k"].at[:, slots].set(k), "v": c["v"].at[:, slots].set(v)}
-        ok = (times[None, :] <= q_times[:, None]) & (times[None, :] >= 0)  # [T, S]
-        if kind == LOCAL:
-            ok &= q_times[:, None] - times[None, :] < cfg.sliding_window
-        mask = ok[None] & (times[None, None, :] >= start[:, None, None])  # [B, T, S]: left padding masked
-        return attention(q, keys["k"], keys["v"], mask, cfg.attn_logit_softcap), new
-
-    return attend
+    if not ring:  # write the chunk in place, then attend over the whole cache
+        new = {"k": jax.lax.dynamic_update_slice_in_dim(c["k"], k, length, axis=0),
+               "v": jax.lax.dynamic_update_slice_in_dim(c["v"], v, length, axis=0)}
+        keys, times = new, _slot_times(length + n, size, False)
+    elif n == 1:  # one token overwrites only the slot that just left its window: write, then attend
+        slot = jnp.mod(length, size)
+        new = {"k": jax.lax.dynamic_update_slice_in_dim(c["k"], k, slot, axis=0),
+               "v": jax.lax.dynamic_update_slice_in_dim(c["v"], v, slot, axis=0)}
+        keys, times = new, _slot_times(length + 1, size, True)
+    else:  # a longer chunk needs the slots it overwrites: attend over ring + chunk, then write
+        keys = {"k": jnp.concatenate([c["k"], k]), "v": jnp.concatenate([c["v"], v])}
+        times = jnp.concatenate([_slot_times(length, size, True), q_times])
+        if n >= size:  # the chunk alone fills the ring: its last `size` tokens, rolled to slot t % size
+            shift = jnp.mod(length + n - size, size)
+            new = {"k": jnp.roll(k[-size:], shift, axis=0), "v": jnp.roll(v[-size:], shift, axis=0)}
+        else:
+            slots = jnp.mod(q_times, size)
+            new = {"k": c["k"].at[slots].set(k), "v": c["v"].at[slots].set(v)}
+    ok = (times[None, :] <= q_times[:, None]) & (times[None, :] >= 0)  # [n, S]
+    if kind == LOCAL:
+        ok &= q_times[:, None] - times[None, :] < cfg.sliding_window
+    ok &= times[None, :] >= start  # left padding masked
+    out = attention(q[None], keys["k"][None], keys["v"][None], ok[None], cfg.attn_logit_softcap)
+    return out[0], new
 
 
-def forward_cached(params: Params, tokens: jax.Array, cache: Cache, cfg: ModelConfig,
-                   dtype: Any = None, *, last_only: bool = False) -> tuple[jax.Array, Cache]:
+def _cached_attend(kind: str, cfg: ModelConfig, c: Params, length: jax.Array, start: jax.Array) -> Attend:
+    """attend(q, k, v) of a chunk [B, n, ...] against one layer's cache c ({"k", "v": [B, S, K, E]}), each row at
+    its own time (length, start: [B])."""
+    row = jax.vmap(lambda q, k, v, c, length, start: _attend_row(kind, cfg, q, k, v, c, length, start))
+    return lambda q, k, v: row(q, k, v, c, length, start)
+
+
+def forward_cached(params: Params, tokens: jax.Array, cache: Cache, cfg: ModelConfig, dtype: Any = None, *,
+                   last_only: bool = False, bank: list[Params] | None = None,
+                   adapter_ids: jax.Array | None = None) -> tuple[jax.Array, Cache]:
     """Run a chunk of tokens [B, n] through the model, reading and extending the cache. params["layers"] is a
     list of per-layer dicts (see `unstack`). Returns float32 logits [B, n, V] ([B, 1, V] with last_only) and the
-    new cache. Prefill and single-token decode are the same call."""
+    new cache. Prefill and single-token decode are the same call.
+
+    bank (lora.Bank.layers: per layer {name: {"a": [N, *inputs, R], "b": [N, R, *outputs]}}) and adapter_ids
+    ([B] int, an index into the bank per row) give each row its own LoRA adapter, applied unmerged."""
     dtype = dtype or params["embed"].dtype
     length, start = cache["length"], cache["start"]
-    q_times = length + jnp.arange(tokens.shape[1])
-    positions = jnp.maximum(q_times[None, :] - start[:, None], 0)  # [B, n]; padding gets a dummy position
+    q_times = length[:, None] + jnp.arange(tokens.shape[1])  # [B, n]
+    positions = jnp.maximum(q_times - start[:, None], 0)  # padding gets a dummy position
     x = embed(params, tokens, dtype)
     kv = []
-    for kind, p, c in zip(cfg.layer_types, params["layers"], cache["kv"], strict=True):
-        x, c = block(x, p, cfg, kind, positions, _cached_attend(kind, cfg, c, length, start, q_times))
+    for i, (kind, p, c) in enumerate(zip(cfg.layer_types, params["layers"], cache["kv"], strict=True)):
+        if bank:  # each row's A and B, gathered: [B, *inputs, R] and [B, R, *outputs]
+            p = {**p, "lora_rows": jax.tree.map(lambda t: t[adapter_ids], bank[i])}
+        x, c = block(x, p, cfg, kind, positions, _cached_attend(kind, cfg, c, length, start))
         kv.append(c)
     if last_only:  # a prefill needs only the next token's logits; XLA does not prune an unused [B, n, V]
         x = x[:, -1:]
