@@ -94,8 +94,6 @@ def _serve(args: argparse.Namespace) -> None:
 def _chat(args: argparse.Namespace) -> None:
     """A terminal chat through the serving engine (one decode path): history kept, answers streamed to stdout.
     Reads lines from stdin, a terminal or a pipe; `/reset` clears the history, `/exit` or end of input ends."""
-    import queue
-
     from gemmatune.convert import load_model
     from gemmatune.convert.peft import load_adapter_for
     from gemmatune.engine import Engine, Sampling
@@ -114,7 +112,6 @@ def _chat(args: argparse.Namespace) -> None:
     with Engine(cfg, params, stop_ids=(tok.eos_id, tok.end_of_turn_id), slots=1, max_len=args.max_len) as engine:
         if adapter is not None:
             engine.add_adapter("adapter", *adapter)
-        engine.start()
         print(f"chatting with {args.model}{' + ' + args.adapter if args.adapter else ''} (context "
               f"{engine.max_len} tokens); /reset clears the history, /exit ends", file=sys.stderr)
         history: list[dict[str, str]] = []
@@ -138,24 +135,24 @@ def _chat(args: argparse.Namespace) -> None:
                 print(f"(the conversation is {len(prompt)} tokens, the context {engine.max_len}: /reset to start "
                       "over)", file=sys.stderr)
                 continue
-            tokens: queue.Queue = queue.Queue()
             sampling = Sampling(max_tokens=min(args.max_new_tokens, room), temperature=args.temperature,
                                 top_p=args.top_p, top_k=args.top_k, seed=args.seed)
-            req = engine.submit(prompt, sampling, lambda t, f: tokens.put((t, f)),
-                                adapter="adapter" if adapter is not None else None)
-            stream, parts, finish = StreamDecoder(tok), [], None
+            tokens = engine.stream(prompt, sampling, adapter="adapter" if adapter is not None else None)
+            stream, parts = StreamDecoder(tok), []
             try:
-                while finish is None:
-                    token, finish = tokens.get()
-                    parts.append(stream.feed(token) if token is not None else stream.flush())
+                for token in tokens:
+                    parts.append(stream.feed(token))
                     sys.stdout.write(parts[-1])
                     sys.stdout.flush()
             except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat
-                req.cancel()
+                tokens.close()  # cancels the request
                 print("\n(interrupted; this turn is dropped)", file=sys.stderr)
                 continue
+            parts.append(stream.flush())
+            sys.stdout.write(parts[-1])
+            n = len(parts) - 1
             sys.stdout.write("\n")
-            if finish == "length":
+            if n == sampling.max_tokens:
                 print(f"(cut at {sampling.max_tokens} tokens: --max-new-tokens)", file=sys.stderr)
             history = [*messages, {"role": "assistant", "content": "".join(parts)}]
 

@@ -309,10 +309,14 @@ class Api:
         top_k = _param(body, "top_k", (int,))  # not OpenAI's, but vLLM's and llama.cpp's servers take it
         if top_k is not None and top_k < 1 and top_k != -1:
             raise ApiError(400, f"'top_k' is {top_k}; it must be at least 1 (-1: no cut)", param="top_k")
-        # Without a seed each sampled answer differs, as OpenAI's do; with one it is repeatable.
-        seed = _param(body, "seed", (int,), secrets.randbits(31))
-        if not -2**63 <= seed < 2**63:
+        if top_k is not None and top_k >= self.cfg.vocab_size:
+            top_k = -1  # no cut (and within the engine's 32-bit settings)
+        # Without a seed each sampled answer differs, as OpenAI's do; with one it is repeatable. OpenAI's seeds are
+        # 64-bit, the engine's 31: folded down, so every seed is accepted and means one stream of draws.
+        seed = _param(body, "seed", (int,))
+        if seed is not None and not -2**63 <= seed < 2**64:
             raise ApiError(400, f"'seed' is {seed}; it must fit in 64 bits", param="seed")
+        seed = secrets.randbits(31) if seed is None else seed % (2**31 - 1)
         stream = _param(body, "stream", (bool,), False)
         options = _param(body, "stream_options", (dict,), {})
         include_usage = _param(options, "include_usage", (bool,), False)
@@ -361,6 +365,8 @@ class Api:
                         continue
                 if token is None:
                     self.active.discard(req)
+                    if finish == "error":  # the engine failed (its message is on the server's stderr)
+                        raise ApiError(500, "decoding failed on the server; see its log", kind="server_error")
                     yield stopper.feed(decoder.flush())[0] + stopper.finish(), finish or "stop", count
                     return
                 count += 1
@@ -417,12 +423,17 @@ class Api:
             if chat:  # the role first, as OpenAI's streams start
                 yield event(obj([chunk({"role": "assistant", "content": ""})]))
             count = 0
-            async for piece in self._tokens(req, queue, job, request):
-                text, finish, count = piece
-                if text:
-                    yield event(obj([chunk({"content": text})]))
-                if finish is not None:
-                    yield event(obj([chunk({}, finish)]))
+            try:
+                async for piece in self._tokens(req, queue, job, request):
+                    text, finish, count = piece
+                    if text:
+                        yield event(obj([chunk({"content": text})]))
+                    if finish is not None:
+                        yield event(obj([chunk({}, finish)]))
+            except ApiError as e:  # the status is sent already: the error goes in the stream, as OpenAI's do
+                yield event(json.loads(e.response().body))
+                yield "data: [DONE]\n\n"
+                return
             if job.include_usage:
                 yield event(obj([], usage=usage(count)))
             yield "data: [DONE]\n\n"
