@@ -6,6 +6,8 @@ slot. And `gemmatune chat` fed lines through stdin."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import io
 import json
 import socket
@@ -16,13 +18,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import jax
+import numpy as np
 import openai
 import pytest
 
-from gemmatune import cli
+from conftest import SMALL3
+from gemmatune import cli, layout
 from gemmatune.checkpoint import save_adapter
 from gemmatune.config import DEFAULT_MODEL, EMBEDDED_MODEL, LoraConfig
 from gemmatune.convert import model_config
+from gemmatune.convert.hf import save_hf
 from gemmatune.generate import generate
 from gemmatune.lora import init_adapters
 from gemmatune.server import open_server
@@ -54,30 +59,53 @@ def write_adapter(path, cfg, seed: int) -> str:
     return str(path)
 
 
+@functools.cache
+def merged(model_dir, adapter: str | None) -> tuple:
+    return cli._load_merged(model_dir, adapter, DTYPE, stacked=False)
+
+
+def reference(model_dir, adapter: str | None, prompt: list[int], max_tokens: int) -> tuple[str, int]:
+    """What `gemmatune generate [--adapter]` answers: the CLI's own loading (the adapter merged into the base) and
+    generate(), one prompt alone. (text, tokens)."""
+    cfg, params = merged(model_dir, adapter)
+    tok = load_tokenizer(model_dir)
+    [out] = generate(params, cfg, [prompt], max_new_tokens=max_tokens, stop_ids=(tok.eos_id, tok.end_of_turn_id))
+    return tok.decode(out), len(out)
+
+
 class Served:
-    def __init__(self, server, paths):
-        self.server, self.paths = server, paths  # paths: {model name: adapter directory or None}
+    def __init__(self, server, paths, model_dir=DEFAULT_MODEL):
+        self.server, self.paths, self.model_dir = server, paths, model_dir  # paths: {model: adapter dir or None}
         self.url = server.url
         self.client = openai.OpenAI(base_url=self.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
         self.http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
         self.tok = load_tokenizer(DEFAULT_MODEL)
-        self._params: dict[str, tuple] = {}
 
     def reference(self, model: str, prompt: list[int], max_tokens: int) -> tuple[str, int]:
-        """What `gemmatune generate [--adapter]` answers: the CLI's own loading (the adapter merged into the
-        base) and generate(), one prompt alone. (text, tokens)."""
-        if model not in self._params:
-            self._params[model] = cli._load_merged(DEFAULT_MODEL, self.paths[model], DTYPE, stacked=False)
-        cfg, params = self._params[model]
-        [out] = generate(params, cfg, [prompt], max_new_tokens=max_tokens,
-                         stop_ids=(self.tok.eos_id, self.tok.end_of_turn_id))
-        return self.tok.decode(out), len(out)
+        return reference(self.model_dir, self.paths[model], prompt, max_tokens)
 
     def chat_ids(self, question: str) -> list[int]:
         return self.tok.encode_chat([{"role": "user", "content": question}], add_generation_prompt=True)
 
     def active(self) -> int:
         return self.http.get("/health").json()["active_requests"]
+
+
+@contextlib.contextmanager
+def running(server):
+    """`server` serving from a thread until the block ends."""
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.uvicorn.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield
+    finally:
+        server.stop()
+        thread.join(timeout=30)
+        assert not thread.is_alive()
 
 
 @pytest.fixture(scope="module")
@@ -87,21 +115,13 @@ def served(tmp_path_factory):
     paths = {"tiny": None, "alpha": write_adapter(tmp / "alpha", cfg, 1), "beta": write_adapter(tmp / "beta", cfg, 2)}
     server = open_server(EMBEDDED_MODEL, {"alpha": paths["alpha"], "beta": paths["beta"]}, port=0, api_key=KEY,
                          slots=SLOTS, max_len=MAX_LEN, dtype=DTYPE)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.uvicorn.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.02)
-    s = Served(server, paths)
-    yield s
-    server.stop()
-    thread.join(timeout=30)
-    assert not thread.is_alive()
+    with running(server):
+        yield Served(server, paths)
 
 
 def test_models_lists_the_base_and_each_adapter(served):
     assert [m.id for m in served.client.models.list()] == ["tiny", "alpha", "beta"]
+    assert served.client.models.retrieve("beta").parent == "tiny"
     health = httpx.get(served.url + "/health")  # no key needed: probes poll it
     assert health.status_code == 200 and health.json() == {"status": "ok", "active_requests": 0}
 
@@ -331,14 +351,39 @@ def test_serve_refuses_a_bad_adapter_and_a_port_in_use(capsys):
     assert err.count("\n") == 1 and "in use" in err and "--port" in err
 
 
-def test_chat_keeps_the_history_and_reads_a_pipe(served, monkeypatch, capsys):
+def gemma3_checkpoint(out) -> str:
+    """A small Gemma 3 checkpoint (QK-norm, no soft-caps, RoPE per layer type) with the embedded tokenizer, and weights
+    as conftest.strong_params makes them (drawn with numpy: faster than JAX's eager random ops)."""
+    cfg = dataclasses.replace(SMALL3, vocab_size=model_config(DEFAULT_MODEL).vocab_size)
+    rng = np.random.RandomState(0)
+
+    def init(path, shape):
+        name = jax.tree_util.keystr(path)
+        if "norm" in name:
+            mean = 5.0 if "post_" in name else 4.5 if "final" in name else 0.5
+            return (mean + 0.1 * rng.randn(*shape)).astype(np.float32)
+        fan_in = 10.0 if "embed" in name else shape[1] * shape[2] if "o_proj" in name else shape[1]
+        return (rng.randn(*shape) / np.sqrt(fan_in)).astype(np.float32)
+
+    params = jax.tree_util.tree_map_with_path(init, layout.param_shapes(cfg), is_leaf=layout.is_shape)
+    save_hf(out, cfg, params, tokenizer_dir=DEFAULT_MODEL)
+    return str(out)
+
+
+def test_chat_on_a_gemma3_base_keeps_the_history_and_reads_a_pipe(tmp_path, monkeypatch, capsys):
+    """`gemmatune chat` with lines fed through stdin, on a Gemma 3 base with an adapter (the server's tests above
+    run a Gemma 2 base; both go through the same engine)."""
+    model = gemma3_checkpoint(tmp_path / "g3")
+    adapter = write_adapter(tmp_path / "tuned", model_config(model), 3)
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hello!\nWhat is JAX?\n/reset\nHello!\n/exit\nnot read\n"))
-    assert cli.main(["chat", "--adapter", served.paths["beta"], "--max-new-tokens", str(NEW), "--dtype", DTYPE]) == 0
-    tok = served.tok
-    first, _ = served.reference("beta", served.chat_ids("Hello!"), NEW)
-    history = [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": first},
-               {"role": "user", "content": "What is JAX?"}]
-    second, _ = served.reference("beta", tok.encode_chat(history, add_generation_prompt=True), NEW)
+    assert cli.main(["chat", "--model", model, "--adapter", adapter, "--max-new-tokens", str(NEW),
+                     "--dtype", DTYPE]) == 0
+    tok = load_tokenizer(model)
+    hello = [{"role": "user", "content": "Hello!"}]
+    first, _ = reference(model, adapter, tok.encode_chat(hello, add_generation_prompt=True), NEW)
+    history = [*hello, {"role": "assistant", "content": first}, {"role": "user", "content": "What is JAX?"}]
+    second, _ = reference(model, adapter, tok.encode_chat(history, add_generation_prompt=True), NEW)
+    assert first != reference(model, None, tok.encode_chat(hello, add_generation_prompt=True), NEW)[0]
     out, err = capsys.readouterr()
     assert out == f"{first}\n{second}\n{first}\n"  # after /reset the first question is answered afresh
     assert "/reset" in err and "history cleared" in err

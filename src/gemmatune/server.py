@@ -1,9 +1,9 @@
 """`gemmatune serve`: an OpenAI-compatible HTTP API over the continuous-batching engine, one base model and any
 number of LoRA adapters decoded together.
 
-Routes: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions (both with `stream: true` as
-server-sent events), POST /v1/adapters and DELETE /v1/adapters/{name}. A request's `model` is the base model's name
-or an adapter's.
+Routes: GET /health, GET /v1/models (and /v1/models/{name}), POST /v1/chat/completions, POST /v1/completions
+(both with `stream: true` as server-sent events), POST /v1/adapters and DELETE /v1/adapters/{name}. A request's
+`model` is the base model's name or an adapter's.
 
 Safe by default: it listens on 127.0.0.1 unless told otherwise; with an API key every request but /health needs
 `Authorization: Bearer KEY` (compared in constant time); bodies, prompts and max_tokens are bounded; every mistake is
@@ -186,13 +186,19 @@ class Api:
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "active_requests": len(self.active)})
 
-    async def models(self, request: Request) -> Response:
-        def card(name: str, parent: str | None) -> dict[str, Any]:
-            return {"id": name, "object": "model", "created": self.created, "owned_by": "gemmatune",
-                    "root": name, "parent": parent}
+    def _card(self, name: str) -> dict[str, Any]:
+        parent = None if name == self.base_name else self.base_name
+        return {"id": name, "object": "model", "created": self.created, "owned_by": "gemmatune", "root": name,
+                "parent": parent}
 
-        names = [card(self.base_name, None)] + [card(n, self.base_name) for n in self.engine.adapter_names]
-        return JSONResponse({"object": "list", "data": names})
+    async def models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [self._card(n) for n in self._names()]})
+
+    async def model(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        if name not in self._names():
+            raise _unknown_model(name, self._names())
+        return JSONResponse(self._card(name))
 
     async def chat(self, request: Request) -> Response:
         body = await self._read_json(request)
@@ -236,13 +242,16 @@ class Api:
         if name == self.base_name or name in self.engine.adapter_names:
             raise ApiError(409, f"the model name {name!r} is taken; remove it first (DELETE /v1/adapters/{name}) "
                                 "or pick another name", param="name", code="model_exists")
-        try:  # reading the files blocks: off the event loop
-            adapters, lora_cfg = await run_in_threadpool(load_adapter_for, self.model_dir, path, self.cfg)
-            self.engine.add_adapter(name, adapters, lora_cfg)
+        def load() -> None:  # reading the files and building the adapter bank block: off the event loop
+            self.engine.add_adapter(name, *load_adapter_for(self.model_dir, path, self.cfg))
+
+        try:
+            await run_in_threadpool(load)
         except GemmatuneError as e:
+            if name in self.engine.adapter_names:  # another request added the name meanwhile
+                raise ApiError(409, str(e), param="name", code="model_exists") from e
             raise ApiError(400, str(e), param="path") from e
-        return JSONResponse({"id": name, "object": "model", "created": int(time.time()), "owned_by": "gemmatune",
-                             "root": name, "parent": self.base_name})
+        return JSONResponse(self._card(name))
 
     async def remove_adapter(self, request: Request) -> Response:
         name = request.path_params["name"]
@@ -464,6 +473,7 @@ def create_app(api: Api, api_key: str | None = None) -> ASGIApp:
 
     routes = [Route("/health", api.health, methods=["GET"]),
               Route("/v1/models", api.models, methods=["GET"]),
+              Route("/v1/models/{name:path}", api.model, methods=["GET"]),
               Route("/v1/chat/completions", api.chat, methods=["POST"]),
               Route("/v1/completions", api.completions, methods=["POST"]),
               Route("/v1/adapters", api.add_adapter, methods=["POST"]),
