@@ -283,6 +283,28 @@ def test_every_mistake_is_an_openai_style_4xx_error(served):
     assert served.active() == 0 and served.client.models.list()  # still serving
 
 
+def test_an_engine_failure_is_an_error_not_a_hang(served, monkeypatch):
+    """The engine ends every request with finish "error" when decoding fails: a 500 JSON error, or in a stream
+    (its 200 already sent) an error event and [DONE]."""
+    engine = served.server.engine
+
+    class Failed:
+        def cancel(self):
+            pass
+
+    def failing(prompt, sampling, on_token, adapter=None):
+        threading.Timer(0.05, on_token, (None, "error")).start()  # from another thread, as the engine does
+        return Failed()
+
+    monkeypatch.setattr(engine, "submit", failing)
+    r = post(served, "/v1/chat/completions", CHAT)
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    with served.http.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert json.loads(lines[-2][6:])["error"]["type"] == "server_error" and lines[-1] == "data: [DONE]"
+    assert served.active() == 0
+
+
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(served, monkeypatch):
     engine, seen = served.server.engine, []  # seen: per engine request, what its on_token was given
     submit = engine.submit
