@@ -20,6 +20,7 @@ from gemmatune.platforms import configure_jax
 from gemmatune.settings import add_data_args, add_train_args, unknown_argument
 
 if TYPE_CHECKING:
+    from gemmatune.engine import Engine
     from gemmatune.plan import Plan
 
 SAMPLE = Path(__file__).parent / "assets" / "sample"  # the embedded default job: train.yaml and its data
@@ -32,32 +33,32 @@ def _model_dir(spec: str) -> Path:
     return resolve_model(spec)
 
 
-def _load_merged(model: Path, adapter: str | None, dtype: str, stacked: bool) -> tuple:
-    """(config, parameters) of the base checkpoint directory, with an adapter (gemmatune's or PEFT's) folded in."""
+def _engine(args: argparse.Namespace, model: Path, adapters: dict[str, str], slots: int) -> Engine:
+    """The decoding engine on --model's weights (as --dtype says) with each adapter (name -> directory) loaded."""
     from gemmatune.convert import load_model, model_config
     from gemmatune.convert.peft import load_adapter_for
-    from gemmatune.lora import merge
-    from gemmatune.model import unstack
+    from gemmatune.engine import Engine
+    from gemmatune.tokenizer import load_tokenizer
 
-    if adapter is None:
-        return load_model(model, dtype=dtype, stacked=stacked)
-    # Checked before the weights are read: the adapter fits this base and is not already merged into it.
-    adapters, lora_cfg = load_adapter_for(model, adapter, model_config(model))
-    cfg, params = load_model(model, dtype=dtype)  # merging works on the stacked layers
-    params = merge(params, adapters, lora_cfg)
-    return cfg, params if stacked else unstack(params)
+    loaded = {name: load_adapter_for(model, path, model_config(model)) for name, path in adapters.items()}
+    cfg, params = load_model(model, dtype=args.dtype, stacked=False)  # decoding's layout: no copy
+    tok = load_tokenizer(model)
+    engine = Engine(cfg, params, stop_ids=(tok.eos_id, tok.end_of_turn_id), slots=slots,
+                    max_len=getattr(args, "max_len", None))
+    for name, (ad, lora_cfg) in loaded.items():
+        engine.add_adapter(name, ad, lora_cfg)
+    return engine
 
 
 def _generate(args: argparse.Namespace) -> None:
-    import numpy as np
-
-    from gemmatune.generate import generate
+    from gemmatune.engine import Sampling
     from gemmatune.tokenizer import StreamDecoder, load_tokenizer
 
     t0 = time.perf_counter()
     model = _model_dir(args.model)
     tok = load_tokenizer(model)
-    cfg, params = _load_merged(model, args.adapter, args.dtype, stacked=False)
+    # The adapter is applied unmerged, as `serve` applies it: both commands give the same answers.
+    engine = _engine(args, model, {"adapter": args.adapter} if args.adapter else {}, slots=1)
     print(f"loaded {args.model}{' + ' + args.adapter if args.adapter else ''} in {time.perf_counter() - t0:.1f}s",
           file=sys.stderr)
     if args.chat:
@@ -65,23 +66,20 @@ def _generate(args: argparse.Namespace) -> None:
     else:
         prompt = [tok.bos_id] + tok.encode(args.prompt)
     stream = StreamDecoder(tok)
-    first: list[float] = []
-
-    def show(new: np.ndarray) -> None:  # new: [1] token id of this step, -1 once the row has stopped
-        first or first.append(time.perf_counter())
-        if new[0] >= 0:
-            sys.stdout.write(stream.feed(int(new[0])))
-            sys.stdout.flush()
-
+    sampling = Sampling(args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                        seed=args.seed)
+    times: list[float] = []
     t0 = time.perf_counter()
-    [out] = generate(params, cfg, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                     top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                     stop_ids=(tok.eos_id, tok.end_of_turn_id), on_tokens=show)
+    with engine:
+        for token in engine.stream(prompt, sampling, "adapter" if args.adapter else None):
+            times.append(time.perf_counter())
+            sys.stdout.write(stream.feed(token))
+            sys.stdout.flush()
     sys.stdout.write(stream.flush() + "\n")
-    end = time.perf_counter()
     # The first token's time includes compilation; the rate after it is the decoding speed.
-    rate = f", then {(len(out) - 1) / (end - first[0]):.1f} tokens/s" if len(out) > 1 else ""
-    print(f"{len(out)} tokens; first after {first[0] - t0:.2f}s{rate}", file=sys.stderr)
+    rate = f", then {(len(times) - 1) / (times[-1] - times[0]):.1f} tokens/s" if len(times) > 1 else ""
+    first = f"; first after {times[0] - t0:.2f}s" if times else ""
+    print(f"{len(times)} tokens{first}{rate}", file=sys.stderr)
 
 
 def _serve(args: argparse.Namespace) -> None:

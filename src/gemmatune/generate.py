@@ -43,13 +43,15 @@ def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float, top_
 
 @functools.partial(jax.jit, static_argnames=("cfg", "dtype", "temperature", "top_k", "top_p"),
                    donate_argnames=("cache",))
-def _step(params: Params, tokens: jax.Array, cache: Cache, key: jax.Array, *, cfg: ModelConfig, dtype: Any,
-          temperature: float, top_k: int | None, top_p: float | None) -> tuple[jax.Array, Cache]:
+def _step(params: Params, tokens: jax.Array, cache: Cache, key: jax.Array, bank: list[Params] | None,
+          adapter_ids: jax.Array | None, *, cfg: ModelConfig, dtype: Any, temperature: float, top_k: int | None,
+          top_p: float | None) -> tuple[jax.Array, Cache]:
     """Feed tokens [B, n] (the padded prompts, or the last sampled token with n = 1) and sample the next one.
     Returns ([B, 1] int32, the new cache); the [B, 1] output is the next call's input as is."""
     # Folding in the time gives every step fresh randomness without threading a key through the loop.
     key = jax.random.fold_in(key, cache["length"][0])  # every row of a generate batch shares the clock
-    logits, cache = forward_cached(params, tokens, cache, cfg, dtype, last_only=True)  # [B, 1, V]
+    logits, cache = forward_cached(params, tokens, cache, cfg, dtype, last_only=True, bank=bank,
+                                   adapter_ids=adapter_ids)  # [B, 1, V]
     nxt = sample_logits(logits[:, 0], key, temperature=temperature, top_k=top_k, top_p=top_p)
     return nxt[:, None], cache
 
@@ -89,19 +91,23 @@ def _validate(cfg: ModelConfig, prompts: list[list[int]], max_new_tokens: int, t
 
 def generate(params: Params, cfg: ModelConfig, prompts: list[list[int]], *, max_new_tokens: int,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-             stop_ids: Sequence[int] = (), dtype: Any = None,
+             stop_ids: Sequence[int] = (), dtype: Any = None, bank: list[Params] | None = None,
+             adapter_ids: Sequence[int] | None = None,
              on_tokens: Callable[[np.ndarray], None] | None = None) -> list[list[int]]:
     """Continue each prompt (token ids) by up to max_new_tokens tokens; returns only the new ids per row.
 
     A row ends after a token in stop_ids (not returned) or after max_new_tokens; the loop ends when every row
     has. Sampling is deterministic for a seed. `on_tokens` gets each step's tokens, int32 [B], with FINISHED (-1)
     for rows that have stopped, including a row whose token this step was a stop id.
-    dtype is the compute and cache dtype (default: the parameters' dtype). Decoding takes per-layer weights:
+    dtype is the compute and cache dtype (default: the parameters' dtype). bank (lora.make_bank) and adapter_ids
+    (one bank index per prompt) give each row its own LoRA adapter, unmerged. Decoding takes per-layer weights:
     stacked parameters are unstacked here, a copy of the layer weights for the call; pass `unstack(params)` (or
     load with `load_hf(..., stacked=False)`) to avoid it."""
     _validate(cfg, prompts, max_new_tokens, temperature, top_k, top_p)
     params = unstack(params)
     B = len(prompts)
+    if bank and adapter_ids is not None and len(adapter_ids) != B:
+        raise GemmatuneError(f"generate: {len(adapter_ids)} adapter ids for {B} prompts; give one per prompt.")
     lengths = np.array([len(p) for p in prompts])
     width = _round_up(int(lengths.max()), BUCKET)  # extra left padding is masked, so bucketing is free
     tokens = np.full((B, width), cfg.pad_token_id, np.int32)  # [B, width], left-padded
@@ -116,6 +122,8 @@ def generate(params: Params, cfg: ModelConfig, prompts: list[list[int]], *, max_
         top_k=None if greedy or top_k is None or top_k >= cfg.vocab_size else int(top_k),
         top_p=None if greedy or top_p is None or top_p >= 1 else float(top_p))
     key = jax.random.key(seed)
+    step = functools.partial(step, bank=bank or None,
+                             adapter_ids=None if not bank else jnp.asarray(adapter_ids or [0] * B, jnp.int32))
     stops = np.array(sorted(set(stop_ids)), np.int64)
 
     out: list[list[int]] = [[] for _ in range(B)]
