@@ -1,10 +1,11 @@
 """`gemmatune serve` through the real `openai` client, against one server started in this process on the embedded
-tiny model with two adapters: every greedy answer equals `gemmatune generate`'s (the merged adapter, decoded alone),
-whatever else is in the batch; every mistake is an OpenAI-style 4xx JSON error; a client that goes away frees its
-slot. And `gemmatune chat` fed lines through stdin."""
+tiny model (bfloat16, as stored) with two adapters: every greedy answer equals `gemmatune generate`'s (its engine,
+one request alone), whatever else is in the batch; every mistake is an OpenAI-style 4xx JSON error; a client that
+goes away frees its slot. And `gemmatune chat` fed lines through stdin, on a Gemma 3 base."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import functools
@@ -15,6 +16,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import jax
@@ -28,20 +30,17 @@ from gemmatune.checkpoint import save_adapter
 from gemmatune.config import DEFAULT_MODEL, EMBEDDED_MODEL, LoraConfig
 from gemmatune.convert import model_config
 from gemmatune.convert.hf import save_hf
-from gemmatune.generate import generate
-from gemmatune.lora import init_adapters
+from gemmatune.engine import Sampling
 from gemmatune.server import open_server
 from gemmatune.tokenizer import load_tokenizer
 
 KEY = "sk-test-0123456789"
 MAX_LEN = 96  # the engine's context per request: small, so "too long" is cheap to reach
-# The embedded model is stored in bfloat16: `generate --adapter` merges the adapter into bfloat16 weights, while the
-# server adds it on the fly; their logits differ by ~1e-2 there, enough to flip near-ties. In float32 both are exact
-# to ~1e-6, so greedy answers are equal token for token.
-DTYPE = "float32"
-# Answer lengths: generate() compiles per cache length (prompt and answer rounded up to 8), so the references share
-# a few compilations when the answers are all 5 to 8 tokens.
-NEW = 8
+# The checkpoint's own dtype (bfloat16 for the embedded model): `generate` and `serve` both apply adapters unmerged,
+# so they agree there too. (Merged into bfloat16 weights, as `generate` once did, an adapter moved the logits by
+# ~1e-2 and flipped near-ties.)
+DTYPE = "auto"
+NEW = 8  # tokens per answer
 SLOTS = 4  # fewer than the concurrent clients below, so some requests wait for a slot and join mid-batch
 QUESTIONS = ["Hello!", "What is JAX?", "Tell me a story.", "2 + 2 =", "Why is the sky blue?", "Name three colours.",
              "Translate 'cat' to French.", "Write a haiku.", "Say something.", "What is LoRA?", "Count to five.",
@@ -49,27 +48,38 @@ QUESTIONS = ["Hello!", "What is JAX?", "Tell me a story.", "2 + 2 =", "Why is th
 
 
 def write_adapter(path, cfg, seed: int) -> str:
-    """A gemmatune adapter with a nonzero B (a fresh one is the base exactly), large enough to change answers."""
+    """A gemmatune adapter with a nonzero B (a fresh one is the base exactly), large enough to change answers; drawn
+    with numpy (JAX's eager random ops compile for every shape)."""
     lora_cfg = LoraConfig(rank=4, alpha=8.0, targets=("q", "v", "down"))
-    adapters = init_adapters(cfg, lora_cfg, jax.random.key(seed))
-    keys = jax.random.split(jax.random.key(seed + 1), len(adapters))
-    adapters = {n: {"a": ab["a"], "b": 0.5 * jax.random.normal(k, ab["b"].shape)}
-                for k, (n, ab) in zip(keys, adapters.items())}
+    rng = np.random.RandomState(seed)
+    adapters = {}
+    for name, shapes in layout.adapter_shapes(cfg, lora_cfg).items():
+        bound = 1 / np.sqrt(np.prod(shapes["a"][1:-1]))  # lora.init_adapters' A
+        adapters[name] = {"a": rng.uniform(-bound, bound, shapes["a"]).astype(np.float32),
+                          "b": (0.5 * rng.randn(*shapes["b"])).astype(np.float32)}
     save_adapter(path, adapters, lora_cfg, cfg, EMBEDDED_MODEL)
     return str(path)
 
 
-@functools.cache
-def merged(model_dir, adapter: str | None) -> tuple:
-    return cli._load_merged(model_dir, adapter, DTYPE, stacked=False)
+ENGINES: dict = {}  # model directory -> `gemmatune generate`'s engine with every adapter of that model
 
 
-def reference(model_dir, adapter: str | None, prompt: list[int], max_tokens: int) -> tuple[str, int]:
-    """What `gemmatune generate [--adapter]` answers: the CLI's own loading (the adapter merged into the base) and
-    generate(), one prompt alone. (text, tokens)."""
-    cfg, params = merged(model_dir, adapter)
+@pytest.fixture(scope="module", autouse=True)
+def _close_engines():
+    yield
+    while ENGINES:
+        ENGINES.popitem()[1].close()
+
+
+def reference(model_dir, adapters: dict, adapter: str | None, prompt: list[int], max_tokens: int) -> tuple[str, int]:
+    """What `gemmatune generate [--adapter]` answers: its own engine (cli._engine, one slot, the adapter unmerged),
+    one request alone. adapters: {name: directory} of that model. (text, tokens)."""
+    if model_dir not in ENGINES:
+        args = argparse.Namespace(dtype=DTYPE, max_len=MAX_LEN)  # a short context: a smaller cache to compile
+        ENGINES[model_dir] = cli._engine(args, Path(model_dir), adapters, slots=1)
+        ENGINES[model_dir].start()
     tok = load_tokenizer(model_dir)
-    [out] = generate(params, cfg, [prompt], max_new_tokens=max_tokens, stop_ids=(tok.eos_id, tok.end_of_turn_id))
+    out = list(ENGINES[model_dir].stream(prompt, Sampling(max_tokens), adapter))
     return tok.decode(out), len(out)
 
 
@@ -82,7 +92,8 @@ class Served:
         self.tok = load_tokenizer(DEFAULT_MODEL)
 
     def reference(self, model: str, prompt: list[int], max_tokens: int) -> tuple[str, int]:
-        return reference(self.model_dir, self.paths[model], prompt, max_tokens)
+        adapters = {name: path for name, path in self.paths.items() if path is not None}
+        return reference(self.model_dir, adapters, model if model in adapters else None, prompt, max_tokens)
 
     def chat_ids(self, question: str) -> list[int]:
         return self.tok.encode_chat([{"role": "user", "content": question}], add_generation_prompt=True)
@@ -376,7 +387,9 @@ def test_serve_refuses_a_bad_adapter_and_a_port_in_use(capsys):
 def gemma3_checkpoint(out) -> str:
     """A small Gemma 3 checkpoint (QK-norm, no soft-caps, RoPE per layer type) with the embedded tokenizer, and weights
     as conftest.strong_params makes them (drawn with numpy: faster than JAX's eager random ops)."""
-    cfg = dataclasses.replace(SMALL3, vocab_size=model_config(DEFAULT_MODEL).vocab_size)
+    # six layers: one repeat of the 5 local : 1 global pattern (fewer layers, less to compile)
+    cfg = dataclasses.replace(SMALL3, vocab_size=model_config(DEFAULT_MODEL).vocab_size, num_layers=6,
+                              layer_types=SMALL3.layer_types[:6])
     rng = np.random.RandomState(0)
 
     def init(path, shape):
@@ -399,13 +412,14 @@ def test_chat_on_a_gemma3_base_keeps_the_history_and_reads_a_pipe(tmp_path, monk
     adapter = write_adapter(tmp_path / "tuned", model_config(model), 3)
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hello!\nWhat is JAX?\n/reset\nHello!\n/exit\nnot read\n"))
     assert cli.main(["chat", "--model", model, "--adapter", adapter, "--max-new-tokens", str(NEW),
-                     "--dtype", DTYPE]) == 0
+                     "--max-len", str(MAX_LEN), "--dtype", DTYPE]) == 0
     tok = load_tokenizer(model)
     hello = [{"role": "user", "content": "Hello!"}]
-    first, _ = reference(model, adapter, tok.encode_chat(hello, add_generation_prompt=True), NEW)
+    ref = functools.partial(reference, model, {"tuned": adapter})
+    first, _ = ref("tuned", tok.encode_chat(hello, add_generation_prompt=True), NEW)
     history = [*hello, {"role": "assistant", "content": first}, {"role": "user", "content": "What is JAX?"}]
-    second, _ = reference(model, adapter, tok.encode_chat(history, add_generation_prompt=True), NEW)
-    assert first != reference(model, None, tok.encode_chat(hello, add_generation_prompt=True), NEW)[0]
+    second, _ = ref("tuned", tok.encode_chat(history, add_generation_prompt=True), NEW)
+    assert first != ref(None, tok.encode_chat(hello, add_generation_prompt=True), NEW)[0]
     out, err = capsys.readouterr()
     assert out == f"{first}\n{second}\n{first}\n"  # after /reset the first question is answered afresh
     assert "/reset" in err and "history cleared" in err
