@@ -92,24 +92,20 @@ def _serve(args: argparse.Namespace) -> None:
 def _chat(args: argparse.Namespace) -> None:
     """A terminal chat through the serving engine (one decode path): history kept, answers streamed to stdout.
     Reads lines from stdin, a terminal or a pipe; `/reset` clears the history, `/exit` or end of input ends."""
-    from gemmatune.convert import load_model
-    from gemmatune.convert.peft import load_adapter_for
-    from gemmatune.engine import Engine, Sampling
+    from gemmatune.engine import Sampling
     from gemmatune.tokenizer import StreamDecoder, load_tokenizer
 
     model = _model_dir(args.model)
     tok = load_tokenizer(model)
-    cfg, params = load_model(model, dtype=args.dtype)
-    adapter = load_adapter_for(model, args.adapter, cfg) if args.adapter else None
+    adapter = "adapter" if args.adapter else None
+    engine = _engine(args, model, {adapter: args.adapter} if adapter else {}, slots=1)
     interactive = sys.stdin.isatty()
     if interactive:
         try:
             import readline  # noqa: F401  (line editing and history for input())
         except ImportError:  # not on every platform
             pass
-    with Engine(cfg, params, stop_ids=(tok.eos_id, tok.end_of_turn_id), slots=1, max_len=args.max_len) as engine:
-        if adapter is not None:
-            engine.add_adapter("adapter", *adapter)
+    with engine:
         print(f"chatting with {args.model}{' + ' + args.adapter if args.adapter else ''} (context "
               f"{engine.max_len} tokens); /reset clears the history, /exit ends", file=sys.stderr)
         history: list[dict[str, str]] = []
@@ -135,7 +131,7 @@ def _chat(args: argparse.Namespace) -> None:
                 continue
             sampling = Sampling(max_tokens=min(args.max_new_tokens, room), temperature=args.temperature,
                                 top_p=args.top_p, top_k=args.top_k, seed=args.seed)
-            tokens = engine.stream(prompt, sampling, adapter="adapter" if adapter is not None else None)
+            tokens = engine.stream(prompt, sampling, adapter)
             stream, parts = StreamDecoder(tok), []
             try:
                 for token in tokens:

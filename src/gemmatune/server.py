@@ -569,7 +569,7 @@ def open_server(model: str, adapters: Mapping[str, str] | None = None, *, host: 
         loaded[name] = load_adapter_for(model_dir, path, cfg)
     sock = _bind(host, port)
     try:
-        cfg, params = load_model(model_dir, dtype=dtype)
+        cfg, params = load_model(model_dir, dtype=dtype, stacked=False)  # decoding's layout: no copy
         engine = Engine(cfg, params, stop_ids=(tok.eos_id, tok.end_of_turn_id), slots=slots, max_len=max_len)
         for name, (ab, lora_cfg) in loaded.items():
             engine.add_adapter(name, ab, lora_cfg)
