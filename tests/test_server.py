@@ -31,7 +31,7 @@ from gemmatune.config import DEFAULT_MODEL, EMBEDDED_MODEL, LoraConfig
 from gemmatune.convert import model_config
 from gemmatune.convert.hf import save_hf
 from gemmatune.engine import Sampling
-from gemmatune.server import open_server
+from gemmatune.server import _Stopper, open_server
 from gemmatune.tokenizer import load_tokenizer
 
 KEY = "sk-test-0123456789"
@@ -210,6 +210,17 @@ def test_stop_strings_cut_the_text_plain_and_streaming(served):
     while served.active() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert served.active() == 0
+
+
+def test_streamed_text_holds_back_what_may_start_a_stop_string():
+    stopper = _Stopper(["END", "xyz"])
+    assert stopper.feed("abc E") == ("abc ", False)  # "E" may start "END"
+    assert stopper.feed("x") == ("E", False)  # "Ex" cannot; "x" may start "xyz"
+    assert stopper.feed("y") == ("", False)
+    assert stopper.finish() == "xy"  # the answer ended without a stop string: all of it
+    stopper = _Stopper(["END"])
+    assert [stopper.feed(p) for p in ("one E", "N", "D two END")] == [("one ", False), ("", False), ("", True)]
+    assert stopper.text == "one " and stopper.finish() == ""
 
 
 def test_sampling_is_repeatable_with_a_seed(served):
