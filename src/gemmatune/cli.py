@@ -99,6 +99,8 @@ def _chat(args: argparse.Namespace) -> None:
     tok = load_tokenizer(model)
     adapter = "adapter" if args.adapter else None
     engine = _engine(args, model, {adapter: args.adapter} if adapter else {}, slots=1)
+    # The sampling options are checked now, not at the first answer.
+    engine.check([tok.bos_id], Sampling(1, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k))
     interactive = sys.stdin.isatty()
     if interactive:
         try:
