@@ -100,7 +100,8 @@ def _chat(args: argparse.Namespace) -> None:
     adapter = "adapter" if args.adapter else None
     engine = _engine(args, model, {adapter: args.adapter} if adapter else {}, slots=1)
     # The sampling options are checked now, not at the first answer.
-    engine.check([tok.bos_id], Sampling(1, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k))
+    engine.check([tok.bos_id], Sampling(min(args.max_new_tokens, engine.max_len - 1), temperature=args.temperature,
+                                        top_p=args.top_p, top_k=args.top_k))
     interactive = sys.stdin.isatty()
     if interactive:
         try:
