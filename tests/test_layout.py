@@ -25,7 +25,7 @@ TIERS = [
      "convert.gguf_read",
      "checkpoint", "hub", "engine"},  # other formats in and out; the serving engine (decoding, not a format)
     {"step"},  # the compiled train and eval steps
-    {"loop", "evaluation", "metrics", "trackers", "settings", "export", "plan"},  # what a command drives
+    {"loop", "evaluation", "metrics", "trackers", "settings", "export", "plan", "server"},  # what a command drives
     {"cli", ""},  # the command line and the package's public API (gemmatune/__init__.py)
 ]
 

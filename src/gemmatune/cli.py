@@ -82,6 +82,78 @@ def _generate(args: argparse.Namespace) -> None:
     print(f"{len(times)} tokens{first}{rate}", file=sys.stderr)
 
 
+def _serve(args: argparse.Namespace) -> None:
+    from gemmatune.server import adapter_specs, serve
+
+    serve(args.model, adapter_specs(args.adapter), host=args.host, port=args.port, api_key=args.api_key or None,
+          dtype=args.dtype, slots=args.slots, max_len=args.max_len)
+
+
+def _chat(args: argparse.Namespace) -> None:
+    """A terminal chat through the serving engine (one decode path): history kept, answers streamed to stdout.
+    Reads lines from stdin, a terminal or a pipe; `/reset` clears the history, `/exit` or end of input ends."""
+    from gemmatune.engine import Sampling
+    from gemmatune.tokenizer import StreamDecoder, load_tokenizer
+
+    model = _model_dir(args.model)
+    tok = load_tokenizer(model)
+    adapter = "adapter" if args.adapter else None
+    engine = _engine(args, model, {adapter: args.adapter} if adapter else {}, slots=1)
+    # The sampling options are checked now, not at the first answer.
+    engine.check([tok.bos_id], Sampling(min(args.max_new_tokens, engine.max_len - 1), temperature=args.temperature,
+                                        top_p=args.top_p, top_k=args.top_k))
+    interactive = sys.stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:  # not on every platform
+            pass
+    with engine:
+        print(f"chatting with {args.model}{' + ' + args.adapter if args.adapter else ''} (context "
+              f"{engine.max_len} tokens); /reset clears the history, /exit ends", file=sys.stderr)
+        history: list[dict[str, str]] = []
+        while True:
+            try:
+                line = input("> " if interactive else "").strip()
+            except EOFError:
+                break
+            if line == "/exit":
+                break
+            if line == "/reset":
+                history = []
+                print("(history cleared)", file=sys.stderr)
+                continue
+            if not line:
+                continue
+            messages = [*history, {"role": "user", "content": line}]
+            prompt = tok.encode_chat(messages, add_generation_prompt=True)
+            room = engine.max_len - len(prompt)
+            if room < 1:
+                print(f"(the conversation is {len(prompt)} tokens, the context {engine.max_len}: /reset to start "
+                      "over)", file=sys.stderr)
+                continue
+            sampling = Sampling(max_tokens=min(args.max_new_tokens, room), temperature=args.temperature,
+                                top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+            tokens = engine.stream(prompt, sampling, adapter)
+            stream, parts = StreamDecoder(tok), []
+            try:
+                for token in tokens:
+                    parts.append(stream.feed(token))
+                    sys.stdout.write(parts[-1])
+                    sys.stdout.flush()
+            except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat
+                tokens.close()  # cancels the request
+                print("\n(interrupted; this turn is dropped)", file=sys.stderr)
+                continue
+            parts.append(stream.flush())
+            sys.stdout.write(parts[-1])
+            n = len(parts) - 1
+            sys.stdout.write("\n")
+            if n == sampling.max_tokens:
+                print(f"(cut at {sampling.max_tokens} tokens: --max-new-tokens)", file=sys.stderr)
+            history = [*messages, {"role": "assistant", "content": "".join(parts)}]
+
+
 def _inspect(args: argparse.Namespace) -> None:
     import json
     import tempfile
@@ -250,6 +322,44 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="compute dtype; auto means the checkpoint's")
     g.set_defaults(run=_generate, parser=g)
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server: a base model and its adapters, batched",
+                        description="Serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models) "
+                                    "for a base model and any number of LoRA adapters; requests name the base or an "
+                                    "adapter as their model, and decode together in one batch.")
+    sv.add_argument("--model", default=EMBEDDED_MODEL, help="the base model: " + MODEL_HELP + "; default: tiny")
+    sv.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                    help="an adapter (gemmatune's or PEFT's) served as model NAME (PATH alone: its directory's "
+                         "name); repeat for more. Adapters can also be added while running: POST /v1/adapters")
+    sv.add_argument("--host", default="127.0.0.1",
+                    help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 for every interface)")
+    sv.add_argument("--port", type=int, default=8000, help="(default: 8000)")
+    sv.add_argument("--api-key", default=os.environ.get("GEMMATUNE_API_KEY"),
+                    help="require 'Authorization: Bearer KEY' on every request but /health (default: the "
+                         "GEMMATUNE_API_KEY environment variable, which keeps the key out of the process list)")
+    sv.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                    help="compute dtype; auto means the checkpoint's")
+    sv.add_argument("--slots", type=int, default=8, help="requests decoded together in one batch (default: 8)")
+    sv.add_argument("--max-len", type=int, default=None,
+                    help="tokens per request, prompt + answer (default: the model's context, at most 4096)")
+    sv.set_defaults(run=_serve, parser=sv)
+
+    c = sub.add_parser("chat", help="chat with a model in the terminal",
+                       description="An interactive chat: answers streamed, the conversation kept (through the chat "
+                                   "template). /reset clears it, /exit (or end of input) ends. Reads stdin, so a "
+                                   "pipe of lines works too.")
+    c.add_argument("--model", default=EMBEDDED_MODEL, help=MODEL_HELP + "; default: tiny")
+    c.add_argument("--adapter", default=None, help="an adapter directory (gemmatune's or PEFT's) to apply")
+    c.add_argument("--max-new-tokens", type=int, default=256, help="longest answer (default: 256)")
+    c.add_argument("--temperature", type=float, default=0.0, help="0 means greedy decoding")
+    c.add_argument("--top-k", type=int, default=None)
+    c.add_argument("--top-p", type=float, default=None)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--max-len", type=int, default=None,
+                   help="tokens of the whole conversation (default: the model's context, at most 4096)")
+    c.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="compute dtype; auto means the checkpoint's")
+    c.set_defaults(run=_chat, parser=c)
 
     t = sub.add_parser("train", help="fine-tune with LoRA (no arguments: the embedded tiny model on sample data)",
                        description="Fine-tune a Gemma 2 checkpoint on your data. Every setting is an option, listed "
