@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 
 import jax
 import numpy as np
@@ -173,6 +174,17 @@ def test_cancel_frees_the_row_and_adapters_come_and_go(setup):
         assert collect(engine, [(PROMPTS[4], "a", Sampling(NEW))])[0][0] == ref["a"][4]
         with pytest.raises(GemmatuneError, match="already loaded"):
             engine.add_adapter("a", *ads["b"])
+        # Removed just after its request was submitted (queued, or taken into a row and prefilling): the request
+        # still finishes with it.
+        for pause in (0.0, 0.001, 0.01):
+            engine.add_adapter("c", *ads["b"])
+            got_c: list[int] = []
+            finished = threading.Event()
+            engine.submit(PROMPTS[1], Sampling(NEW), lambda t, f: finished.set() if t is None else got_c.append(t),
+                          "c")
+            time.sleep(pause)
+            engine.remove_adapter("c")
+            assert finished.wait(300) and got_c == ref["b"][1]
 
 
 @pytest.mark.parametrize("prompt, s, says", [

@@ -22,6 +22,7 @@ rng = np.random.RandomState(1)
 PROMPTS = [list(rng.randint(3, SMALL.vocab_size, n)) for n in (5, 3, 11, 6)]
 _forward = jax.jit(M.forward, static_argnums=2)
 _decode = jax.jit(M.forward_cached, static_argnums=3)
+_sample_rows = jax.jit(G.sample_rows)  # one compilation per shape, not a dispatch per operation
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +123,7 @@ def test_sampled_tokens_stay_within_top_k(params):
 def rows(logits: jax.Array, seed: int, temperature: float, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
     """G.sample_rows with the same settings on every row, each row its own seed (independent draws)."""
     B = logits.shape[0]
-    return np.asarray(G.sample_rows(logits, jnp.full(B, temperature), jnp.full(B, top_k), jnp.full(B, top_p),
+    return np.asarray(_sample_rows(logits, jnp.full(B, temperature), jnp.full(B, top_k), jnp.full(B, top_p),
                                     seed + jnp.arange(B), jnp.zeros(B, jnp.int32)))
 
 

@@ -31,7 +31,7 @@ import numpy as np
 
 from gemmatune.config import LoraConfig, ModelConfig
 from gemmatune.errors import GemmatuneError
-from gemmatune.generate import next_tokens
+from gemmatune.generate import Settings, next_tokens, row_settings, settings
 from gemmatune.layout import Params
 from gemmatune.lora import make_bank
 from gemmatune.model import Cache, init_cache, unstack
@@ -51,20 +51,6 @@ class Sampling:
     top_p: float | None = None
     top_k: int | None = None
     seed: int = 0
-
-
-@dataclasses.dataclass(frozen=True)
-class _Settings:
-    """A row's sampling settings as the compiled steps take them ([B] arrays)."""
-
-    temperature: float
-    top_k: int
-    top_p: float
-    seed: int
-
-    @classmethod
-    def of(cls, s: Sampling) -> _Settings:
-        return cls(float(s.temperature), int(s.top_k or 0), float(1.0 if s.top_p is None else s.top_p), int(s.seed))
 
 
 class Request:
@@ -105,7 +91,7 @@ class Engine:
         self._cache = init_cache(cfg, slots, self._cache_len, self.dtype)
         self._rows: list[Request | None] = [None] * slots
         self._tokens = np.zeros(slots, np.int32)  # each row's last token, the next step's input
-        self._settings = [_Settings(0.0, 0, 1.0, 0)] * slots
+        self._settings: list[Settings] = [row_settings(0.0, None, None, 0)] * slots
         self._pending: collections.deque[Request] = collections.deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -253,15 +239,16 @@ class Engine:
                     self._cond.wait()
                 if self._closed:
                     break
-                admit = []
-                while self._pending and len(admit) < self._rows.count(None):
+                admit = []  # (request, its row): the row is taken now, so its adapter counts as in use
+                while self._pending and None in self._rows:
                     req = self._pending.popleft()
                     if not req.cancelled:
-                        admit.append(req)
+                        admit.append((req, self._rows.index(None)))
+                        self._rows[admit[-1][1]] = req
                 bank = self._bank
             try:
-                for req in admit:
-                    self._start_row(req, self._rows.index(None), bank)
+                for req, b in admit:
+                    self._start_row(req, b, bank)
                 if any(r is not None for r in self._rows):
                     self._step(bank)
             except Exception as e:  # noqa: BLE001 - every waiting client gets an answer, never a hang
@@ -280,20 +267,18 @@ class Engine:
 
     def _start_row(self, req: Request, b: int, bank: list[Params]) -> None:
         """Prefill the request's prompt in chunks into a one-row cache, sample its first token and move the row
-        into slot b."""
+        into slot b (taken for it)."""
         n = len(req.prompt)
         width = -(-n // CHUNK) * CHUNK
         tokens = np.full((1, width), self.cfg.pad_token_id, np.int32)
         tokens[0, width - n:] = req.prompt  # left padding, masked
         cache = init_cache(self.cfg, 1, self._cache_len, self.dtype, jnp.asarray([width - n]))
-        s = _Settings.of(req.sampling)
+        s = row_settings(req.sampling.temperature, req.sampling.top_k, req.sampling.top_p, req.sampling.seed)
         for lo in range(0, width, CHUNK):
             first, cache = self._next(self.params, jnp.asarray(tokens[:, lo:lo + CHUNK]), cache, bank,
-                                      jnp.asarray([req.adapter], jnp.int32), *_arrays([s]), jnp.zeros(1, jnp.int32))
+                                      jnp.asarray([req.adapter], jnp.int32), *settings([s]), jnp.zeros(1, jnp.int32))
         self._cache = self._insert(self._cache, cache, jnp.asarray(b, jnp.int32))
-        with self._cond:
-            self._rows[b] = req
-            self._settings[b] = s
+        self._settings[b] = s
         self._tokens[b] = int(first[0])
         self._deliver(b, int(first[0]))
 
@@ -305,7 +290,7 @@ class Engine:
         ids = np.array([r.adapter if r is not None else 0 for r in self._rows], np.int32)
         steps = np.array([r.generated if r is not None else 0 for r in self._rows], np.int32)
         nxt, self._cache = self._next(self.params, jnp.asarray(self._tokens[:, None]), self._cache, bank,
-                                      jnp.asarray(ids), *_arrays(self._settings), jnp.asarray(steps))
+                                      jnp.asarray(ids), *settings(self._settings), jnp.asarray(steps))
         nxt = np.asarray(nxt)  # [slots]; the one host sync per step
         for b in busy:
             self._tokens[b] = nxt[b]
@@ -328,14 +313,6 @@ class Engine:
                 self._rows[b] = None
             if finish != "cancelled":
                 req.emit(None, finish)
-
-
-def _arrays(settings: Sequence[_Settings]) -> tuple[jax.Array, ...]:
-    """Per-row settings as the compiled steps' [B] arrays: temperature, top_k, top_p, seed."""
-    return (jnp.asarray([s.temperature for s in settings], jnp.float32),
-            jnp.asarray([s.top_k for s in settings], jnp.int32),
-            jnp.asarray([s.top_p for s in settings], jnp.float32),
-            jnp.asarray([s.seed for s in settings], jnp.int32))
 
 
 def _insert(cache: Cache, row: Cache, b: jax.Array) -> Cache:

@@ -36,7 +36,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemmatune import lora
 from gemmatune.atomic import refuse_to_replace, staged_dir
 from gemmatune.config import (
     EVAL_BATCH,
@@ -53,6 +52,7 @@ from gemmatune.data.pipeline import describe, prepare
 from gemmatune.errors import GemmatuneError
 from gemmatune.generate import generate
 from gemmatune.layout import Params
+from gemmatune.lora import make_bank
 from gemmatune.model import unstack
 from gemmatune.scoring import METRICS, score
 from gemmatune.step import BATCH_KEYS, make_eval_step
@@ -128,8 +128,9 @@ def _answers(base: Params, cfg: ModelConfig, adapter: Adapter | None, prompts: S
     """The generated ids for each prompt, in the order given, from the (stacked) base with the adapter (None: the
     base alone). Prompts are answered sorted by length, `sampling.batch_size` at a time, so each left-padded batch
     is about as wide as its longest prompt; batch b samples with seed `sampling.seed + b`."""
-    # For now the adapter is folded into a copy of the weights; each run holds one merged copy while it decodes.
-    params = unstack(base if adapter is None else lora.merge(base, *adapter))  # unstacked once, not per batch
+    # The adapter applied unmerged, as `generate` and `serve` apply it: no merged copy of the weights.
+    params = unstack(base)  # unstacked once, not per batch
+    bank = make_bank([adapter]) if adapter is not None else None
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[list[int]] = [[] for _ in prompts]
     for b, first in enumerate(range(0, len(order), sampling.batch_size)):
@@ -138,7 +139,7 @@ def _answers(base: Params, cfg: ModelConfig, adapter: Adapter | None, prompts: S
         room = cfg.max_position_embeddings - max(len(prompts[i]) for i in batch)
         got = generate(params, cfg, [prompts[i] for i in batch], max_new_tokens=min(max_new_tokens, max(room, 1)),
                        temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed + b,
-                       stop_ids=stop_ids)
+                       stop_ids=stop_ids, bank=bank)
         for i, ids in zip(batch, got):
             out[i] = ids
     return out

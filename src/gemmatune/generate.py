@@ -59,11 +59,21 @@ def next_tokens(params: Params, tokens: jax.Array, cache: Cache, bank: list[Para
     return sample_rows(logits[:, 0], temperature, top_k, top_p, seed, step), cache
 
 
-def settings(B: int, temperature: float, top_k: int | None, top_p: float | None, seed: int) -> tuple[jax.Array, ...]:
-    """Sampling settings as `next_tokens` takes them, the same for B rows: temperature, top_k (0: no cut), top_p
-    (1: no cut), seed."""
-    return (jnp.full(B, temperature, jnp.float32), jnp.full(B, top_k or 0, jnp.int32),
-            jnp.full(B, 1.0 if top_p is None else top_p, jnp.float32), jnp.full(B, seed, jnp.int32))
+Settings = tuple[float, int, float, int]  # one row's (temperature, top_k, top_p, seed), as `settings` takes them
+
+
+def row_settings(temperature: float, top_k: int | None, top_p: float | None, seed: int) -> Settings:
+    """One row's sampling settings: top_k 0 and top_p 1 mean no cut, a top_k past int32 is none either, and any
+    integer seeds (reduced to 31 bits)."""
+    return (float(temperature), min(int(top_k or 0), 2**31 - 1), 1.0 if top_p is None else float(top_p),
+            int(seed) % 2**31)
+
+
+def settings(rows: Sequence[Settings]) -> tuple[jax.Array, ...]:
+    """Per-row settings as `next_tokens` takes them: temperature, top_k, top_p, seed, [B] each."""
+    t, k, p, s = zip(*rows)
+    return (jnp.asarray(t, jnp.float32), jnp.asarray(k, jnp.int32), jnp.asarray(p, jnp.float32),
+            jnp.asarray(s, jnp.int32))
 
 
 def _round_up(n: int, m: int) -> int:
@@ -128,7 +138,7 @@ def generate(params: Params, cfg: ModelConfig, prompts: list[list[int]], *, max_
     cache = init_cache(cfg, B, _round_up(width + max_new_tokens, BUCKET), dtype, jnp.asarray(width - lengths))
     step = functools.partial(next_tokens, params, cfg=cfg, dtype=dtype)
     extra = (bank or None, None if not bank else jnp.asarray(adapter_ids or [0] * B, jnp.int32),
-             *settings(B, temperature, top_k, top_p, seed))
+             *settings([row_settings(temperature, top_k, top_p, seed)] * B))
     stops = np.array(sorted(set(stop_ids)), np.int64)
 
     out: list[list[int]] = [[] for _ in range(B)]

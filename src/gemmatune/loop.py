@@ -26,7 +26,7 @@ import jax
 import optax
 from jax.sharding import Mesh
 
-from gemmatune import distributed, lora, sharding
+from gemmatune import distributed, sharding
 from gemmatune.atomic import provisional_dir, staged_dir, write_text
 from gemmatune.checkpoint import (
     check_run_dir,
@@ -37,7 +37,7 @@ from gemmatune.checkpoint import (
     save_adapter,
     save_checkpoint,
 )
-from gemmatune.config import ModelConfig, TrainConfig
+from gemmatune.config import LoraConfig, ModelConfig, TrainConfig
 from gemmatune.convert import load_model, model_config
 from gemmatune.convert.peft import load_adapter_for
 from gemmatune.data.loader import BatchIterator
@@ -47,6 +47,7 @@ from gemmatune.evaluation import Case, answer_and_score, generation_cases
 from gemmatune.generate import generate
 from gemmatune.hub import resolve_model
 from gemmatune.layout import Params
+from gemmatune.lora import make_bank
 from gemmatune.metrics import MetricsLog, Progress, format_summary, plot_losses
 from gemmatune.model import unstack
 from gemmatune.settings import dump_yaml, to_dict
@@ -239,12 +240,14 @@ def setup(tcfg: TrainConfig) -> Run:
                val_cases=val_cases)
 
 
-def answer(params: Params, cfg: ModelConfig, tokenizer: Tokenizer, prompts: Sequence[str],
-           max_new_tokens: int) -> list[str]:
-    """Greedy chat answers to prompts from (stacked, merged) parameters."""
+def answer(base: Params, cfg: ModelConfig, adapter: tuple[Params, LoraConfig] | None, tokenizer: Tokenizer,
+           prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+    """Greedy chat answers to prompts from the (stacked) base with the adapter applied unmerged, as `generate`
+    and `serve` apply it."""
     ids = [tokenizer.encode_chat([{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts]
-    out = generate(unstack(params), cfg, ids, max_new_tokens=max_new_tokens,
-                   stop_ids=(tokenizer.eos_id, tokenizer.end_of_turn_id))
+    out = generate(unstack(base), cfg, ids, max_new_tokens=max_new_tokens,
+                   stop_ids=(tokenizer.eos_id, tokenizer.end_of_turn_id),
+                   bank=make_bank([adapter]) if adapter is not None else None)
     return [tokenizer.decode(o) for o in out]
 
 
@@ -271,6 +274,8 @@ def evaluate(run: Run, step: int, record: bool = True) -> None:
     """Validation loss (logged with perplexity), with eval_generate the validation examples' answer metrics
     (logged), and the answers to the evaluation prompts (logged), into run, logged unless record is False."""
     tcfg = run.tcfg
+    base, adapter = (run.state["params"], None) if tcfg.method == "full" else \
+        (run.frozen, (run.state["params"], tcfg.lora))
     if run.data.val is not None:
         total = count = 0.0
         for rows in _batches(tcfg, run.tokenizer, run.data.val, tcfg.batch_size, False, list(run.mine)):
@@ -281,15 +286,11 @@ def evaluate(run: Run, step: int, record: bool = True) -> None:
         if record:
             values = {"val_loss": run.val_loss, "val_ppl": math.exp(min(run.val_loss, 50.0))}
             if run.val_cases:  # greedy answers to validation prompts, scored as `gemmatune eval` scores them
-                base, adapter = (run.state["params"], None) if tcfg.method == "full" else \
-                    (run.frozen, (run.state["params"], tcfg.lora))
                 scored = answer_and_score(base, run.cfg, adapter, run.val_cases, run.tokenizer)
                 values.update({f"val_{name}": value for name, value in scored.means.items()})
             run.log.log(step, **values)
     if tcfg.eval_prompts:
-        params = run.state["params"] if tcfg.method == "full" else lora.merge(run.frozen, run.state["params"],
-                                                                               tcfg.lora)
-        texts = answer(params, run.cfg, run.tokenizer, tcfg.eval_prompts, tcfg.eval_max_new_tokens)
+        texts = answer(base, run.cfg, adapter, run.tokenizer, tcfg.eval_prompts, tcfg.eval_max_new_tokens)
         run.answers = list(zip(tcfg.eval_prompts, texts))
         for prompt, text in run.answers if record else []:
             run.log.log_text(step, prompt, text)
