@@ -304,6 +304,22 @@ class _Parser(argparse.ArgumentParser):
         raise GemmatuneError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
+def _dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="compute dtype; auto means the checkpoint's")
+
+
+def _decoding_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    """The options of the commands that decode through the engine (generate, chat)."""
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"longest answer (default: "
+                                                                              f"{max_new_tokens})")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy decoding")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    _dtype_arg(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gemmatune", description="LoRA fine-tuning of Gemma 2 in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)  # the subcommands' parsers are _Parsers too
@@ -314,13 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adapter", default=None, help="a gemmatune adapter directory (OUTPUT/adapter) to apply")
     g.add_argument("--prompt", default="The quick brown fox", help="prompt text")
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 means greedy decoding")
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                   help="compute dtype; auto means the checkpoint's")
+    _decoding_args(g, max_new_tokens=64)
     g.set_defaults(run=_generate, parser=g)
 
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server: a base model and its adapters, batched",
@@ -337,8 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--api-key", default=os.environ.get("GEMMATUNE_API_KEY"),
                     help="require 'Authorization: Bearer KEY' on every request but /health (default: the "
                          "GEMMATUNE_API_KEY environment variable, which keeps the key out of the process list)")
-    sv.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                    help="compute dtype; auto means the checkpoint's")
+    _dtype_arg(sv)
     sv.add_argument("--slots", type=int, default=8, help="requests decoded together in one batch (default: 8)")
     sv.add_argument("--max-len", type=int, default=None,
                     help="tokens per request, prompt + answer (default: the model's context, at most 4096)")
@@ -350,15 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "pipe of lines works too.")
     c.add_argument("--model", default=EMBEDDED_MODEL, help=MODEL_HELP + "; default: tiny")
     c.add_argument("--adapter", default=None, help="an adapter directory (gemmatune's or PEFT's) to apply")
-    c.add_argument("--max-new-tokens", type=int, default=256, help="longest answer (default: 256)")
-    c.add_argument("--temperature", type=float, default=0.0, help="0 means greedy decoding")
-    c.add_argument("--top-k", type=int, default=None)
-    c.add_argument("--top-p", type=float, default=None)
-    c.add_argument("--seed", type=int, default=0)
+    _decoding_args(c, max_new_tokens=256)
     c.add_argument("--max-len", type=int, default=None,
                    help="tokens of the whole conversation (default: the model's context, at most 4096)")
-    c.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                   help="compute dtype; auto means the checkpoint's")
     c.set_defaults(run=_chat, parser=c)
 
     t = sub.add_parser("train", help="fine-tune with LoRA (no arguments: the embedded tiny model on sample data)",
@@ -407,8 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--adapter", action="append", metavar="DIR",
                     help=f"an adapter directory (OUTPUT/adapter, or a PEFT adapter); repeat for several runs side by "
                          f"side; {NO_ADAPTER} is the base model alone (default: {NO_ADAPTER})")
-    ev.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                    help="compute dtype; auto means the checkpoint's")
+    _dtype_arg(ev)
     ev.add_argument("--generate", action="store_true", help="also answer every prompt and score the answers "
                                                             "(instruction or chat rows)")
     ev.add_argument("--metric", action="append", metavar="NAME",

@@ -97,7 +97,6 @@ class Engine:
         self._closed = False
         self._thread: threading.Thread | None = None
         # Adapters: name -> bank index; the bank (index 0: the base, no adapter) is rebuilt when it changes.
-        self._adapters: dict[str, tuple[Params, LoraConfig]] = {}
         self._index: dict[str, int] = {}
         self._entries: list[tuple[Params, LoraConfig] | None] = [None]
         self._bank = make_bank(self._entries)
@@ -119,7 +118,8 @@ class Engine:
             if name in self._index:
                 raise GemmatuneError(f"an adapter named {name!r} is already loaded; remove it first or pick "
                                      "another name.")
-            free = [i for i, e in enumerate(self._entries) if e is None and i > 0 and not self._in_use(i)]
+            self._prune()
+            free = [i for i, e in enumerate(self._entries) if e is None and i > 0]
             index = free[0] if free else len(self._entries)
             if index == len(self._entries):
                 self._entries.append(None)
@@ -133,14 +133,16 @@ class Engine:
             if name not in self._index:
                 raise GemmatuneError(f"no adapter named {name!r} is loaded (loaded: "
                                      f"{', '.join(self._index) or 'none'}).")
-            index = self._index.pop(name)
-            if not self._in_use(index):
-                self._entries[index] = None
-                self._rebuild()
-            # else: freed by the next add_adapter once its requests are done
+            del self._index[name]
+            self._prune()
+            self._rebuild()
 
-    def _in_use(self, index: int) -> bool:
-        return any(r is not None and r.adapter == index for r in [*self._rows, *self._pending])
+    def _prune(self) -> None:
+        """Empty the bank entries of removed adapters that no request uses any more (under the lock)."""
+        busy = {r.adapter for r in [*self._rows, *self._pending] if r is not None} | set(self._index.values())
+        self._entries = [e if i == 0 or i in busy else None for i, e in enumerate(self._entries)]
+        while len(self._entries) > 1 and self._entries[-1] is None:
+            self._entries.pop()
 
     def _rebuild(self) -> None:
         """The bank of the current entries, its size rounded up to a power of two and its rank to a multiple of 8
