@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import platform
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -28,3 +30,14 @@ def best_of(fn: Callable[[], object], repeats: int) -> float:
 def random_tokens(vocab_size: int, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
     """Token ids in [3, vocab): no pad, eos or bos, so no tool treats any position specially."""
     return np.random.RandomState(seed).randint(3, vocab_size, shape).astype(np.int32)
+
+
+def cpu_name() -> str:
+    """The processor's model name, recorded with every figure (CI machines differ)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
 import tasks
+from common import cpu_name
 
 from gemmatune.config import DataConfig
 from gemmatune.convert import load_model
@@ -30,16 +30,6 @@ from gemmatune.data.pipeline import prepare
 from gemmatune.evaluation import Sampling, answer_and_score, generation_cases
 from gemmatune.hub import resolve_model
 from gemmatune.tokenizer import load_tokenizer
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import threading
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import jax
 import openai
+from common import cpu_name
 
 from gemmatune.checkpoint import save_adapter
 from gemmatune.config import LoraConfig
@@ -34,16 +34,6 @@ from gemmatune.server import model_name, open_server
 
 QUESTIONS = ["What is JAX?", "Tell me a story.", "Why is the sky blue?", "Name three colours.", "Write a haiku.",
              "What is LoRA?", "Count to five.", "Who are you?"]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def write_adapter(path: Path, model: str, seed: int) -> str:

@@ -416,9 +416,10 @@ def gemma3_checkpoint(out) -> str:
     return str(out)
 
 
-def test_chat_on_a_gemma3_base_keeps_the_history_and_reads_a_pipe(tmp_path, monkeypatch, capsys):
-    """`gemmatune chat` with lines fed through stdin, on a Gemma 3 base with an adapter (the server's tests above
-    run a Gemma 2 base; both go through the same engine)."""
+def test_chat_and_serve_on_a_gemma3_base(tmp_path, monkeypatch, capsys):
+    """`gemmatune chat` with lines fed through stdin, on a Gemma 3 base with an adapter (history kept, /reset,
+    /exit); then the HTTP API on that base (the tests above run a Gemma 2 base): the base and the adapter answered
+    together, each as `gemmatune generate` answers."""
     model = gemma3_checkpoint(tmp_path / "g3")
     adapter = write_adapter(tmp_path / "tuned", model_config(model), 3)
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hello!\nWhat is JAX?\n/reset\nHello!\n/exit\nnot read\n"))
@@ -434,3 +435,17 @@ def test_chat_on_a_gemma3_base_keeps_the_history_and_reads_a_pipe(tmp_path, monk
     out, err = capsys.readouterr()
     assert out == f"{first}\n{second}\n{first}\n"  # after /reset the first question is answered afresh
     assert "/reset" in err and "history cleared" in err
+
+    server = open_server(model, {"tuned": adapter}, port=0, api_key=KEY, slots=2, max_len=MAX_LEN, dtype=DTYPE)
+    with running(server):
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+        names = [m.id for m in client.models.list()]
+        assert names == ["g3", "tuned"]
+
+        def ask(name: str) -> str | None:
+            r = client.chat.completions.create(model=name, messages=hello, max_tokens=NEW, temperature=0)
+            return r.choices[0].message.content
+
+        with ThreadPoolExecutor(2) as pool:
+            assert list(pool.map(ask, names)) == [ref(None, tok.encode_chat(hello, add_generation_prompt=True),
+                                                      NEW)[0], first]
