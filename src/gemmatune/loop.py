@@ -274,8 +274,10 @@ def evaluate(run: Run, step: int, record: bool = True) -> None:
     """Validation loss (logged with perplexity), with eval_generate the validation examples' answer metrics
     (logged), and the answers to the evaluation prompts (logged), into run, logged unless record is False."""
     tcfg = run.tcfg
+    # Answers apply the adapter unmerged, from a bank built on the host: every process gathers the adapters (small),
+    # which are split over the devices of several hosts on a mesh.
     base, adapter = (run.state["params"], None) if tcfg.method == "full" else \
-        (run.frozen, (run.state["params"], tcfg.lora))
+        (run.frozen, (sharding.to_host(run.state["params"]), tcfg.lora))
     if run.data.val is not None:
         total = count = 0.0
         for rows in _batches(tcfg, run.tokenizer, run.data.val, tcfg.batch_size, False, list(run.mine)):
