@@ -318,14 +318,12 @@ class Api:
         top_k = _param(body, "top_k", (int,))  # not OpenAI's, but vLLM's and llama.cpp's servers take it
         if top_k is not None and top_k < 1 and top_k != -1:
             raise ApiError(400, f"'top_k' is {top_k}; it must be at least 1 (-1: no cut)", param="top_k")
-        if top_k is not None and top_k >= self.cfg.vocab_size:
-            top_k = -1  # no cut (and within the engine's 32-bit settings)
-        # Without a seed each sampled answer differs, as OpenAI's do; with one it is repeatable. OpenAI's seeds are
-        # 64-bit, the engine's 31: folded down, so every seed is accepted and means one stream of draws.
+        # Without a seed each sampled answer differs, as OpenAI's do; with one it is repeatable, and the same as
+        # `gemmatune generate --seed` (generate.row_settings folds any integer seed, and any top_k, into the engine's).
         seed = _param(body, "seed", (int,))
         if seed is not None and not -2**63 <= seed < 2**64:
             raise ApiError(400, f"'seed' is {seed}; it must fit in 64 bits", param="seed")
-        seed = secrets.randbits(31) if seed is None else seed % (2**31 - 1)
+        seed = secrets.randbits(31) if seed is None else seed
         stream = _param(body, "stream", (bool,), False)
         options = _param(body, "stream_options", (dict,), {})
         include_usage = _param(options, "include_usage", (bool,), False)
