@@ -31,7 +31,7 @@ import numpy as np
 
 from gemmatune.config import LoraConfig, ModelConfig
 from gemmatune.errors import GemmatuneError
-from gemmatune.generate import Settings, next_tokens, row_settings, settings
+from gemmatune.generate import Settings, check_sampling, next_tokens, row_settings, settings
 from gemmatune.layout import Params
 from gemmatune.lora import make_bank
 from gemmatune.model import Cache, init_cache, unstack
@@ -180,13 +180,7 @@ class Engine:
                 f"the prompt ({len(prompt)} tokens) plus max_tokens ({sampling.max_tokens}) is "
                 f"{len(prompt) + sampling.max_tokens}, beyond the context of {self.max_len} tokens; shorten the "
                 f"prompt or ask for at most {max(self.max_len - len(prompt), 0)} tokens.")
-        if sampling.temperature < 0:
-            raise GemmatuneError(f"temperature is {sampling.temperature}; use 0 for greedy decoding or a positive "
-                                 "value to sample.")
-        if sampling.top_k is not None and sampling.top_k < 1:
-            raise GemmatuneError(f"top_k is {sampling.top_k}; it must be at least 1.")
-        if sampling.top_p is not None and not 0 < sampling.top_p <= 1:
-            raise GemmatuneError(f"top_p is {sampling.top_p}; it must be in (0, 1].")
+        check_sampling(sampling.temperature, sampling.top_k, sampling.top_p)
 
     def stream(self, prompt: Sequence[int], sampling: Sampling, adapter: str | None = None) -> Iterator[int]:
         """The request's tokens as they come (blocking); closing the iterator early cancels the request."""

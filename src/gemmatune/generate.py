@@ -100,13 +100,18 @@ def _validate(cfg: ModelConfig, prompts: list[list[int]], max_new_tokens: int, t
             f"generate: the longest prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) is "
             f"{longest + max_new_tokens}, beyond the model's max_position_embeddings ({cfg.max_position_embeddings})."
             f" Lower max_new_tokens to at most {max(cfg.max_position_embeddings - longest, 0)} or shorten the prompt.")
+    check_sampling(temperature, top_k, top_p)
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """A GemmatuneError for sampling settings that mean nothing (generate and the serving engine alike)."""
     if temperature < 0:
-        raise GemmatuneError(f"generate: temperature is {temperature}; use 0 for greedy decoding or a positive "
-                             "value to sample.")
+        raise GemmatuneError(f"temperature is {temperature}; use 0 for greedy decoding or a positive value to "
+                             "sample.")
     if top_k is not None and top_k < 1:
-        raise GemmatuneError(f"generate: top_k is {top_k}; it must be at least 1 (or None for no top-k cut).")
+        raise GemmatuneError(f"top_k is {top_k}; it must be at least 1 (or none for no top-k cut).")
     if top_p is not None and not 0 < top_p <= 1:
-        raise GemmatuneError(f"generate: top_p is {top_p}; it must be in (0, 1] (or None for no nucleus cut).")
+        raise GemmatuneError(f"top_p is {top_p}; it must be in (0, 1] (or none for no nucleus cut).")
 
 
 def generate(params: Params, cfg: ModelConfig, prompts: list[list[int]], *, max_new_tokens: int,

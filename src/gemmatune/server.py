@@ -242,6 +242,7 @@ class Api:
         if name == self.base_name or name in self.engine.adapter_names:
             raise ApiError(409, f"the model name {name!r} is taken; remove it first (DELETE /v1/adapters/{name}) "
                                 "or pick another name", param="name", code="model_exists")
+
         def load() -> None:  # reading the files and building the adapter bank block: off the event loop
             self.engine.add_adapter(name, *load_adapter_for(self.model_dir, path, self.cfg))
 
