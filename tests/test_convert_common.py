@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -36,7 +37,9 @@ def test_float16_is_refused_with_the_reason():
 
 
 def test_layers_are_placed_into_zero_stacks():
-    stacks = zero_stacks((("w", (3, 2)), ("v", (3, 4))), np.dtype(np.float32), None)  # {name: [L, ...]}
+    f32 = np.dtype(np.float32)
+    stacks = zero_stacks((("w", jax.ShapeDtypeStruct((3, 2), f32)), ("v", jax.ShapeDtypeStruct((3, 4), f32))),
+                         None)  # {name: [L, ...]}
     stacks = set_layer(stacks, {"w": jnp.ones(2, jnp.bfloat16), "v": jnp.full(4, 2.0)}, 1)
     assert stacks["w"].dtype == jnp.float32  # a layer takes the stack's dtype
     np.testing.assert_array_equal(stacks["w"], [[0, 0], [1, 1], [0, 0]])

@@ -451,6 +451,32 @@ class LoraConfig:
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
 
+QUANT_KINDS = ("nf4", "int4", "int8")
+QUANT_BLOCKS = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantization:
+    """How the frozen base's projection weights are stored (QLoRA; quantize.py): `kind` nf4 (NormalFloat-4, the
+    QLoRA paper's and bitsandbytes' code book), int4 or int8, one float32 scale per `block` consecutive weights
+    along the input axis, and with `double` the scales themselves coded in 8 bits (bitsandbytes' nested form)."""
+
+    kind: str
+    block: int = 64
+    double: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in QUANT_KINDS:
+            raise GemmatuneError(f"quantize: {self.kind!r} is not valid; expected one of {', '.join(QUANT_KINDS)} "
+                                 "(or none).")
+        if self.block not in QUANT_BLOCKS:
+            raise GemmatuneError(f"quantize_block: {self.block!r} is not valid; expected one of "
+                                 f"{', '.join(map(str, QUANT_BLOCKS))}.")
+
+    def describe(self) -> str:
+        return f"{self.kind}, block {self.block}" + (", double-quantized scales" if self.double else "")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything `gemmatune train` does; YAML sections `data:` and `lora:` fill the nested configs."""
@@ -467,6 +493,11 @@ class TrainConfig:
                                   "buffers)")
     dtype: str = setting("bfloat16", "base weights and compute: bfloat16 or float32; adapters and optimizer state "
                                      "are float32")
+    quantize: str = setting("none", "store the frozen base's projection weights quantized (QLoRA): nf4, int4, int8 "
+                                    "or none; adapters, norms and the embedding stay in dtype")
+    quantize_block: int = setting(64, "with quantize: weights per scale, along each projection's input axis")
+    double_quant: bool = setting(False, "with quantize: code the scales in 8 bits too (bitsandbytes' double "
+                                        "quantization: about 0.37 fewer bits per weight at block 64)")
     max_steps: int = setting(0, "optimizer steps; 0: run `epochs` epochs")
     epochs: float = setting(1.0, "passes over the data when max_steps is 0 (fractions allowed)")
     batch_size: int = setting(8, "packed rows per micro-batch")
@@ -545,6 +576,11 @@ class TrainConfig:
         if self.eval_generate and not (self.data.val_fraction > 0 or self.data.val_paths):
             raise GemmatuneError("eval_generate: answers validation examples, but there are none; set "
                                  "data.val_fraction (e.g. --val-fraction 0.1) or data.val_paths (--val-data FILE).")
+        if self.quantize != "none":
+            self.quantization()  # checks kind and block
+            if self.method == "full":
+                raise GemmatuneError("quantize: a quantized base is frozen, but method full trains every weight; "
+                                     "use method lora (QLoRA), or quantize none.")
         if self.max_steps == 0 and self.epochs <= 0:
             raise GemmatuneError(f"epochs: {self.epochs!r} is not valid; expected a positive number "
                                  "(or set max_steps).")
@@ -552,3 +588,7 @@ class TrainConfig:
             raise GemmatuneError("lr must be positive, min_lr_ratio in [0, 1], weight_decay and clip_norm >= 0 "
                                  f"(got lr={self.lr}, min_lr_ratio={self.min_lr_ratio}, "
                                  f"weight_decay={self.weight_decay}, clip_norm={self.clip_norm}).")
+
+    def quantization(self) -> Quantization | None:
+        """The base's quantization (quantize, quantize_block, double_quant), or None for quantize none."""
+        return None if self.quantize == "none" else Quantization(self.quantize, self.quantize_block, self.double_quant)

@@ -8,12 +8,15 @@ f intermediate (the MLP's hidden units).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import jax
+import numpy as np
 
-from gemmatune.config import LoraConfig, ModelConfig
+from gemmatune.config import LoraConfig, ModelConfig, Quantization
+from gemmatune.errors import GemmatuneError
 
 Params = dict[str, Any]  # a tree of arrays (or of shapes, or of logical axes) shaped like `param_shapes`
 Shape = tuple[int, ...]
@@ -45,11 +48,12 @@ def norm_names(cfg: ModelConfig) -> tuple[str, ...]:
     return NORMS + QK_NORMS if cfg.qk_norm else NORMS
 
 
-def param_shapes(cfg: ModelConfig) -> Params:
-    """Every parameter's shape; layer weights are stacked over a leading [L] axis."""
+def param_shapes(cfg: ModelConfig, quant: Quantization | None = None) -> Params:
+    """Every parameter's shape; layer weights are stacked over a leading [L] axis. With `quant`, each projection
+    is a dict of its quantized fields' shapes (`quantized_shapes`)."""
     L, D, F, H, K, E, V = (cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads,
                            cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size)
-    return {
+    out: Params = {
         "embed": (V, D),
         "final_norm": (D,),
         "layers": {
@@ -64,6 +68,11 @@ def param_shapes(cfg: ModelConfig) -> Params:
             "down_proj": (L, F, D),
         },
     }
+    if quant is not None:
+        layers = out["layers"]
+        for name in PROJECTIONS:
+            layers[name] = quantized_shapes(name, layers[name], quant)
+    return out
 
 
 def weight_axes(name: str) -> tuple[str, str, str]:
@@ -95,14 +104,91 @@ def trainable_shapes(cfg: ModelConfig, method: str, lora_cfg: LoraConfig) -> Par
     return param_shapes(cfg) if method == "full" else adapter_shapes(cfg, lora_cfg)
 
 
+# --- quantized projections (quantize.py computes them) ------------------------------------------------------------
+
+NESTED_BLOCK = 256  # double quantization: scales per nested block (bitsandbytes' fixed choice)
+# The dtype of each field of a quantized weight; the rest ("table", "scale", ...) are float32.
+QUANT_DTYPES = {"packed": np.dtype(np.uint8), "codes": np.dtype(np.int8), "scale_codes": np.dtype(np.uint8)}
+
+
+def stored_order(name: str) -> tuple[str, str]:
+    """(output letters, input letters) of a projection: a quantized weight stores its elements as a matrix
+    [*outputs, prod(inputs)], PyTorch's [out, in] order, the one bitsandbytes checkpoints hold, so they load by
+    reshaping alone and blocks run along the flattened input: o_proj ("hed") gives ("d", "he")."""
+    _, w_in, w_out = weight_axes(name)
+    return w_out, w_in
+
+
+def check_block(name: str, shape: tuple[int, ...], quant: Quantization) -> None:
+    """Refuse a block that does not divide a projection's input size: a block would straddle two outputs
+    (bitsandbytes allows it, with scales shared between rows; gemmatune keeps blocks within a row, so that codes
+    and scales split over a mesh like the weight)."""
+    w, w_in, _ = weight_axes(name)
+    dims = dict(zip(w, shape[len(shape) - len(w):]))
+    size = math.prod(dims[c] for c in w_in)
+    if size % quant.block:
+        fits = [b for b in (32, 64, 128, 256) if size % b == 0]
+        raise GemmatuneError(
+            f"quantize_block {quant.block} does not divide {name}'s input size {size}; use a block that does: "
+            f"--quantize-block {fits[-1] if fits else 64}.")
+
+
+def quantized_shapes(name: str, shape: tuple[int, ...], quant: Quantization) -> Params:
+    """{field: shape} of a projection weight of `shape` (leading axes, then W's layout) quantized as `quant`; the
+    fields are described in quantize.py, their dtypes in QUANT_DTYPES."""
+    check_block(name, shape, quant)
+    w = weight_axes(name)[0]
+    lead, dims = shape[:len(shape) - len(w)], dict(zip(w, shape[len(shape) - len(w):]))
+    w_out, w_in = stored_order(name)
+    out_dims, size = tuple(dims[c] for c in w_out), math.prod(dims[c] for c in w_in)
+    blocks = (*lead, *out_dims, size // quant.block)
+    out: Params = ({"codes": (*lead, *out_dims, size)} if quant.kind == "int8" else
+                   {"packed": (*lead, *out_dims, size // 2), "table": (*lead, 16)})
+    if quant.double:
+        out.update(scale_codes=blocks, scale_table=(*lead, 256),
+                   scale_absmax=(*lead, -(-math.prod(blocks[len(lead):]) // NESTED_BLOCK)), scale_offset=lead)
+    else:
+        out["scale"] = blocks
+    return out
+
+
+def leaf_dtype(path: tuple[Any, ...], dtype: Any) -> np.dtype:
+    """The dtype of the parameter at `path` (jax tree path) when weights are in `dtype`: quantized fields have
+    their own (QUANT_DTYPES, else float32)."""
+    keys = [getattr(k, "key", None) for k in path]
+    if len(keys) >= 2 and keys[-2] in PROJECTIONS:
+        return QUANT_DTYPES.get(keys[-1], np.dtype(np.float32))
+    return np.dtype(dtype)
+
+
+def param_structs(cfg: ModelConfig, dtype: Any, quant: Quantization | None = None) -> Params:
+    """Every parameter as a jax.ShapeDtypeStruct (for compiling from shapes and counting bytes)."""
+    return jax.tree_util.tree_map_with_path(lambda p, s: jax.ShapeDtypeStruct(s, leaf_dtype(p, dtype)),
+                                            param_shapes(cfg, quant), is_leaf=is_shape)
+
+
+def nbytes(tree: Params) -> int:
+    """Bytes of a tree of arrays or ShapeDtypeStructs."""
+    return sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree))
+
+
 # --- logical axes ------------------------------------------------------------------------------------------------
 
-def param_axes(cfg: ModelConfig) -> Params:
-    """The logical axes of every parameter, a tree shaped like `param_shapes(cfg)`: projections take theirs from
-    PROJECTIONS; the rest are the embedding [V, D] and norm weights ([L, D] or [D]; QK-norms [L, E])."""
+def param_axes(cfg: ModelConfig, quant: Quantization | None = None) -> Params:
+    """The logical axes of every parameter, a tree shaped like `param_shapes(cfg, quant)`: projections take theirs
+    from PROJECTIONS (quantized codes and scales those of the weight they replace, in stored order; code books and
+    nested scales are small and replicated); the rest are the embedding [V, D] and norm weights ([L, D] or [D];
+    QK-norms [L, E])."""
 
     def axes(path: tuple[Any, ...], shape: Shape) -> Axes:
         name = path[-1].key
+        if len(path) >= 2 and getattr(path[-2], "key", None) in PROJECTIONS:
+            # The flattened input axis splits like its first letter: heads, for o_proj's (heads, head_dim).
+            w_out, w_in = stored_order(path[-2].key)
+            stored = ("layers", *(LETTERS[c] for c in w_out + w_in[0]))
+            if name in ("packed", "codes", "scale", "scale_codes"):
+                return stored
+            return ("layers",) + (None,) * (len(shape) - 1)
         if name in PROJECTIONS:
             return ("layers", *(LETTERS[c] for c in weight_axes(name)[0]))
         if name == "embed":
@@ -111,7 +197,7 @@ def param_axes(cfg: ModelConfig) -> Params:
             return ("layers", "head_dim")
         return ("layers",) * (len(shape) - 1) + ("embed",)
 
-    return jax.tree_util.tree_map_with_path(axes, param_shapes(cfg), is_leaf=is_shape)
+    return jax.tree_util.tree_map_with_path(axes, param_shapes(cfg, quant), is_leaf=is_shape)
 
 
 def adapter_axes(names: Sequence[str]) -> Params:

@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from gemmatune import sharding
+from gemmatune import quantize, sharding
 from gemmatune.attention import IMPLS, attention_impl, cudnn_attention, segment_mask, splash_attention
 from gemmatune.config import LOCAL, LoraConfig, ModelConfig
 from gemmatune.layout import PROJECTIONS, Params, is_shape, param_shapes
@@ -109,7 +109,8 @@ def project(x: jax.Array, p: Params, names: tuple[str, ...], adapter: LoraConfig
     einsum layouts (batch and time as separate axes), XLA's CPU backend transposed the [N, outputs] gradient for
     the weight gradient of B, a full extra pass. Projections that read the same x (q, k, v; gate, up) share one
     x A product, with their A's side by side; with dropout each draws its own mask, so each has its own product."""
-    ys = [jnp.einsum(PROJECTIONS[name], x, p[name]) for name in names]
+    ys = [quantize.project(name, x, p[name]) if quantize.is_quantized(p[name]) else
+          jnp.einsum(PROJECTIONS[name], x, p[name]) for name in names]
     if "lora_rows" in p:
         return _project_rows(x, ys, p["lora_rows"], names)
     lora = p.get("lora", {})
@@ -153,7 +154,8 @@ def block(x: jax.Array, p: Params, cfg: ModelConfig, kind: str, positions: jax.A
     """One decoder layer of `kind` (LOCAL or GLOBAL: its RoPE). `attend(q, k, v) -> (out, cache_update)` supplies
     the keys in view and the mask, so the training path and the KV-cache path share everything else. `adapter`
     (a LoraConfig) scales p["lora"]; `key` draws its dropout."""
-    p = jax.tree.map(lambda a: a.astype(x.dtype), p)  # compute in x's dtype whatever the weights' (no-op if equal)
+    # Compute in x's dtype whatever the weights' (no-op if equal); quantized weights dequantize into it themselves.
+    p = {k: v if quantize.is_quantized(v) else jax.tree.map(lambda a: a.astype(x.dtype), v) for k, v in p.items()}
 
     def proj(h: jax.Array, *names: str) -> list[jax.Array]:
         return project(h, p, names, adapter, key)

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from gemmatune.config import ModelConfig
+from gemmatune.config import ModelConfig, Quantization
 from gemmatune.errors import GemmatuneError
 from gemmatune.layout import Params, is_shape, param_axes, param_shapes, per_layer
 
@@ -81,9 +81,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def param_shardings(cfg: ModelConfig, mesh: Mesh, *, stacked: bool = True) -> Params:
-    """The base parameters' shardings ([L, ...] stacks, or the per-layer list that decoding takes)."""
-    axes, shapes = param_axes(cfg), param_shapes(cfg)
+def param_shardings(cfg: ModelConfig, mesh: Mesh, *, stacked: bool = True, quant: Quantization | None = None
+                    ) -> Params:
+    """The base parameters' shardings ([L, ...] stacks, or the per-layer list that decoding takes); with `quant`,
+    of the quantized projections' fields."""
+    axes, shapes = param_axes(cfg, quant), param_shapes(cfg, quant)
     if stacked:
         return tree_shardings(mesh, axes, shapes)
     out = tree_shardings(mesh, per_layer(axes), per_layer(shapes))

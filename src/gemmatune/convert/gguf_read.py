@@ -33,7 +33,7 @@ import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh
 
-from gemmatune.config import GLOBAL, LOCAL, ModelConfig
+from gemmatune.config import GLOBAL, LOCAL, ModelConfig, Quantization
 from gemmatune.convert.common import GEMMATUNE_KEY, MERGED_ADAPTERS, check_dtype, load_dtype, place_params
 from gemmatune.convert.gguf import ARCHS, NORMS, llama_cpp_query_scalar, tensor_name
 from gemmatune.convert.hf import from_hf, hf_keys, hf_shape
@@ -308,8 +308,8 @@ def gguf_state(tensors: dict[str, TensorInfo], cfg: ModelConfig, path: Path
         yield name, i, from_hf(name, host, cfg)
 
 
-def load_gguf(path: str | Path, dtype: str = "auto", *, stacked: bool = True,
-              mesh: Mesh | None = None) -> tuple[ModelConfig, Params]:
+def load_gguf(path: str | Path, dtype: str = "auto", *, stacked: bool = True, mesh: Mesh | None = None,
+              quant: Quantization | None = None) -> tuple[ModelConfig, Params]:
     """A GGUF file -> (config, parameters on the default JAX device, or split over `mesh` as
     sharding.param_shardings lays them out), streamed as `convert.hf.load_hf` streams safetensors: each tensor is
     dequantized, placed onto its devices and written, a layer at a time, into preallocated device arrays.
@@ -322,4 +322,4 @@ def load_gguf(path: str | Path, dtype: str = "auto", *, stacked: bool = True,
     embed = tensors.get(tensor_name("embed", None))
     target = load_dtype(dtype, np.dtype(ml_dtypes.bfloat16 if embed is not None and embed.qtype == Q.BF16
                                         else np.float32))
-    return cfg, place_params(cfg, gguf_state(tensors, cfg, path), target, stacked=stacked, mesh=mesh)
+    return cfg, place_params(cfg, gguf_state(tensors, cfg, path), target, stacked=stacked, mesh=mesh, quant=quant)

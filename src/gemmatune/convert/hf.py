@@ -26,7 +26,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from gemmatune.atomic import refuse_to_replace, staged_dir
-from gemmatune.config import ModelConfig, load_config
+from gemmatune.config import ModelConfig, Quantization, load_config
 from gemmatune.convert.common import (
     DTYPE_NAMES,
     GEMMATUNE_KEY,
@@ -277,8 +277,8 @@ def _check_tied(where: dict[str, SafetensorsReader], layout: KeyLayout, chunk_by
                              f"checkpoint without a separate {layout.lm_head}.")
 
 
-def load_hf(model_dir: str | Path, dtype: str = "auto", *, stacked: bool = True,
-            mesh: Mesh | None = None) -> tuple[ModelConfig, Params]:
+def load_hf(model_dir: str | Path, dtype: str = "auto", *, stacked: bool = True, mesh: Mesh | None = None,
+            quant: Quantization | None = None) -> tuple[ModelConfig, Params]:
     """A Hugging Face Gemma 2 or Gemma 3 checkpoint directory -> (config, parameters on the default JAX device, or
     split over `mesh` as sharding.param_shardings lays them out). A multimodal Gemma 3 checkpoint gives its language
     model (the vision tower and projector are not read).
@@ -301,7 +301,7 @@ def load_hf(model_dir: str | Path, dtype: str = "auto", *, stacked: bool = True,
         target = load_dtype(dtype, where[embed_key].tensors[embed_key].dtype)
         # hf_keys lists the embedding, then each layer's tensors, then the final norm: grouped by layer index.
         tensors = ((name, i, from_hf(name, where[key].read(key), cfg)) for key, name, i in hf_keys(cfg, layout))
-        params = place_params(cfg, tensors, target, stacked=stacked, mesh=mesh)
+        params = place_params(cfg, tensors, target, stacked=stacked, mesh=mesh, quant=quant)
     return cfg, params
 
 

@@ -24,15 +24,16 @@ attrs["dtype"] = "bfloat16".
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import jax
 import ml_dtypes
 import numpy as np
+from jax.sharding import Mesh
 
-from gemmatune.config import GLOBAL, PRESET_HUB_IDS, PRESETS, ModelConfig
-from gemmatune.convert.common import check_dtype, fields_of, load_dtype, read_json, set_layer, zero_stacks
+from gemmatune.config import GLOBAL, PRESET_HUB_IDS, PRESETS, ModelConfig, Quantization
+from gemmatune.convert.common import check_dtype, fields_of, load_dtype, place_params, read_json
 from gemmatune.errors import GemmatuneError
 from gemmatune.layout import Params, param_shapes
 
@@ -155,11 +156,13 @@ def _block(f: h5py.File, i: int, path: Path) -> str:
     return group
 
 
-def load_kerashub(model_dir: str | Path, dtype: str = "auto") -> tuple[ModelConfig, Params]:
-    """A KerasHub Gemma 2 preset directory -> (config, stacked parameters on the default JAX device).
+def load_kerashub(model_dir: str | Path, dtype: str = "auto", *, stacked: bool = True, mesh: Mesh | None = None,
+                  quant: Quantization | None = None) -> tuple[ModelConfig, Params]:
+    """A KerasHub Gemma 2 preset directory -> (config, parameters on the default JAX device, or split over
+    `mesh`), streamed like `convert.hf.load_hf`: datasets are read one at a time and written a layer at a time
+    into preallocated device arrays (`convert.common.place_params`, which also quantizes with `quant`).
 
-    dtype: "auto" keeps bfloat16 and loads anything else as float32 (`convert.common.load_dtype`). Datasets
-    are read one at a time and written a layer at a time into preallocated device arrays."""
+    dtype: "auto" keeps bfloat16 and loads anything else as float32 (`convert.common.load_dtype`)."""
     model_dir = Path(model_dir)
     check_dtype(dtype)
     cfg = kerashub_config(model_dir)
@@ -177,23 +180,20 @@ def load_kerashub(model_dir: str | Path, dtype: str = "auto") -> tuple[ModelConf
         f = h5py.File(path, "r")
     except OSError as e:
         raise GemmatuneError(f"{path}: not a readable HDF5 weights file ({e}). Re-download the preset.") from None
-    with f:
-        embed = _read(f, TOP_KEYS["embed"], shapes["embed"], path)
-        target = load_dtype(dtype, embed.dtype)
-        params: Params = {"embed": jax.device_put(embed.astype(target, copy=False)),
-                          "final_norm": jax.device_put(_read(f, TOP_KEYS["final_norm"], shapes["final_norm"],
-                                                             path).astype(target)),
-                          "layers": zero_stacks(tuple(shapes["layers"].items()), target, None)}
-        del embed
+
+    def tensors() -> Iterator[tuple[str, int | None, np.ndarray]]:
+        yield "embed", None, first.pop()  # popped: the generator keeps no reference to it
         for i in range(cfg.num_layers):
             group = _block(f, i, path)
-            layer: dict[str, np.ndarray] = {}
             for name, (sub, axes) in LAYER_KEYS.items():
                 want = layer_shapes[name] if axes is None else tuple(layer_shapes[name][a] for a in axes)
                 a = _read(f, f"{group}/{sub}", want, path)
-                layer[name] = (a if axes is None else a.transpose(axes)).astype(target)
-            # Wait for each write so the host holds one layer at a time (see load_hf).
-            params["layers"] = jax.block_until_ready(set_layer(params["layers"], layer, i))
-            del layer
+                yield name, i, a if axes is None else a.transpose(axes)
+        yield "final_norm", None, _read(f, TOP_KEYS["final_norm"], shapes["final_norm"], path)
+
+    with f:
+        first = [_read(f, TOP_KEYS["embed"], shapes["embed"], path)]
+        target = load_dtype(dtype, first[0].dtype)
+        params = place_params(cfg, tensors(), target, stacked=stacked, mesh=mesh, quant=quant)
     return cfg, params
 
