@@ -8,9 +8,11 @@ from jax.sharding import Mesh
 
 from gemmatune.config import ModelConfig, Quantization, load_config
 from gemmatune.convert.gguf_read import gguf_config, is_gguf, load_gguf
-from gemmatune.convert.hf import load_hf
+from gemmatune.convert.hf import checkpoint_quantization, load_hf
 from gemmatune.convert.kerashub import is_kerashub_preset, kerashub_config, load_kerashub
 from gemmatune.layout import Params
+
+__all__ = ["checkpoint_quantization", "load_model", "model_config"]
 
 
 def load_model(model_dir: str | Path, dtype: str = "auto", *, stacked: bool = True,

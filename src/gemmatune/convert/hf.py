@@ -6,7 +6,9 @@ embedding is not pre-scaled, and there is no lm_head (the output projection is t
 
 Checkpoints read: Gemma2ForCausalLM and Gemma3ForCausalLM (keys `model.*`), and the language model of a multimodal
 Gemma3ForConditionalGeneration (4B and up), whose text tensors carry another prefix and whose vision tower and
-projector are skipped (`KeyLayout`). Checkpoints written: Gemma2ForCausalLM or Gemma3ForCausalLM.
+projector are skipped (`KeyLayout`); in float, or with the projections quantized by bitsandbytes in 4 bits (NF4, the
+`*-bnb-4bit` checkpoints), whose codes and scales load as they are stored (`checkpoint_quantization`). Checkpoints
+written: Gemma2ForCausalLM or Gemma3ForCausalLM.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh
 
+from gemmatune import quantize
 from gemmatune.atomic import refuse_to_replace, staged_dir
-from gemmatune.config import ModelConfig, Quantization, load_config
+from gemmatune.config import QUANT_BLOCKS, ModelConfig, Quantization, load_config
 from gemmatune.convert.common import (
     DTYPE_NAMES,
     GEMMATUNE_KEY,
@@ -38,7 +41,13 @@ from gemmatune.convert.common import (
     read_json,
 )
 from gemmatune.errors import GemmatuneError
-from gemmatune.layout import Params, param_shapes
+from gemmatune.layout import (
+    NESTED_BLOCK,
+    PROJECTIONS,
+    Params,
+    param_shapes,
+    quantized_shapes,
+)
 from gemmatune.safetensors_io import SafetensorsReader, tensor_nbytes, write_safetensors
 from gemmatune.tokenizer import load_tokenizer
 
@@ -219,11 +228,12 @@ def _layout(multimodal: bool, keys: dict[str, SafetensorsReader]) -> KeyLayout:
     return next((lay for lay in MULTIMODAL_LAYOUTS if lay.key(TOP_KEYS["embed"]) in keys), MULTIMODAL_LAYOUTS[0])
 
 
-def _check_tensors(cfg: ModelConfig, readers: list[SafetensorsReader], config_path: Path, multimodal: bool = False
-                   ) -> tuple[dict[str, SafetensorsReader], KeyLayout]:
-    """(key -> the reader holding it, the key layout), after checking names, shapes, dtypes and the tied head;
-    reads no data except when an lm_head must be compared with the embedding. A multimodal checkpoint's vision
-    tensors are skipped, not checked."""
+def _check_tensors(cfg: ModelConfig, readers: list[SafetensorsReader], config_path: Path, multimodal: bool = False,
+                   bnb: bool = False) -> tuple[dict[str, SafetensorsReader], KeyLayout, Quantization | None]:
+    """(key -> the reader holding it, the key layout, how the projections are stored quantized or None), after
+    checking names, shapes, dtypes and the tied head; reads no weights, only an lm_head that must be compared with
+    the embedding and, in a bitsandbytes checkpoint (`bnb`), each quantized weight's small quant-state tensors. A
+    multimodal checkpoint's vision tensors are skipped, not checked."""
     where: dict[str, SafetensorsReader] = {}
     for r in readers:
         for key in r.tensors:
@@ -235,29 +245,45 @@ def _check_tensors(cfg: ModelConfig, readers: list[SafetensorsReader], config_pa
     searched = ", ".join(str(r.path) for r in readers)
     expected = {key: name for key, name, _ in hf_keys(cfg, layout)}
     missing = [k for k in expected if k not in where]
-    unknown = [k for k in where if k not in expected and k != layout.lm_head and not k.startswith(layout.skipped)]
+    unknown = [k for k in where if k not in expected and k != layout.lm_head and not k.startswith(layout.skipped)
+               and not (bnb and _bnb_owner(k) in expected)]
     if missing:
         instead = f" They hold other tensors instead ({_listing(unknown)})." if unknown else ""
         raise GemmatuneError(f"{len(missing)} tensor(s) that {config_path} calls for are missing from {searched}: "
                              f"{_listing(missing)}.{instead} The weights are incomplete or belong to another model: "
                              "re-download them, or use the config.json that came with them.")
     if unknown:
+        if any(_bnb_owner(k) in expected for k in unknown):
+            raise GemmatuneError(f"{searched} hold(s) bitsandbytes quantization state ({_listing(unknown)}) but "
+                                 f"{config_path} has no bitsandbytes \"quantization_config\"; use the config.json "
+                                 "that came with these weights.")
         raise GemmatuneError(f"unknown tensor(s) in {searched}: {_listing(unknown)}. gemmatune reads Gemma 2 and "
                              "Gemma 3 checkpoints (Gemma2ForCausalLM, Gemma3ForCausalLM, or the language model of "
                              "Gemma3ForConditionalGeneration) only; merge or remove other weights (e.g. LoRA "
                              "adapters) before loading.")
+    stored: dict[Quantization, str] = {}  # each quantization found -> the first tensor stored with it
     for key, name in expected.items():
         info, path = where[key].tensors[key], where[key].path
+        if bnb and name in PROJECTIONS and (_bnb_quantized(where, key) or info.dtype not in _FLOAT_DTYPES):
+            stored.setdefault(_check_bnb(cfg, where, key, name), key)
+            continue
         if info.shape != hf_shape(name, cfg):
             raise GemmatuneError(f"{path}: tensor {key} has shape {list(info.shape)} but {config_path} implies "
                                  f"{list(hf_shape(name, cfg))}: the config.json and the weights disagree; use the "
                                  "config.json that came with these weights.")
         if info.dtype not in _FLOAT_DTYPES:
             raise GemmatuneError(f"{path}: tensor {key} is stored as {info.dtype}; gemmatune reads float32, "
-                                 "bfloat16 or float16 weights (quantised checkpoints are not supported).")
+                                 "bfloat16 or float16 weights, and projections quantized by bitsandbytes in 4 "
+                                 "bits (NF4) with their quant state (config.json's quantization_config and the "
+                                 f"{key}.absmax/.quant_map/.quant_state.* tensors).")
+    if len(stored) > 1:
+        (q1, k1), (q2, k2) = list(stored.items())[:2]
+        raise GemmatuneError(f"{where[k2].path}: {k1} is quantized as {q1.describe()} but {k2} as {q2.describe()}; "
+                             "gemmatune stores every projection of a model one way. Load the original (unquantized) "
+                             "checkpoint with --quantize instead.")
     if layout.lm_head in where:
         _check_tied(where, layout)
-    return where, layout
+    return where, layout, next(iter(stored), None)
 
 
 def _check_tied(where: dict[str, SafetensorsReader], layout: KeyLayout, chunk_bytes: int = 64 * 2**20) -> None:
@@ -277,6 +303,194 @@ def _check_tied(where: dict[str, SafetensorsReader], layout: KeyLayout, chunk_by
                              f"checkpoint without a separate {layout.lm_head}.")
 
 
+# --- checkpoints quantized by bitsandbytes ------------------------------------------------------------------------
+# transformers' save_pretrained writes a bitsandbytes 4-bit projection `<key>` (its torch weight's name) as the packed
+# codes `<key>` (uint8 [n/2, 1], or the same bytes in the dtype bnb_4bit_quant_storage names), the code book
+# `<key>.quant_map` (float32 [16]), the scales `<key>.absmax` (float32 [m], m = n / blocksize, in row-major order),
+# with double quantization coded as uint8 [m] and decoded by `<key>.nested_quant_map` (float32 [256]) and
+# `<key>.nested_absmax` (float32 [ceil(m / 256)]), and a JSON blob `<key>.quant_state.bitsandbytes__<type>` (uint8)
+# holding quant_type, blocksize, shape, dtype and, with double quantization, nested_blocksize and nested_offset.
+
+_BNB_STATE = ".quant_state.bitsandbytes__"
+_BNB_PARTS = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", _BNB_STATE + "nf4",
+              _BNB_STATE + "fp4")
+_BNB_FIX = ("re-download the checkpoint, or load the original (unquantized) one and quantize it as it loads "
+            "(--quantize nf4)")
+
+
+def _bnb_owner(key: str) -> str | None:
+    """The weight key a bitsandbytes quant-state tensor belongs to (model.….q_proj.weight for
+    model.….q_proj.weight.absmax), or None for any other key."""
+    part = next((p for p in _BNB_PARTS if key.endswith(p)), None)
+    return None if part is None else key[:-len(part)]
+
+
+def _bnb_quantized(where: dict[str, SafetensorsReader], key: str) -> bool:
+    """Whether the weight `key` is stored quantized (bitsandbytes keeps the modules it skips,
+    llm_int8_skip_modules, in float, with no quant state)."""
+    return any(key + _BNB_STATE + t in where for t in ("nf4", "fp4"))
+
+
+def _is_bnb_4bit(config: dict[str, Any], config_path: Path) -> bool:
+    """Whether config.json describes a checkpoint quantized by bitsandbytes in 4 bits with NF4 (its
+    "quantization_config"); False for an unquantized one. Other quantizations are refused, saying why."""
+    qc = config.get("quantization_config")
+    if qc is None:
+        return False
+    where = f"{config_path}: quantization_config"
+    original = "load the original (unquantized) checkpoint instead, quantized as it loads with --quantize nf4|int8|int4"
+    if not isinstance(qc, dict):
+        raise GemmatuneError(f"{where} is not a JSON object; re-download the checkpoint's config.json.")
+    method = qc.get("quant_method")
+    if method != "bitsandbytes":
+        raise GemmatuneError(f"{where}: quant_method {method!r}: gemmatune reads checkpoints in float and those "
+                             f"quantized by bitsandbytes in 4 bits (NF4) only; {original}.")
+    if qc.get("load_in_8bit") or qc.get("_load_in_8bit"):
+        raise GemmatuneError(f"{where}: load_in_8bit (bitsandbytes' LLM.int8: one int8 scale per row, SCB, with "
+                             "outlier features computed apart in 16 bits) is not gemmatune's block-wise int8 and "
+                             "cannot load as stored; load the original (unquantized) checkpoint with --quantize "
+                             "int8.")
+    if not (qc.get("load_in_4bit") or qc.get("_load_in_4bit")):
+        raise GemmatuneError(f"{where}: bitsandbytes with neither load_in_4bit nor load_in_8bit set; re-download "
+                             "the checkpoint's config.json.")
+    if qc.get("bnb_4bit_quant_type", "nf4") != "nf4":
+        raise GemmatuneError(f"{where}: bnb_4bit_quant_type {qc['bnb_4bit_quant_type']!r}: gemmatune computes with "
+                             "the NF4 code book (and int4, int8), not bitsandbytes' FP4 (a 4-bit float format of "
+                             f"its own); {original}.")
+    return True
+
+
+def _bnb_state(where: dict[str, SafetensorsReader], key: str) -> dict[str, Any]:
+    """The JSON quant state of the bitsandbytes weight `key`."""
+    k = key + _BNB_STATE + "nf4"
+    try:
+        state = json.loads(where[k].read(k).tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise GemmatuneError(f"{where[k].path}: tensor {k} is not valid JSON ({e}); {_BNB_FIX}.") from None
+    if not isinstance(state, dict):
+        raise GemmatuneError(f"{where[k].path}: tensor {k} is not a JSON object; {_BNB_FIX}.")
+    return state
+
+
+def _check_bnb(cfg: ModelConfig, where: dict[str, SafetensorsReader], key: str, name: str) -> Quantization:
+    """Check one projection stored by bitsandbytes in 4 bits (its codes' size, quant state, scales' shapes and
+    dtypes, the code books against NF4 and the dynamic map, bit for bit) and return how it is quantized."""
+    path = where[key].path
+    if key + _BNB_STATE + "fp4" in where:
+        raise GemmatuneError(f"{path}: tensor {key} is quantized with bitsandbytes' FP4 code book (a 4-bit float "
+                             "format of its own), not NF4, which gemmatune computes with; load the original "
+                             "(unquantized) checkpoint with --quantize nf4 instead.")
+
+    def bad(k: str, what: str) -> GemmatuneError:
+        return GemmatuneError(f"{where[k].path if k in where else path}: tensor {k} {what}; {_BNB_FIX}.")
+
+    state_key = key + _BNB_STATE + "nf4"
+    if state_key not in where:
+        raise bad(key, f"is stored as {where[key].tensors[key].dtype} without its quant state {state_key}")
+    state = _bnb_state(where, key)
+    shape = tuple(hf_shape(name, cfg))
+    if state.get("quant_type") != "nf4":
+        raise bad(state_key, f"says quant_type {state.get('quant_type')!r} where its name says nf4")
+    if state.get("shape") != list(shape):
+        raise bad(state_key, f"says the weight's shape is {state.get('shape')} but the config.json implies "
+                             f"{list(shape)}")
+    block, n = state.get("blocksize"), shape[1]  # a torch Linear weight is [out, in]: blocks run along the input
+    if block not in QUANT_BLOCKS:
+        raise bad(state_key, f"says blocksize {block!r}; expected one of {', '.join(map(str, QUANT_BLOCKS))}")
+    if n % block:
+        raise bad(state_key, f"says blocksize {block}, which does not divide the input size {n}: bitsandbytes' "
+                             "blocks straddle rows there, and gemmatune keeps each block within a row (so that "
+                             "codes and scales split over a mesh like the weight)")
+    info = where[key].tensors[key]
+    if info.nbytes * 2 != shape[0] * n:
+        raise bad(key, f"holds {info.nbytes} bytes of packed codes; a {shape[0]} x {n} weight needs "
+                       f"{shape[0] * n // 2}")
+    double = "nested_blocksize" in state or key + ".nested_absmax" in where
+    m = shape[0] * n // block
+
+    def part(suffix: str, dtype: Any, size: int) -> None:
+        k = key + suffix
+        if k not in where:
+            raise bad(k, "is missing (every bitsandbytes 4-bit weight" + (" with double-quantized scales" if
+                                                                         double else "") + " has one)")
+        t = where[k].tensors[k]
+        if (t.dtype, t.shape) != (np.dtype(dtype), (size,)):
+            raise bad(k, f"is {t.dtype} {list(t.shape)}; expected {np.dtype(dtype)} [{size}]")
+
+    part(".quant_map", np.float32, 16)
+    part(".absmax", np.uint8 if double else np.float32, m)
+    if not np.array_equal(where[key + ".quant_map"].read(key + ".quant_map").view(np.uint32),
+                          quantize.NF4.view(np.uint32)):
+        raise bad(key + ".quant_map", "is not bitsandbytes' NF4 code book")
+    if double:
+        part(".nested_absmax", np.float32, -(-m // NESTED_BLOCK))
+        part(".nested_quant_map", np.float32, 256)
+        if state.get("nested_blocksize") != NESTED_BLOCK:
+            raise bad(state_key, f"says nested_blocksize {state.get('nested_blocksize')!r}; bitsandbytes codes the "
+                                 f"scales in blocks of {NESTED_BLOCK}")
+        if type(state.get("nested_offset")) not in (int, float):
+            raise bad(state_key, f"has no numeric nested_offset ({state.get('nested_offset')!r})")
+        k = key + ".nested_quant_map"
+        if not np.array_equal(where[k].read(k).view(np.uint32), quantize.dynamic_map().view(np.uint32)):
+            raise bad(k, "is not bitsandbytes' signed dynamic map (the code book of double-quantized scales)")
+    return Quantization("nf4", block, double)
+
+
+def _read_bnb(cfg: ModelConfig, where: dict[str, SafetensorsReader], key: str, name: str, quant: Quantization
+              ) -> Params:
+    """One checked bitsandbytes projection -> gemmatune's quantized fields (quantize.py), its bytes as stored:
+    bitsandbytes keeps the [out, in] matrix's codes and scales in row-major order, which is gemmatune's stored
+    order, so each field is a reshape."""
+    shapes = quantized_shapes(name, param_shapes(cfg)["layers"][name][1:], quant)
+
+    def read(suffix: str) -> np.ndarray:
+        return where[key + suffix].read(key + suffix)
+
+    fields = {"packed": read("").view(np.uint8).reshape(shapes["packed"]), "table": read(".quant_map")}
+    if quant.double:
+        fields.update(scale_codes=read(".absmax").reshape(shapes["scale_codes"]),
+                      scale_table=read(".nested_quant_map"), scale_absmax=read(".nested_absmax"),
+                      scale_offset=np.asarray(_bnb_state(where, key)["nested_offset"], np.float32))
+    else:
+        fields["scale"] = read(".absmax").reshape(shapes["scale"])
+    return fields
+
+
+def _stored_quantization(model_dir: Path) -> tuple[Path, bool]:
+    """(config.json's path, whether it describes a bitsandbytes 4-bit checkpoint)."""
+    config_path = model_dir / "config.json"
+    return config_path, config_path.is_file() and _is_bnb_4bit(read_json(config_path, _REFETCH), config_path)
+
+
+def checkpoint_quantization(model_dir: str | Path) -> Quantization | None:
+    """How a Hugging Face checkpoint directory stores its projections: for one quantized by bitsandbytes in 4 bits
+    (NF4), Quantization("nf4", its blocksize, whether its scales are double-quantized), which `load_hf` loads as
+    stored; None for a checkpoint in float (or for anything else `load_model` reads: a GGUF file, a KerasHub
+    preset). Reads config.json and the tensors' headers and quant states, no weights. A quantization that cannot
+    load as stored (bitsandbytes' FP4 or 8-bit, other methods) is refused, saying why and what to load instead."""
+    model_dir = Path(model_dir)
+    config_path, bnb = _stored_quantization(model_dir)
+    if not bnb:
+        return None
+    cfg = load_config(config_path)
+    with contextlib.ExitStack() as stack:
+        readers = [stack.enter_context(SafetensorsReader(f)) for f in _weight_files(model_dir)]
+        return _check_tensors(cfg, readers, config_path, checkpoint_is_multimodal(model_dir), bnb)[2]
+
+
+def _load_quantization(stored: Quantization | None, asked: Quantization | None, config_path: Path
+                       ) -> Quantization | None:
+    """The quantization a checkpoint loads with: a bitsandbytes checkpoint's own (a request must agree with it:
+    its codes are loaded as stored, never re-quantized), else the one asked for."""
+    if stored is None or asked is None or asked == stored:
+        return stored or asked
+    flags = f"--quantize nf4 --quantize-block {stored.block}" + (" --double-quant" if stored.double else "")
+    raise GemmatuneError(f"{config_path}: this checkpoint is stored quantized by bitsandbytes ({stored.describe()}) "
+                         "and loads as stored, without quantizing again; it cannot load as "
+                         f"{asked.describe()}. Ask for no quantization or for the stored one ({flags}), or load the "
+                         "original (unquantized) checkpoint to quantize it another way.")
+
+
 def load_hf(model_dir: str | Path, dtype: str = "auto", *, stacked: bool = True, mesh: Mesh | None = None,
             quant: Quantization | None = None) -> tuple[ModelConfig, Params]:
     """A Hugging Face Gemma 2 or Gemma 3 checkpoint directory -> (config, parameters on the default JAX device, or
@@ -287,20 +501,33 @@ def load_hf(model_dir: str | Path, dtype: str = "auto", *, stacked: bool = True,
     in Gemma, load as float32), or "float32" / "bfloat16". Tensors are read one at a time, each placed straight
     onto its devices (on a mesh, every device receives only its slice) and written, a layer at a time, into
     preallocated device arrays: beyond the loaded model, host memory holds one tensor and one layer at most.
-    stacked=False gives the per-layer list that decoding takes (`model.unstack`) without a second copy."""
+    stacked=False gives the per-layer list that decoding takes (`model.unstack`) without a second copy.
+
+    quant: quantize the projection weights as they stream in (QLoRA). A checkpoint quantized by bitsandbytes in 4
+    bits (NF4, a `*-bnb-4bit` download) loads quantized whatever `quant` is, its codes and scales bit for bit as
+    stored (`checkpoint_quantization` says how); `quant` may only repeat that quantization. Projections such a
+    checkpoint keeps in float (bitsandbytes' llm_int8_skip_modules) are quantized as they load, the same way, since
+    a model's projections are all stored alike."""
     model_dir = Path(model_dir)
     check_dtype(dtype)
-    config_path = model_dir / "config.json"
+    config_path, bnb = _stored_quantization(model_dir)
     cfg = load_config(config_path)
     multimodal = checkpoint_is_multimodal(model_dir)
     files = _weight_files(model_dir)
     with contextlib.ExitStack() as stack:
         readers = [stack.enter_context(SafetensorsReader(f)) for f in files]
-        where, layout = _check_tensors(cfg, readers, config_path, multimodal)
+        where, layout, stored = _check_tensors(cfg, readers, config_path, multimodal, bnb)
+        quant = _load_quantization(stored, quant, config_path)
         embed_key = layout.key(TOP_KEYS["embed"])
         target = load_dtype(dtype, where[embed_key].tensors[embed_key].dtype)
+
+        def read(key: str, name: str) -> np.ndarray | Params:
+            if bnb and name in PROJECTIONS and _bnb_quantized(where, key):
+                return _read_bnb(cfg, where, key, name, quant)
+            return from_hf(name, where[key].read(key), cfg)
+
         # hf_keys lists the embedding, then each layer's tensors, then the final norm: grouped by layer index.
-        tensors = ((name, i, from_hf(name, where[key].read(key), cfg)) for key, name, i in hf_keys(cfg, layout))
+        tensors = ((name, i, read(key, name)) for key, name, i in hf_keys(cfg, layout))
         params = place_params(cfg, tensors, target, stacked=stacked, mesh=mesh, quant=quant)
     return cfg, params
 
