@@ -7,10 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import SMALL, SMALL3
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import SMALL, SMALL3
 from gemmatune import quantize
 from gemmatune.config import Quantization
 from gemmatune.errors import GemmatuneError

@@ -14,6 +14,7 @@ sees the previous directory or the new one, never half of one. Directories are r
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -32,7 +33,7 @@ from gemmatune.atomic import (
     staged_dir,
     write_text,
 )
-from gemmatune.config import LoraConfig, ModelConfig
+from gemmatune.config import LoraConfig, ModelConfig, Quantization
 from gemmatune.convert.common import fields_of, read_json
 from gemmatune.errors import GemmatuneError
 from gemmatune.layout import adapter_shapes
@@ -47,6 +48,7 @@ ADAPTER_FILE = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_FORMAT = "gemmatune-lora"
 ADAPTER_VERSION = 1
+BASE_QUANTIZATION = "base_quantization"  # adapter_config.json: {"kind", "block", "double"} of a QLoRA base
 RUN_FILE = "run.json"
 # What a run writes into its directory: the only names --overwrite may delete.
 RUN_OUTPUTS = frozenset({CHECKPOINTS, RUN_FILE, "metrics.jsonl", "samples.jsonl", "tensorboard", "wandb", "mlflow",
@@ -210,9 +212,10 @@ def check_adapter_shapes(source: Path, shapes: Mapping[str, tuple[int, ...]], lo
 
 
 def save_adapter(out_dir: str | Path, lora_params: Any, lora_cfg: LoraConfig, model_cfg: ModelConfig,
-                 base_model: str, *, force: bool = False) -> Path:
+                 base_model: str, *, force: bool = False, quant: Quantization | None = None) -> Path:
     """Write adapter.safetensors (tensors as given, keys like "q_proj.a") and adapter_config.json into `out_dir`,
-    atomically. An existing non-empty `out_dir` is replaced only with force=True."""
+    atomically. An existing non-empty `out_dir` is replaced only with force=True. `quant`: the base was
+    quantized in training (QLoRA), recorded as "base_quantization" so that merging uses the weights trained on."""
     out = Path(out_dir)
     refuse_to_replace(out, force, "adapter")
     tensors = {_tree_key(p, "."): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(lora_params)[0]}
@@ -221,12 +224,26 @@ def save_adapter(out_dir: str | Path, lora_params: Any, lora_cfg: LoraConfig, mo
               "dropout": lora_cfg.dropout, "targets": list(lora_cfg.targets), "rslora": lora_cfg.rslora,
               "scale": lora_cfg.scale, "base_model": base_model,
               "base_config": {k: getattr(model_cfg, k) for k in BASE_FIELDS}}
+    if quant is not None:
+        config[BASE_QUANTIZATION] = dataclasses.asdict(quant)
     arrays = {k: np.asarray(v) for k, v in tensors.items()}  # adapters are small: all on the host at once is fine
     with staged_dir(out) as staged:
         write_safetensors(staged / ADAPTER_FILE, [(k, a.shape, a.dtype) for k, a in arrays.items()],
                           arrays.items(), {"format": ADAPTER_FORMAT})
         write_text(staged / ADAPTER_CONFIG, json.dumps(config, indent=2))
     return out
+
+
+def adapter_quantization(adapter_dir: str | Path) -> Quantization | None:
+    """How the base was quantized while a gemmatune adapter was trained (None: not quantized, or a PEFT
+    adapter)."""
+    path = Path(adapter_dir) / ADAPTER_CONFIG
+    cfg = read_json(path, "re-export the adapter") if path.is_file() else {}
+    if cfg.get("format") != ADAPTER_FORMAT or BASE_QUANTIZATION not in cfg:
+        return None
+    with fields_of(path, "re-export the adapter"):
+        q = cfg[BASE_QUANTIZATION]
+        return Quantization(str(q["kind"]), int(q["block"]), bool(q["double"]))
 
 
 def load_adapter(adapter_dir: str | Path, model_cfg: ModelConfig) -> tuple[dict[str, dict[str, np.ndarray]],

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from gemmatune.config import EMBEDDED_MODEL
+from gemmatune.config import EMBEDDED_MODEL, QUANT_KINDS, Quantization
 from gemmatune.errors import GemmatuneError
 from gemmatune.hub import CONFIG_PRESETS, MODEL_HELP
 from gemmatune.platforms import configure_jax
@@ -41,7 +41,7 @@ def _engine(args: argparse.Namespace, model: Path, adapters: dict[str, str], slo
     from gemmatune.tokenizer import load_tokenizer
 
     loaded = {name: load_adapter_for(model, path, model_config(model)) for name, path in adapters.items()}
-    cfg, params = load_model(model, dtype=args.dtype, stacked=False)  # decoding's layout: no copy
+    cfg, params = load_model(model, dtype=args.dtype, stacked=False, quant=_quantization(args))  # no copy
     tok = load_tokenizer(model)
     engine = Engine(cfg, params, stop_ids=(tok.eos_id, tok.end_of_turn_id), slots=slots,
                     max_len=getattr(args, "max_len", None))
@@ -86,7 +86,7 @@ def _serve(args: argparse.Namespace) -> None:
     from gemmatune.server import adapter_specs, serve
 
     serve(args.model, adapter_specs(args.adapter), host=args.host, port=args.port, api_key=args.api_key or None,
-          dtype=args.dtype, slots=args.slots, max_len=args.max_len)
+          dtype=args.dtype, slots=args.slots, max_len=args.max_len, quant=_quantization(args))
 
 
 def _chat(args: argparse.Namespace) -> None:
@@ -211,7 +211,8 @@ def _eval(args: argparse.Namespace) -> None:
                                          top_p=args.top_p, seed=args.seed, batch_size=args.batch_size))
     if args.output:
         check_output(Path(args.output), args.force)  # refused now, not after the evaluation
-    result = evaluate(_model_dir(args.model), args.adapter or [], dcfg, opts, dtype=args.dtype)
+    result = evaluate(_model_dir(args.model), args.adapter or [], dcfg, opts, dtype=args.dtype,
+                      quant=_quantization(args))
     if args.output:
         about = f"model {args.model}, data {', '.join(dcfg.val_paths or dcfg.paths)}" + \
             (", the validation examples" if dcfg.val_fraction and not dcfg.val_paths else "")
@@ -261,7 +262,9 @@ def _plan(args: argparse.Namespace) -> None:
     base = TrainConfig()
     tcfg = dataclasses.replace(base, data=dataclasses.replace(base.data, max_seq_len=args.seq_len),
                                lora=LoraConfig(rank=args.lora_rank), batch_size=args.batch_size,
-                               grad_accum=args.grad_accum, remat=args.remat, dtype=args.dtype, method=args.method)
+                               grad_accum=args.grad_accum, remat=args.remat, dtype=args.dtype, method=args.method,
+                               quantize=args.quantize, quantize_block=args.quantize_block,
+                               double_quant=args.double_quant)
     memory = int(args.memory_gib * GiB) if args.memory_gib else None
     plans = plan(cfg, tcfg, args.device, devices=args.devices, mesh=args.mesh or "", memory=memory)
     kind = DEVICES[args.device]
@@ -309,6 +312,19 @@ def _dtype_arg(p: argparse.ArgumentParser) -> None:
                    help="compute dtype; auto means the checkpoint's")
 
 
+def _quant_args(p: argparse.ArgumentParser) -> None:
+    """--quantize, --quantize-block, --double-quant: the base's projection weights stored quantized (QLoRA), as
+    `train` takes them (TrainConfig.quantize)."""
+    p.add_argument("--quantize", choices=["none", *QUANT_KINDS], default="none",
+                   help="store the base's projection weights quantized: nf4, int4 or int8 (default: none)")
+    p.add_argument("--quantize-block", type=int, default=64, help="with --quantize: weights per scale (default: 64)")
+    p.add_argument("--double-quant", action="store_true", help="with --quantize: code the scales in 8 bits too")
+
+
+def _quantization(args: argparse.Namespace) -> Quantization | None:
+    return None if args.quantize == "none" else Quantization(args.quantize, args.quantize_block, args.double_quant)
+
+
 def _decoding_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     """The options of the commands that decode through the engine (generate, chat)."""
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"longest answer (default: "
@@ -318,6 +334,7 @@ def _decoding_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     _dtype_arg(p)
+    _quant_args(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -348,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="require 'Authorization: Bearer KEY' on every request but /health (default: the "
                          "GEMMATUNE_API_KEY environment variable, which keeps the key out of the process list)")
     _dtype_arg(sv)
+    _quant_args(sv)
     sv.add_argument("--slots", type=int, default=8, help="requests decoded together in one batch (default: 8)")
     sv.add_argument("--max-len", type=int, default=None,
                     help="tokens per request, prompt + answer (default: the model's context, at most 4096)")
@@ -411,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"an adapter directory (OUTPUT/adapter, or a PEFT adapter); repeat for several runs side by "
                          f"side; {NO_ADAPTER} is the base model alone (default: {NO_ADAPTER})")
     _dtype_arg(ev)
+    _quant_args(ev)
     ev.add_argument("--generate", action="store_true", help="also answer every prompt and score the answers "
                                                             "(instruction or chat rows)")
     ev.add_argument("--metric", action="append", metavar="NAME",
@@ -454,6 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--remat", choices=["none", "block", "full"], default="block")
     pl.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     pl.add_argument("--method", choices=["lora", "full"], default="lora")
+    _quant_args(pl)
     pl.add_argument("--memory-gib", type=float, default=None, help="memory per device, overriding the device table")
     pl.add_argument("--json", action="store_true", help="the same figures in bytes, with fits: true|false")
     pl.set_defaults(run=_plan, parser=pl)

@@ -45,6 +45,7 @@ from gemmatune.config import (
     DataConfig,
     LoraConfig,
     ModelConfig,
+    Quantization,
     TrainConfig,
 )
 from gemmatune.data.loader import BatchIterator, ExampleStore
@@ -251,7 +252,7 @@ def _load_adapters(model_dir: Path, names: Sequence[str], cfg: ModelConfig) -> l
 
 
 def evaluate(model_dir: Path, adapters: Sequence[str], dcfg: DataConfig, opts: EvalOptions, dtype: str = "auto",
-             log: TextIO = sys.stderr) -> Evaluation:
+             log: TextIO = sys.stderr, quant: Quantization | None = None) -> Evaluation:
     """Each of `adapters` (NO_ADAPTER: the model alone) on the data of `dcfg`: its validation split when it has one
     (data.val_fraction or data.val_paths, split as training splits it), otherwise every example."""
     from gemmatune.convert import load_model, model_config
@@ -270,7 +271,7 @@ def evaluate(model_dir: Path, adapters: Sequence[str], dcfg: DataConfig, opts: E
               f"{'validation ' if data.val is not None else ''}examples", file=log)
         cases = generation_cases(split.store, indices, tokenizer) if opts.generate else []
         t0 = time.perf_counter()
-        cfg, base = load_model(model_dir, dtype=dtype)  # once, for every run
+        cfg, base = load_model(model_dir, dtype=dtype, quant=quant)  # once, for every run
         print(f"loaded {model_dir} in {time.perf_counter() - t0:.1f}s", file=log)
         result = Evaluation([])
         if cases:

@@ -19,13 +19,16 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 
 from gemmatune.atomic import refuse_to_replace
+from gemmatune.checkpoint import adapter_quantization
 from gemmatune.convert import gguf, load_model, model_config
 from gemmatune.convert.common import WEIGHT_DTYPES, read_json
 from gemmatune.convert.gguf_read import is_gguf
@@ -34,6 +37,7 @@ from gemmatune.convert.kerashub import is_kerashub_preset
 from gemmatune.convert.peft import load_adapter_for, merged_adapters, merged_record, save_peft
 from gemmatune.errors import GemmatuneError
 from gemmatune.lora import merge
+from gemmatune.quantize import dequantize_tree, is_quantized
 from gemmatune.tokenizer import (
     KERAS_SPM,
     TOKENIZER_JSON,
@@ -50,7 +54,7 @@ GGUF_DTYPES = {"float32": "f32", "bfloat16": "bf16"}  # merged weights' dtype ->
 
 
 def export(model_dir: str | Path, adapter_dir: str | Path, fmt: str, output: str | Path, *, dtype: str = "auto",
-           force: bool = False) -> Path:
+           force: bool = False, log: TextIO = sys.stderr) -> Path:
     """Export `adapter_dir` on the base `model_dir` as `fmt` (hf, peft or gguf) to `output` (a directory; a file
     for gguf, with its Ollama Modelfile beside it, `convert.gguf.modelfile_path`). dtype: the merged weights',
     "auto" (the base's), "float32" or "bfloat16"; for gguf also the GGUF writer's own types (f32, f16, bf16, q8_0).
@@ -73,7 +77,15 @@ def export(model_dir: str | Path, adapter_dir: str | Path, fmt: str, output: str
         return save_peft(output, adapters, lora_cfg, cfg, str(model_dir.resolve()),
                          multimodal=checkpoint_is_multimodal(model_dir), force=force)
     merged = [*merged_adapters(model_dir), merged_record(adapter_dir, adapters, lora_cfg)]
-    cfg, params = load_model(model_dir, dtype if dtype in WEIGHT_DTYPES else "auto")
+    # A QLoRA adapter was trained on the quantized base: it is merged into that base's dequantized weights (the
+    # model that was trained), and so is any adapter on a base stored quantized (a bitsandbytes checkpoint).
+    quant = adapter_quantization(adapter_dir)
+    cfg, params = load_model(model_dir, dtype if dtype in WEIGHT_DTYPES else "auto", quant=quant)
+    if any(is_quantized(v) for v in params["layers"].values()):
+        what = quant.describe() if quant else "as stored in the checkpoint"
+        print(f"the base was quantized ({what}) when the adapter was trained: merging into its dequantized "
+              f"weights, written in {np.dtype(params['embed'].dtype)}", file=log)
+        params = dequantize_tree(params, cfg, params["embed"].dtype)
     params = merge(params, adapters, lora_cfg)
     tokenizer = (_gguf_tokenizer(model_dir, fmt, cfg.family) if is_gguf(model_dir)
                  else _tokenizer_with_template(model_dir, cfg.family))

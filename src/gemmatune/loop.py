@@ -196,7 +196,8 @@ def setup(tcfg: TrainConfig) -> Run:
         # Checked now (plain-text rows have no prompt to answer), not at the first evaluation after many steps.
         val_cases = generation_cases(data.val.store, data.val.indices[:tcfg.eval_generate_examples], tokenizer) \
             if tcfg.eval_generate and data.val is not None else []
-        cfg, base = load_model(model_dir, dtype=tcfg.dtype, mesh=mesh)  # the weights last: the slowest to read
+        # The weights last: the slowest to read. Quantized (QLoRA) as they stream in when tcfg.quantize says so.
+        cfg, base = load_model(model_dir, dtype=tcfg.dtype, mesh=mesh, quant=tcfg.quantization())
         seq_len, rows_per_step = tcfg.data.max_seq_len, tcfg.batch_size * tcfg.grad_accum
         shapes = Shapes(tcfg.grad_accum, tcfg.batch_size, seq_len)
         # Only the optimizer's structure matters for the shardings: the step count is set from the data below.
@@ -346,7 +347,8 @@ def finish(run: Run) -> Result:
     adapter_dir = run.run_dir / "adapter"
     adapters = sharding.to_host(run.state["params"]) if tcfg.method == "lora" else None
     if run.main and adapters is not None:
-        save_adapter(adapter_dir, jax.device_get(adapters), tcfg.lora, run.cfg, tcfg.model, force=True)
+        save_adapter(adapter_dir, jax.device_get(adapters), tcfg.lora, run.cfg, tcfg.model, force=True,
+                     quant=tcfg.quantization())
     distributed.barrier("adapter")
     plot = plot_losses(run.log_dir / "metrics.jsonl", run.log_dir / "loss.png")
     wall = time.perf_counter() - run.started

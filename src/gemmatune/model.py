@@ -303,7 +303,8 @@ def unstack(params: Params) -> Params:
     layers = params["layers"]
     if isinstance(layers, list):
         return params
-    return {**params, "layers": [jax.tree.map(lambda a, i=i: a[i], layers) for i in range(len(layers["q_proj"]))]}
+    n = len(layers["input_norm"])  # a norm: never quantized, so an array
+    return {**params, "layers": [jax.tree.map(lambda a, i=i: a[i], layers) for i in range(n)]}
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any, start: jax.Array | None = None) -> Cache:

@@ -218,15 +218,15 @@ def project(name: str, x: jax.Array, qw: Params) -> jax.Array:
     return jax.checkpoint(f)(x, qw)
 
 
-def dequantize_tree(params: Params, cfg: ModelConfig) -> Params:
+def dequantize_tree(params: Params, cfg: ModelConfig, dtype: Any = jnp.float32) -> Params:
     """A parameter tree (stacked, or the per-layer list) with every quantized projection replaced by its
-    dequantized weight in float32: what the quantized model computes with, so merging an adapter into it gives
+    dequantized weight in `dtype`: what the quantized model computes with, so merging an adapter into it gives
     the model that was trained."""
     shapes = param_shapes(cfg)["layers"]
     layers = params["layers"]
 
     def one(layer: Params, stacked: bool) -> Params:
-        return {k: dequantize(v, k, shapes[k] if stacked else shapes[k][1:]) if is_quantized(v) else v
+        return {k: dequantize(v, k, shapes[k] if stacked else shapes[k][1:], dtype) if is_quantized(v) else v
                 for k, v in layer.items()}
 
     return {**params, "layers": [one(la, False) for la in layers] if isinstance(layers, list) else one(layers, True)}

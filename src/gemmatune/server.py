@@ -36,7 +36,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gemmatune.config import ModelConfig
+from gemmatune.config import ModelConfig, Quantization
 from gemmatune.engine import Engine, Sampling
 from gemmatune.errors import GemmatuneError
 from gemmatune.tokenizer import StreamDecoder, Tokenizer
@@ -549,7 +549,7 @@ def _bind(host: str, port: int) -> socket.socket:
 
 def open_server(model: str, adapters: Mapping[str, str] | None = None, *, host: str = "127.0.0.1", port: int = 8000,
                 api_key: str | None = None, dtype: str = "auto", slots: int = 8, max_len: int | None = None,
-                max_body: int = MAX_BODY, log_level: str = "warning") -> Server:
+                max_body: int = MAX_BODY, log_level: str = "warning", quant: Quantization | None = None) -> Server:
     """Load the base model and its adapters, start the engine and bind the port (0: any free one); serve with
     `.run()`. Every adapter is checked before the port is taken."""
     from gemmatune.convert import load_model, model_config
@@ -568,7 +568,7 @@ def open_server(model: str, adapters: Mapping[str, str] | None = None, *, host: 
         loaded[name] = load_adapter_for(model_dir, path, cfg)
     sock = _bind(host, port)
     try:
-        cfg, params = load_model(model_dir, dtype=dtype, stacked=False)  # decoding's layout: no copy
+        cfg, params = load_model(model_dir, dtype=dtype, stacked=False, quant=quant)  # decoding's layout: no copy
         engine = Engine(cfg, params, stop_ids=(tok.eos_id, tok.end_of_turn_id), slots=slots, max_len=max_len)
         for name, (ab, lora_cfg) in loaded.items():
             engine.add_adapter(name, ab, lora_cfg)

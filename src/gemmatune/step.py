@@ -27,7 +27,7 @@ from jax.typing import DTypeLike
 from gemmatune import lora, sharding
 from gemmatune.config import LoraConfig, ModelConfig, TrainConfig
 from gemmatune.errors import GemmatuneError
-from gemmatune.layout import Params, is_shape, param_shapes, trainable_axes, trainable_shapes
+from gemmatune.layout import Params, is_shape, param_structs, trainable_axes, trainable_shapes
 from gemmatune.loss import chunked_loss
 from gemmatune.model import hidden_states
 
@@ -134,7 +134,7 @@ def step_shardings(cfg: ModelConfig, tcfg: TrainConfig, mesh: Mesh,
     rep = sharding.replicated(mesh)
     opt_state = optax.tree_map_params(opt, lambda _, s: s, jax.eval_shape(opt.init, _abstract(shapes, jnp.float32)),
                                       params, transform_non_params=lambda _: rep)
-    frozen = {} if tcfg.method == "full" else sharding.param_shardings(cfg, mesh)
+    frozen = {} if tcfg.method == "full" else sharding.param_shardings(cfg, mesh, quant=tcfg.quantization())
     rows = NamedSharding(mesh, sharding.spec(sharding.BATCH, (tcfg.batch_size, 1), mesh.shape))
     micro = NamedSharding(mesh, jax.sharding.PartitionSpec(None, *rows.spec))
     return StepShardings({"params": params, "opt_state": opt_state, "step": rep, "rng": rep}, frozen,
@@ -218,7 +218,7 @@ def abstract_step(cfg: ModelConfig, tcfg: TrainConfig, mesh: Mesh, shapes: Shape
     params = _abstract(trainable_shapes(cfg, tcfg.method, tcfg.lora), jnp.float32)
     state = {"params": params, "opt_state": jax.eval_shape(opt.init, params),
              "step": jax.ShapeDtypeStruct((), jnp.int32), "rng": jax.eval_shape(jax.random.key, 0)}
-    frozen = {} if tcfg.method == "full" else _abstract(param_shapes(cfg), jnp.dtype(tcfg.dtype))
+    frozen = {} if tcfg.method == "full" else param_structs(cfg, jnp.dtype(tcfg.dtype), tcfg.quantization())
     batch = (shapes.grad_accum, shapes.batch_size, shapes.seq_len)
     batches = {k: jax.ShapeDtypeStruct(batch, jnp.float32 if k == "weights" else jnp.int32) for k in BATCH_KEYS}
 
