@@ -168,7 +168,12 @@ def scales(qw: Params) -> jax.Array:
     flat = qw["scale_table"][codes.reshape(-1).astype(jnp.int32)]
     nested = jnp.repeat(qw["scale_absmax"], NESTED_BLOCK, total_repeat_length=flat.shape[0]
                         + -flat.shape[0] % NESTED_BLOCK)[:flat.shape[0]]
-    return (flat * nested + qw["scale_offset"]).reshape(codes.shape)
+    product = flat * nested
+    # bitsandbytes rounds the product, then adds the offset. Compiled, XLA contracts the two into one fused
+    # multiply-add (one rounding: 1 ulp off on some scales); a select between them (an identity, NaN included)
+    # keeps them apart.
+    product = jnp.where(product == product, product, jnp.nan)
+    return (product + qw["scale_offset"]).reshape(codes.shape)
 
 
 def _matrix_one(qw: Params, dtype: Any) -> jax.Array:
