@@ -456,8 +456,9 @@ def _read_bnb(cfg: ModelConfig, where: dict[str, SafetensorsReader], key: str, n
     return fields
 
 
-def _stored_quantization(model_dir: Path) -> tuple[Path, bool]:
-    """(config.json's path, whether it describes a bitsandbytes 4-bit checkpoint)."""
+def _bnb_checkpoint(model_dir: Path) -> tuple[Path, bool]:
+    """(config.json's path, whether it describes a checkpoint quantized by bitsandbytes in 4 bits); refuses the
+    quantized checkpoints that cannot load as stored (`_is_bnb_4bit`)."""
     config_path = model_dir / "config.json"
     return config_path, config_path.is_file() and _is_bnb_4bit(read_json(config_path, _REFETCH), config_path)
 
@@ -469,7 +470,7 @@ def checkpoint_quantization(model_dir: str | Path) -> Quantization | None:
     preset). Reads config.json and the tensors' headers and quant states, no weights. A quantization that cannot
     load as stored (bitsandbytes' FP4 or 8-bit, other methods) is refused, saying why and what to load instead."""
     model_dir = Path(model_dir)
-    config_path, bnb = _stored_quantization(model_dir)
+    config_path, bnb = _bnb_checkpoint(model_dir)
     if not bnb:
         return None
     cfg = load_config(config_path)
@@ -510,7 +511,7 @@ def load_hf(model_dir: str | Path, dtype: str = "auto", *, stacked: bool = True,
     a model's projections are all stored alike."""
     model_dir = Path(model_dir)
     check_dtype(dtype)
-    config_path, bnb = _stored_quantization(model_dir)
+    config_path, bnb = _bnb_checkpoint(model_dir)
     cfg = load_config(config_path)
     multimodal = checkpoint_is_multimodal(model_dir)
     files = _weight_files(model_dir)
