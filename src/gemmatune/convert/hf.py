@@ -353,7 +353,8 @@ def _is_bnb_4bit(config: dict[str, Any], config_path: Path) -> bool:
     if not (qc.get("load_in_4bit") or qc.get("_load_in_4bit")):
         raise GemmatuneError(f"{where}: bitsandbytes with neither load_in_4bit nor load_in_8bit set; re-download "
                              "the checkpoint's config.json.")
-    if qc.get("bnb_4bit_quant_type", "nf4") != "nf4":
+    # Absent, the tensors' own quant states decide (as bitsandbytes reads a pre-quantized weight); `_check_bnb`.
+    if qc.get("bnb_4bit_quant_type") not in (None, "nf4"):
         raise GemmatuneError(f"{where}: bnb_4bit_quant_type {qc['bnb_4bit_quant_type']!r}: gemmatune computes with "
                              "the NF4 code book (and int4, int8), not bitsandbytes' FP4 (a 4-bit float format of "
                              f"its own); {original}.")
