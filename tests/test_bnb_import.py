@@ -130,12 +130,12 @@ def test_fields_are_the_files_bytes(name, bnb_checkpoints, loaded):
     assert _bits(layers["input_norm"][1]) == _bits(file["model.layers.1.input_layernorm.weight"].numpy())
 
 
-@pytest.mark.parametrize("name", ["gemma2-double", "gemma3-bf16-storage"])
-def test_logits_equal_transformers_bitsandbytes(name, bnb_checkpoints, loaded):
+def test_logits_equal_transformers_bitsandbytes(bnb_checkpoints, loaded):
     """gemmatune on the loaded checkpoint computes what transformers' own 4-bit model computes (bitsandbytes on the
-    CPU dequantizes each weight to float32, then multiplies), and a different model from the float one."""
-    ckpt = bnb_checkpoints[name]
-    cfg, params = loaded[name]
+    CPU dequantizes each weight to float32, then multiplies), and a different model from the float one. One family
+    (the loader does not depend on it; the weights of both are checked above), the harder double-quantized scales."""
+    ckpt = bnb_checkpoints["gemma2-double"]
+    cfg, params = loaded["gemma2-double"]
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 20))
     ours = np.asarray(jax.jit(forward, static_argnums=2)(params, tokens, cfg))
     theirs = hf_logits(ckpt.model, tokens)
