@@ -28,6 +28,7 @@ from gemmatune import step as T
 from gemmatune.config import PRESETS, LoraConfig, ModelConfig, TrainConfig
 from gemmatune.errors import GemmatuneError
 from gemmatune.layout import adapter_shapes, is_shape, param_axes, param_shapes, trainable_axes
+from gemmatune.quantize import quantize
 
 EIGHT = jax.device_count() >= 8
 on_eight = pytest.mark.skipif(not EIGHT, reason="runs in test_on_8_simulated_devices' child process")
@@ -117,20 +118,24 @@ def test_on_8_simulated_devices() -> None:
     assert r.returncode == 0, r.stdout[-8000:] + r.stderr[-3000:]
 
 
-def _train_step(cfg: ModelConfig, mesh: jax.sharding.Mesh | None) -> tuple[dict, dict]:
-    """One step (2 micro-batches of 8 rows) from adapters with a non-zero B, so both A and B get gradients."""
+def _train_step(cfg: ModelConfig, mesh: jax.sharding.Mesh | None, tcfg: TrainConfig = TCFG) -> tuple[dict, dict]:
+    """One step (2 micro-batches of 8 rows) from adapters with a non-zero B, so both A and B get gradients; with
+    tcfg.quantize, on the base quantized as the loaders quantize it."""
     base = strong_params(cfg)
-    opt = T.optimizer(TCFG, 10)
-    trainable, frozen = T.split_trainable(base, cfg, TCFG, jax.random.key(1))
+    if tcfg.quantization() is not None:
+        base = {**base, "layers": {k: quantize(v, k, tcfg.quantization()) if k.endswith("_proj") else v
+                                   for k, v in base["layers"].items()}}
+    opt = T.optimizer(tcfg, 10)
+    trainable, frozen = T.split_trainable(base, cfg, tcfg, jax.random.key(1))
     trainable = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(2), a.shape), trainable)
     b, shape = rows(16), (2, 8, 32)
     if mesh is None:
         state, batches = T.init_state(trainable, opt, jax.random.key(3)), T.Shapes(*shape).stack(b)
     else:
-        sh = T.step_shardings(cfg, TCFG, mesh, opt)
+        sh = T.step_shardings(cfg, tcfg, mesh, opt)
         state, frozen = T.init_state(trainable, opt, jax.random.key(3), sh.state), S.put(frozen, sh.frozen)
         batches = T.global_batch(b, sh.batches, shape)
-    new, metrics = T.make_train_step(cfg, TCFG, opt, mesh)(state, frozen, batches)
+    new, metrics = T.make_train_step(cfg, tcfg, opt, mesh)(state, frozen, batches)
     if mesh is not None:  # the state stays where step_shardings put it
         flat = zip(jax.tree.leaves(new["params"]), jax.tree.leaves(sh.state["params"]))
         assert all(a.sharding.is_equivalent_to(s, a.ndim) for a, s in flat)
@@ -148,6 +153,18 @@ def test_one_train_step_is_the_same_on_every_mesh(cfg: ModelConfig) -> None:
         assert m["seen"] == ref["seen"] and m["tokens"] == ref["tokens"]
         for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(ref_params)):
             np.testing.assert_allclose(a, b, atol=1e-5, rtol=0, err_msg=f"{spec} {jax.tree_util.keystr(path)}")
+
+
+@on_eight
+def test_a_quantized_base_trains_the_same_on_a_mesh() -> None:
+    """QLoRA: codes and scales split like the weights they replace; one step gives the same numbers as on one
+    device."""
+    tcfg = dataclasses.replace(TCFG, quantize="nf4", quantize_block=32, double_quant=True)
+    ref_params, ref = _train_step(DIV8, None, tcfg)
+    params, m = _train_step(DIV8, S.make_mesh("data=2,fsdp=2,model=2"), tcfg)
+    np.testing.assert_allclose(m["loss"], ref["loss"], rtol=1e-6, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
 
 
 @on_eight
