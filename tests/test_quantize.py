@@ -151,3 +151,13 @@ def test_quantized_bytes():
     assert bits(Quantization("int4")) == bits(Quantization("nf4"))
     assert bits(Quantization("int8")) == pytest.approx(8.5)
     assert bits(Quantization("nf4", double=True)) == pytest.approx(4 + 8 / 64 + 32 / 64 / 256, abs=2e-3)
+
+
+def test_commands_refuse_a_bad_quantization_in_one_line(capsys):
+    from gemmatune.cli import main
+
+    assert main(["generate", "--quantize", "nf4", "--quantize-block", "256", "--max-new-tokens", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "quantize_block 256 does not divide q_proj's input size 128" in err and "Traceback" not in err
+    assert main(["train", "--quantize", "nf4", "--method", "full"]) == 2
+    assert "method full trains every weight" in capsys.readouterr().err
