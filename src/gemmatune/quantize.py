@@ -166,8 +166,7 @@ def scales(qw: Params) -> jax.Array:
         return qw["scale"]
     codes = qw["scale_codes"]
     flat = qw["scale_table"][codes.reshape(-1).astype(jnp.int32)]
-    nested = jnp.repeat(qw["scale_absmax"], NESTED_BLOCK, total_repeat_length=flat.shape[0]
-                        + -flat.shape[0] % NESTED_BLOCK)[:flat.shape[0]]
+    nested = qw["scale_absmax"][jnp.arange(flat.shape[0]) // NESTED_BLOCK]  # each scale's nested block's absmax
     return (flat * nested + qw["scale_offset"]).reshape(codes.shape)
 
 
