@@ -25,9 +25,9 @@ from test_train_step import rows
 from conftest import SMALL, strong_params
 from gemmatune import sharding as S
 from gemmatune import step as T
-from gemmatune.config import PRESETS, LoraConfig, ModelConfig, TrainConfig
+from gemmatune.config import PRESETS, LoraConfig, ModelConfig, Quantization, TrainConfig
 from gemmatune.errors import GemmatuneError
-from gemmatune.layout import adapter_shapes, is_shape, param_axes, param_shapes, trainable_axes
+from gemmatune.layout import adapter_shapes, is_shape, nbytes, param_axes, param_shapes, param_structs, trainable_axes
 from gemmatune.quantize import quantize
 
 EIGHT = jax.device_count() >= 8
@@ -247,7 +247,9 @@ _MEASURE = textwrap.dedent("""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM, the peak
     before = status("VmRSS")
-    cfg, params = load_hf(sys.argv[1], mesh=sharding.make_mesh(sys.argv[2]))
+    from gemmatune.config import Quantization
+    quant = Quantization(sys.argv[3]) if len(sys.argv) > 3 else None
+    cfg, params = load_hf(sys.argv[1], mesh=sharding.make_mesh(sys.argv[2]), quant=quant)
     jax.block_until_ready(params)
     print(json.dumps({"peak": status("VmHWM") - before, "after": status("VmRSS") - before}))
 """)
@@ -275,3 +277,14 @@ def test_loading_onto_a_mesh_holds_one_tensor_at_a_time(tmp_path: Path) -> None:
           f"({beyond / largest:.1f} x the largest tensor)")
     assert size >= 200e6
     assert beyond <= 0.2 * size, "loading onto a mesh must hold a tensor or so on the host, not the model"
+
+    # QLoRA: quantized as it streams, the float32 model never exists: NF4 keeps 4.5 of every 32 bits of the
+    # projections (the embedding stays float32), so the peak is a fraction of the checkpoint.
+    r = subprocess.run([sys.executable, "-c", _MEASURE, str(tmp_path / "src"), "fsdp=2,model=4", "nf4"], env=EIGHT_ENV,
+                       check=False, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    peak = json.loads(r.stdout.strip().splitlines()[-1])["peak"] * 1024
+    quantized = nbytes(param_structs(cfg, jnp.float32, Quantization("nf4")))
+    print(f"quantized to NF4 while loading: peak RSS growth {peak / 1e6:.0f} MB, the quantized model "
+          f"{quantized / 1e6:.0f} MB")
+    assert peak <= quantized + 0.25 * size, "quantizing must happen tensor by tensor, not after loading the model"
