@@ -25,9 +25,10 @@ from test_train_step import rows
 from conftest import SMALL, strong_params
 from gemmatune import sharding as S
 from gemmatune import step as T
-from gemmatune.config import PRESETS, LoraConfig, ModelConfig, TrainConfig
+from gemmatune.config import PRESETS, LoraConfig, ModelConfig, Quantization, TrainConfig
 from gemmatune.errors import GemmatuneError
-from gemmatune.layout import adapter_shapes, is_shape, param_axes, param_shapes, trainable_axes
+from gemmatune.layout import adapter_shapes, is_shape, nbytes, param_axes, param_shapes, param_structs, trainable_axes
+from gemmatune.quantize import quantize
 
 EIGHT = jax.device_count() >= 8
 on_eight = pytest.mark.skipif(not EIGHT, reason="runs in test_on_8_simulated_devices' child process")
@@ -117,20 +118,24 @@ def test_on_8_simulated_devices() -> None:
     assert r.returncode == 0, r.stdout[-8000:] + r.stderr[-3000:]
 
 
-def _train_step(cfg: ModelConfig, mesh: jax.sharding.Mesh | None) -> tuple[dict, dict]:
-    """One step (2 micro-batches of 8 rows) from adapters with a non-zero B, so both A and B get gradients."""
+def _train_step(cfg: ModelConfig, mesh: jax.sharding.Mesh | None, tcfg: TrainConfig = TCFG) -> tuple[dict, dict]:
+    """One step (2 micro-batches of 8 rows) from adapters with a non-zero B, so both A and B get gradients; with
+    tcfg.quantize, on the base quantized as the loaders quantize it."""
     base = strong_params(cfg)
-    opt = T.optimizer(TCFG, 10)
-    trainable, frozen = T.split_trainable(base, cfg, TCFG, jax.random.key(1))
+    if tcfg.quantization() is not None:
+        base = {**base, "layers": {k: quantize(v, k, tcfg.quantization()) if k.endswith("_proj") else v
+                                   for k, v in base["layers"].items()}}
+    opt = T.optimizer(tcfg, 10)
+    trainable, frozen = T.split_trainable(base, cfg, tcfg, jax.random.key(1))
     trainable = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(2), a.shape), trainable)
     b, shape = rows(16), (2, 8, 32)
     if mesh is None:
         state, batches = T.init_state(trainable, opt, jax.random.key(3)), T.Shapes(*shape).stack(b)
     else:
-        sh = T.step_shardings(cfg, TCFG, mesh, opt)
+        sh = T.step_shardings(cfg, tcfg, mesh, opt)
         state, frozen = T.init_state(trainable, opt, jax.random.key(3), sh.state), S.put(frozen, sh.frozen)
         batches = T.global_batch(b, sh.batches, shape)
-    new, metrics = T.make_train_step(cfg, TCFG, opt, mesh)(state, frozen, batches)
+    new, metrics = T.make_train_step(cfg, tcfg, opt, mesh)(state, frozen, batches)
     if mesh is not None:  # the state stays where step_shardings put it
         flat = zip(jax.tree.leaves(new["params"]), jax.tree.leaves(sh.state["params"]))
         assert all(a.sharding.is_equivalent_to(s, a.ndim) for a, s in flat)
@@ -148,6 +153,18 @@ def test_one_train_step_is_the_same_on_every_mesh(cfg: ModelConfig) -> None:
         assert m["seen"] == ref["seen"] and m["tokens"] == ref["tokens"]
         for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(ref_params)):
             np.testing.assert_allclose(a, b, atol=1e-5, rtol=0, err_msg=f"{spec} {jax.tree_util.keystr(path)}")
+
+
+@on_eight
+def test_a_quantized_base_trains_the_same_on_a_mesh() -> None:
+    """QLoRA: codes and scales split like the weights they replace; one step gives the same numbers as on one
+    device."""
+    tcfg = dataclasses.replace(TCFG, quantize="nf4", quantize_block=32, double_quant=True)
+    ref_params, ref = _train_step(DIV8, None, tcfg)
+    params, m = _train_step(DIV8, S.make_mesh("data=2,fsdp=2,model=2"), tcfg)
+    np.testing.assert_allclose(m["loss"], ref["loss"], rtol=1e-6, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
 
 
 @on_eight
@@ -230,7 +247,9 @@ _MEASURE = textwrap.dedent("""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM, the peak
     before = status("VmRSS")
-    cfg, params = load_hf(sys.argv[1], mesh=sharding.make_mesh(sys.argv[2]))
+    from gemmatune.config import Quantization
+    quant = Quantization(sys.argv[3]) if len(sys.argv) > 3 else None
+    cfg, params = load_hf(sys.argv[1], mesh=sharding.make_mesh(sys.argv[2]), quant=quant)
     jax.block_until_ready(params)
     print(json.dumps({"peak": status("VmHWM") - before, "after": status("VmRSS") - before}))
 """)
@@ -258,3 +277,14 @@ def test_loading_onto_a_mesh_holds_one_tensor_at_a_time(tmp_path: Path) -> None:
           f"({beyond / largest:.1f} x the largest tensor)")
     assert size >= 200e6
     assert beyond <= 0.2 * size, "loading onto a mesh must hold a tensor or so on the host, not the model"
+
+    # QLoRA: quantized as it streams, the float32 model never exists: NF4 keeps 4.5 of every 32 bits of the
+    # projections (the embedding stays float32), so the peak is a fraction of the checkpoint.
+    r = subprocess.run([sys.executable, "-c", _MEASURE, str(tmp_path / "src"), "fsdp=2,model=4", "nf4"], env=EIGHT_ENV,
+                       check=False, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    peak = json.loads(r.stdout.strip().splitlines()[-1])["peak"] * 1024
+    quantized = nbytes(param_structs(cfg, jnp.float32, Quantization("nf4")))
+    print(f"quantized to NF4 while loading: peak RSS growth {peak / 1e6:.0f} MB, the quantized model "
+          f"{quantized / 1e6:.0f} MB")
+    assert peak <= quantized + 0.25 * size, "quantizing must happen tensor by tensor, not after loading the model"

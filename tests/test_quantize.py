@@ -91,37 +91,40 @@ def test_dequantized_weights_are_within_half_a_step(kind, block, seed, double):
     assert (err <= bound[..., None]).all()
 
 
-@pytest.mark.parametrize("cfg, kind", [(SMALL, "nf4"), (SMALL3, "int8")], ids=["gemma2-nf4", "gemma3-int8"])
-def test_quantized_model_equals_the_model_on_dequantized_weights(cfg, kind, small_params, small3_params):
-    params = small_params if cfg is SMALL else small3_params
-    q = Quantization(kind, 32, double=kind == "nf4")
-    layers = {k: quantize.quantize(v, k, q) if k.endswith("_proj") else v for k, v in params["layers"].items()}
-    qparams = {**params, "layers": layers}
-    tokens = jax.random.randint(jax.random.key(1), (2, 24), 0, cfg.vocab_size)
-    got = forward(qparams, tokens, cfg)
-    want = forward(quantize.dequantize_tree(qparams, cfg), tokens, cfg)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-5)
-    # ... and it is a different model from the unquantized one (the test would pass on a no-op otherwise).
-    assert np.abs(np.asarray(forward(params, tokens, cfg)) - np.asarray(got)).max() > 1e-3
+def test_quantized_model_equals_the_model_on_dequantized_weights(small3_params):
+    """Gemma 3 on an int8 base: the logits of the model dequantizing inside each projection equal those of the
+    model given the dequantized weights, and differ from the unquantized model's."""
+    q = Quantization("int8", 32)
+    layers = {k: quantize.quantize(v, k, q) if k.endswith("_proj") else v for k, v in small3_params["layers"].items()}
+    qparams = {**small3_params, "layers": layers}
     assert jax.tree.structure(qparams) == jax.tree.structure(
-        jax.tree.map(lambda s: 0, param_shapes(cfg, q), is_leaf=lambda x: isinstance(x, tuple)))
+        jax.tree.map(lambda s: 0, param_shapes(SMALL3, q), is_leaf=lambda x: isinstance(x, tuple)))
+    tokens = jax.random.randint(jax.random.key(1), (2, 24), 0, SMALL3.vocab_size)
+    got = forward(qparams, tokens, SMALL3)
+    want = forward(quantize.dequantize_tree(qparams, SMALL3), tokens, SMALL3)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-5)
+    assert np.abs(np.asarray(forward(small3_params, tokens, SMALL3)) - np.asarray(got)).max() > 1e-3
 
 
-def test_gradients_flow_to_adapters_only_through_a_quantized_base(small_params):
+def test_lora_on_a_quantized_base_equals_lora_on_its_dequantized_weights(small_params):
+    """Gemma 2 on an NF4 base with double-quantized scales: the loss and the adapters' gradients through the
+    quantized projections (dequantized inside a jax.checkpoint) equal those on the dequantized weights."""
     from gemmatune.config import LoraConfig
     from gemmatune.lora import attach, init_adapters
 
-    q, lora = Quantization("nf4", 32), LoraConfig(rank=4)
+    q, lora = Quantization("nf4", 32, double=True), LoraConfig(rank=4)
     layers = {k: quantize.quantize(v, k, q) if k.endswith("_proj") else v for k, v in small_params["layers"].items()}
     base = {**small_params, "layers": layers}
     adapters = jax.tree.map(lambda a: a + 0.01, init_adapters(SMALL, lora, jax.random.key(0)))
     tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, SMALL.vocab_size)
 
     def loss(ad, base):
-        return forward(attach(base, ad), tokens, SMALL, adapter=lora).astype(jnp.float32).mean()
+        logits = forward(attach(base, ad), tokens, SMALL, adapter=lora).astype(jnp.float32)
+        return jax.nn.logsumexp(logits, -1).mean()
 
-    g = jax.grad(loss)(adapters, base)
-    g_ref = jax.grad(loss)(adapters, quantize.dequantize_tree(base, SMALL))
+    value, g = jax.value_and_grad(loss)(adapters, base)
+    value_ref, g_ref = jax.value_and_grad(loss)(adapters, quantize.dequantize_tree(base, SMALL))
+    np.testing.assert_allclose(float(value), float(value_ref), rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-4)
 
@@ -151,3 +154,30 @@ def test_quantized_bytes():
     assert bits(Quantization("int4")) == bits(Quantization("nf4"))
     assert bits(Quantization("int8")) == pytest.approx(8.5)
     assert bits(Quantization("nf4", double=True)) == pytest.approx(4 + 8 / 64 + 32 / 64 / 256, abs=2e-3)
+
+
+def test_commands_refuse_a_bad_quantization_in_one_line(capsys):
+    from gemmatune.cli import main
+
+    assert main(["generate", "--quantize", "nf4", "--quantize-block", "256", "--max-new-tokens", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "quantize_block 256 does not divide q_proj's input size 128" in err and "Traceback" not in err
+    assert main(["train", "--quantize", "nf4", "--method", "full"]) == 2
+    assert "method full trains every weight" in capsys.readouterr().err
+
+
+def test_generate_on_a_quantized_base_equals_generate_on_its_dequantized_weights(tmp_path, capsys):
+    """The decoding path (per-layer weights, KV cache, the serving engine) with --quantize nf4 gives the text of
+    the same command on a checkpoint holding the dequantized weights."""
+    from gemmatune.cli import main
+    from gemmatune.config import DEFAULT_MODEL
+    from gemmatune.convert import load_model
+    from gemmatune.convert.hf import save_hf
+
+    cfg, params = load_model(DEFAULT_MODEL, "float32", quant=Quantization("nf4"))
+    save_hf(tmp_path / "deq", cfg, quantize.dequantize_tree(params, cfg), tokenizer_dir=DEFAULT_MODEL)
+    run = ["generate", "--max-new-tokens", "12", "--dtype", "float32", "--prompt", "What does gemmatune do?"]
+    assert main([*run, "--model", str(tmp_path / "deq")]) == 0
+    want = capsys.readouterr().out
+    assert main([*run, "--quantize", "nf4"]) == 0
+    assert capsys.readouterr().out == want and want.strip()

@@ -335,6 +335,51 @@ def test_train_merge_generate_on_a_hugging_face_checkpoint(tmp_path, capsys, fam
     assert with_adapter == capsys.readouterr().out and with_adapter.strip()
 
 
+def test_qlora_resumes_exactly_and_merges_into_the_dequantized_base(tmp_path, capsys):
+    """Gemma 3 on an NF4 base (double-quantized scales): a run cut after its first checkpoint resumes to the same
+    adapter; resuming with another quantization is refused; the merged checkpoint is the quantized base plus the
+    adapter (what was trained), not the original base plus the adapter."""
+    import shutil
+
+    from gemmatune import lora
+    from gemmatune.checkpoint import load_adapter
+    from gemmatune.config import Quantization
+    from gemmatune.convert.hf import load_hf, save_hf
+    from gemmatune.model import forward
+
+    cfg = dataclasses.replace(SMALL3, vocab_size=4096)  # the embedded tokenizer's
+    base_dir, out, cut, merged = tmp_path / "base", tmp_path / "run", tmp_path / "cut", tmp_path / "merged"
+    save_hf(base_dir, cfg, strong_params(cfg), tokenizer_dir=DEFAULT_MODEL)
+    data = write_rows(tmp_path / "rows.csv", 16)
+    args = ["train", "--model", str(base_dir), "--data", str(data), "--max-steps", "2", "--save-every", "1",
+            "--lr", "1e-2", "--warmup_steps", "0", "--quantize", "nf4", "--quantize-block", "32", "--double-quant",
+            *TINY]
+    assert main([*args, "--output", str(out)]) == 0
+    shutil.copytree(out, cut)
+    shutil.rmtree(cut / "checkpoints" / "step-00000002")
+    shutil.rmtree(cut / "adapter")
+    capsys.readouterr()
+    assert main([*args, "--output", str(cut), "--resume", "--quantize", "int8"]) == 2
+    assert "cannot resume" in capsys.readouterr().err
+    assert main([*args, "--output", str(cut), "--resume"]) == 0
+    assert "resumed from step 1 " in capsys.readouterr().err
+    a, b = adapter_tensors(out), adapter_tensors(cut)
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-6, err_msg=k)
+
+    assert main(["merge", "--model", str(base_dir), "--adapter", str(out / "adapter"), "--output", str(merged)]) == 0
+    assert "merging into its dequantized weights" in capsys.readouterr().err
+    tokens = jnp.asarray(np.random.RandomState(0).randint(3, cfg.vocab_size, (2, 24)))
+    _, quantized = load_hf(base_dir, "float32", quant=Quantization("nf4", 32, double=True))
+    _, original = load_hf(base_dir, "float32")
+    adapters, lora_cfg = load_adapter(out / "adapter", cfg)
+    trained = np.asarray(forward(lora.attach(quantized, adapters), tokens, cfg, adapter=lora_cfg))
+    _, m = load_hf(merged, "float32")
+    np.testing.assert_allclose(np.asarray(forward(m, tokens, cfg)), trained, rtol=0, atol=1e-4)
+    assert np.abs(np.asarray(forward(lora.attach(original, adapters), tokens, cfg, adapter=lora_cfg))
+                  - trained).max() > 1e-2
+
+
 # --- 6. validation and evaluation prompts ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("spelling", ["--eval_prompts", "--eval-prompts"])

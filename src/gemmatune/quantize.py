@@ -166,8 +166,7 @@ def scales(qw: Params) -> jax.Array:
         return qw["scale"]
     codes = qw["scale_codes"]
     flat = qw["scale_table"][codes.reshape(-1).astype(jnp.int32)]
-    nested = jnp.repeat(qw["scale_absmax"], NESTED_BLOCK, total_repeat_length=flat.shape[0]
-                        + -flat.shape[0] % NESTED_BLOCK)[:flat.shape[0]]
+    nested = qw["scale_absmax"][jnp.arange(flat.shape[0]) // NESTED_BLOCK]  # each scale's nested block's absmax
     product = flat * nested
     # bitsandbytes rounds the product, then adds the offset. Compiled, XLA contracts the two into one fused
     # multiply-add (one rounding: 1 ulp off on some scales); a select between them (an identity, NaN included)
