@@ -236,3 +236,23 @@ def test_what_cannot_load_as_stored_is_refused(bnb_checkpoints, tmp_path):
                                              r"\"quantization_config\""):
         load_hf(no_config)
     assert checkpoint_quantization(no_config) is None
+
+
+def test_training_on_a_bnb_checkpoint_is_qlora_on_its_own_codes(tmp_path, capsys):
+    """`gemmatune train --model <bnb-4bit dir>` without --quantize: the base stays as stored, and the adapter
+    records it (so that merging uses the dequantized base)."""
+    from test_train_loop import TINY, write_rows
+
+    from gemmatune.cli import main
+    from gemmatune.config import DEFAULT_MODEL
+
+    _bnb_checkpoint(DEFAULT_MODEL, tmp_path / "bnb", double=True)
+    for f in DEFAULT_MODEL.iterdir():
+        if f.name.startswith("tokenizer"):
+            shutil.copy(f, tmp_path / "bnb" / f.name)
+    data = write_rows(tmp_path / "rows.jsonl", 8)
+    assert main(["train", "--model", str(tmp_path / "bnb"), "--data", str(data), "--output", str(tmp_path / "run"),
+                 "--max-steps", "1", *TINY]) == 0
+    assert "stored quantized (nf4, block 64, double-quantized scales): training QLoRA" in capsys.readouterr().err
+    config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert config["base_quantization"] == {"kind": "nf4", "block": 64, "double": True}

@@ -38,7 +38,7 @@ from gemmatune.checkpoint import (
     save_checkpoint,
 )
 from gemmatune.config import LoraConfig, ModelConfig, TrainConfig
-from gemmatune.convert import load_model, model_config
+from gemmatune.convert import checkpoint_quantization, load_model, model_config
 from gemmatune.convert.peft import load_adapter_for
 from gemmatune.data.loader import BatchIterator
 from gemmatune.data.pipeline import Prepared, Split, describe, prepare
@@ -173,6 +173,10 @@ def setup(tcfg: TrainConfig) -> Run:
         resume_from = latest_checkpoint(run_dir) if tcfg.resume else None
     model_dir = resolve_model(tcfg.model)  # the one place where the --model the user gave becomes a directory
     cfg = model_config(model_dir)
+    stored = checkpoint_quantization(model_dir)  # a bitsandbytes 4-bit checkpoint: loads with its own codes
+    if stored is not None and tcfg.quantization() is None:
+        tcfg = dataclasses.replace(tcfg, quantize=stored.kind, quantize_block=stored.block, double_quant=stored.double)
+        print(f"{tcfg.model} is stored quantized ({stored.describe()}): training QLoRA on it", file=sys.stderr)
     mesh = sharding.make_mesh(tcfg.mesh, cfg=cfg, batch_size=tcfg.batch_size)
     sharding.check_batch(mesh, tcfg.batch_size)
     print(f"mesh {sharding.describe(mesh)}: {jax.device_count()} {jax.devices()[0].platform} device(s) in "
