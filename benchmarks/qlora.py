@@ -178,15 +178,15 @@ def report_memory(rows: list[dict[str, Any]]) -> None:
                   f"{r['layers']} layers': {r['dense_proj_bytes'] / MiB:.1f} MiB")
 
 
-def report_train(rows: list[dict[str, Any]]) -> None:
+def report_train(rows: list[dict[str, Any]], held_out: int) -> None:
     print(f"\n  {'run':38}{'EM before':>10}{'EM after':>10}{'loss':>9}{'tokens/s':>10}{'peak RSS':>10}"
           f"{'train s':>9}{'eval s':>8}")
     for r in rows:
         before = "-" if r["em_before"] is None else f"{r['em_before']:.1%}"
         print(f"  {r['label']:38}{before:>10}{r['em_after']:10.1%}{r['final_loss']:9.4f}{r['tokens_per_s']:10.1f}"
               f"{r['peak_rss_gb']:8.2f}GB{r['train_s']:9.1f}{r['eval_s']:8.1f}")
-    print("  (EM: held-out exact match of 64 dates; tokens/s: non-padding input positions per second over steps 2..; "
-          "peak RSS and train s: model load + data + training; eval s: the held-out answers after training)")
+    print(f"  (EM: held-out exact match of {held_out} dates; tokens/s: non-padding input positions per second over "
+          "steps 2..; peak RSS and train s: model load + data + training; eval s: the held-out answers after training)")
     for r in rows:
         ref = next((p for p in rows if p["setup"] == ("bf16" if "bfloat16" in r["label"] else "f32")), None)
         if ref and ref is not r:
@@ -231,7 +231,7 @@ def main() -> None:
         train.append({**r, "setup": "bnb", "label": "transformers + PEFT + bnb NF4, f32"})
     if train:
         results["train"] = train
-        report_train(train)
+        report_train(train, a.held_out)
     results["load_after"] = os.getloadavg()
     results["wall_s"] = time.perf_counter() - t_start
     print(f"\n  {results['wall_s']:.0f} s in all; load average {os.getloadavg()[0]:.2f}")
