@@ -15,12 +15,12 @@ Three parts, each in its own subprocesses pinned to the same `--threads` CPUs (a
           to inputs; and the seconds the compile took.
   train   one child per configuration in TRAIN runs benchmarks/quality.py's gemmatune job (tasks.Recipe: LoRA r=8 on
           the seven projections, 16 steps of 8 date-rewriting examples) with `train --quantize ...`: final training
-          loss, held-out exact match (64 dates) before and after (the adapter applied unmerged onto the quantized
-          base, as `generate --adapter` does), training tokens/s (steps 2..16) and the child's peak RSS after
-          training (model load + data + training).
+          loss, held-out exact match (--held-out dates, 64) before and after (the adapter applied unmerged onto
+          the quantized base, as `generate --adapter` does), training tokens/s (steps 2..16) and the child's peak
+          RSS after training (model load + data + training).
   bnb     the same job in transformers + PEFT with the base's linear layers bitsandbytes NF4 (block 64, compute
           float32; quality.bnb_nf4 says how it is loaded), the base model's answers skipped (bitsandbytes' CPU
-          kernels make each generation about a minute).
+          kernels make the 64 answers take minutes).
 
 The figures are printed as tables with ratios; --json keeps them all.
 """
