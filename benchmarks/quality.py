@@ -59,7 +59,10 @@ def peak_rss_gb() -> float:
 
 # --- the two tools, each run in a child process ----------------------------------------------------------------
 
-def run_gemmatune(recipe: tasks.Recipe, n_held_out: int) -> dict[str, Any]:
+def run_gemmatune(recipe: tasks.Recipe, n_held_out: int, quant: Any = None, before: bool = True) -> dict[str, Any]:
+    """quant (a gemmatune.config.Quantization): QLoRA, the base quantized as `train --quantize` stores it, and the
+    answers from that base with the adapter applied unmerged (benchmarks/qlora.py). before=False skips the base
+    model's answers."""
     import gemmatune
     from gemmatune.convert import load_model
     from gemmatune.convert.peft import load_adapter_for
@@ -71,7 +74,9 @@ def run_gemmatune(recipe: tasks.Recipe, n_held_out: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         data = tasks.write_jsonl(train, Path(tmp) / "dates.jsonl")
         t0 = time.perf_counter()
-        result = gemmatune.train(recipe.train_config(str(gguf), data, Path(tmp) / "run", log_every=1))
+        q = {} if quant is None else {"quantize": quant.kind, "quantize_block": quant.block,
+                                      "double_quant": quant.double}
+        result = gemmatune.train(recipe.train_config(str(gguf), data, Path(tmp) / "run", log_every=1, **q))
         train_s = time.perf_counter() - t0
         peak = peak_rss_gb()
         s = result.summary
@@ -81,21 +86,28 @@ def run_gemmatune(recipe: tasks.Recipe, n_held_out: int) -> dict[str, Any]:
         assert len(rates) == recipe.steps and s["tokens_seen"] % recipe.steps == 0, (len(rates), s)
         tokens_per_s = (len(rates) - 1) / sum(1 / r for r in rates[1:])
         tokenizer = load_tokenizer(gguf)
-        cfg, base = load_model(gguf, dtype=recipe.dtype)
+        cfg, base = load_model(gguf, dtype=recipe.dtype, quant=quant)
         t0 = time.perf_counter()
-        before = tasks.gemmatune_answers(base, cfg, tokenizer, held_out)
+        base_answers = tasks.gemmatune_answers(base, cfg, tokenizer, held_out) if before else None
         base_eval_s = time.perf_counter() - t0
         adapters, lora_cfg = load_adapter_for(gguf, s["adapter"], cfg)
         t0 = time.perf_counter()
-        after = tasks.gemmatune_answers(merge(base, adapters, lora_cfg), cfg, tokenizer, held_out)
+        if quant is None:
+            after = tasks.gemmatune_answers(merge(base, adapters, lora_cfg), cfg, tokenizer, held_out)
+        else:
+            after = tasks.gemmatune_answers(base, cfg, tokenizer, held_out, adapter=(adapters, lora_cfg))
         eval_s = time.perf_counter() - t0
-    return {"before": before, "after": after, "tokens_per_s": tokens_per_s, "peak_rss_gb": peak,
+    return {"before": base_answers, "after": after, "tokens_per_s": tokens_per_s, "peak_rss_gb": peak,
             "train_s": train_s, "final_loss": s["train_loss"], "positions_per_step": s["tokens_seen"] // recipe.steps,
             "base_eval_s": base_eval_s, "eval_s": eval_s,
-            "settings": "gemmatune.train on the .gguf, packing pad; generate on the merged weights"}
+            "settings": "gemmatune.train on the .gguf, packing pad; generate on the merged weights" if quant is None
+            else f"gemmatune.train --quantize {quant.describe()}; generate on the quantized base, adapter unmerged"}
 
 
-def run_transformers(recipe: tasks.Recipe, n_held_out: int, threads: int) -> dict[str, Any]:
+def run_transformers(recipe: tasks.Recipe, n_held_out: int, threads: int, nf4: bool = False,
+                     before: bool = True) -> dict[str, Any]:
+    """nf4: QLoRA as transformers does it, the base's linear layers bitsandbytes NF4 (benchmarks/qlora.py).
+    before=False skips the base model's answers."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -107,6 +119,8 @@ def run_transformers(recipe: tasks.Recipe, n_held_out: int, threads: int) -> dic
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, recipe.dtype),
                                                  attn_implementation="eager")
+    if nf4:
+        model = bnb_nf4(model, recipe.dtype)
     model = get_peft_model(model, LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, lora_dropout=0.0,
                                              target_modules=[HF_TARGETS[t] for t in recipe.targets]))
     train, held_out = tasks.splits(N_TRAIN, n_held_out)
@@ -171,15 +185,36 @@ def run_transformers(recipe: tasks.Recipe, n_held_out: int, threads: int) -> dic
 
     t0 = time.perf_counter()
     with model.disable_adapter():
-        before = answers()
+        base_answers = answers() if before else None
     base_eval_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     after = answers()
     eval_s = time.perf_counter() - t0
-    return {"before": before, "after": after, "tokens_per_s": positions * (len(times) - 1) / sum(times[1:]),
+    return {"before": base_answers, "after": after, "tokens_per_s": positions * (len(times) - 1) / sum(times[1:]),
             "peak_rss_gb": peak, "train_s": train_s, "final_loss": loss, "positions_per_step": positions,
             "base_eval_s": base_eval_s, "eval_s": eval_s,
-            "settings": "eager attention, PEFT LoRA, torch loop with AdamW + LambdaLR; generate greedy"}
+            "settings": "eager attention, PEFT LoRA, torch loop with AdamW + LambdaLR; generate greedy"
+            + (f"; bitsandbytes NF4 base (block 64, compute {recipe.dtype})" if nf4 else "")}
+
+
+def bnb_nf4(model: Any, dtype: str) -> Any:
+    """The model with every linear layer bitsandbytes NF4 (BitsAndBytesConfig(load_in_4bit=True,
+    bnb_4bit_quant_type="nf4"), compute in `dtype`). transformers refuses a quantization_config together with
+    gguf_file ("You cannot combine Quantization and loading a model from a GGUF file"), and a model loaded from GGUF
+    refuses save_pretrained ("The model is quantized with gguf and is not serializable"); so the dequantized weights
+    are saved as a plain checkpoint (the GGUF marker dropped) and loaded back quantized: the supported route."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    model.hf_quantizer = None
+    model.config.__dict__.pop("quantization_config", None)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        del model
+        return AutoModelForCausalLM.from_pretrained(tmp, dtype=getattr(torch, dtype), attn_implementation="eager",
+                                                    quantization_config=BitsAndBytesConfig(
+                                                        load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                        bnb_4bit_compute_dtype=getattr(torch, dtype)))
 
 
 def child(tool: str, recipe: tasks.Recipe, n_held_out: int, threads: int) -> None:

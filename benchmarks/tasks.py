@@ -117,12 +117,17 @@ class Recipe:
                            report_to=("none",), **kw)
 
 
-def gemmatune_answers(params: Any, cfg: Any, tokenizer: Any, rows: Sequence[dict[str, str]]) -> list[str]:
-    """Greedy answers of gemmatune's generate to the rows' prompts (one batch), decoded up to the first stop token."""
+def gemmatune_answers(params: Any, cfg: Any, tokenizer: Any, rows: Sequence[dict[str, str]],
+                      adapter: tuple[Any, Any] | None = None) -> list[str]:
+    """Greedy answers of gemmatune's generate to the rows' prompts (one batch), decoded up to the first stop token.
+    `adapter` (adapters, LoraConfig) is applied unmerged, as `gemmatune generate --adapter` applies it (the only
+    way onto a quantized base, which has no weights to merge into)."""
     from gemmatune.generate import generate
+    from gemmatune.lora import make_bank
     from gemmatune.model import unstack
 
     prompts = [[tokenizer.bos_id] + tokenizer.encode(prompt(r)) for r in rows]
     out = generate(unstack(params), cfg, prompts, max_new_tokens=ANSWER_TOKENS + 1,
-                   stop_ids=(tokenizer.eos_id, tokenizer.end_of_turn_id))
+                   stop_ids=(tokenizer.eos_id, tokenizer.end_of_turn_id),
+                   bank=make_bank([adapter]) if adapter else None, adapter_ids=[0] * len(rows) if adapter else None)
     return [tokenizer.decode(o) for o in out]
