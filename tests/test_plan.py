@@ -15,7 +15,7 @@ import pytest
 
 from gemmatune.config import PRESETS, LoraConfig, TrainConfig
 from gemmatune.errors import GemmatuneError
-from gemmatune.layout import adapter_shapes, param_shapes
+from gemmatune.layout import adapter_shapes, nbytes, param_shapes, param_structs
 from gemmatune.plan import DEVICES, GiB, plan
 
 
@@ -95,10 +95,30 @@ def test_cli_json(capsys: pytest.CaptureFixture[str]) -> None:
     out = json.loads(capsys.readouterr().out)
     assert out["fits"] is True and out["devices"] == 1 and out["mesh"] == {"data": 1, "fsdp": 1, "model": 1}
     assert out["bytes"]["total"] == sum(v for k, v in out["bytes"].items() if k != "total") > 0
+    assert out["bytes"]["weights"] == nbytes(param_structs(PRESETS["tiny"], "bfloat16"))  # every parameter, bfloat16
     assert main(["plan", "--model", "tiny", "--device", "cpu", "--seq-len", "64", "--batch-size", "2",
                  "--memory-gib", "0.001"]) == 0
     text = capsys.readouterr().out
     assert "does NOT fit" in text and "tried --remat full" in text
+
+
+def test_quantized_weights_are_counted_exactly() -> None:
+    """--quantize nf4: the plan's weights are the quantized base's bytes, field by field (packed codes, code books,
+    float32 scales; embedding and norms in bfloat16), as the step takes them (test_cli_json checks the bfloat16
+    base's). The text output says the base is quantized."""
+    from gemmatune.cli import format_plan
+
+    cfg, tcfg = PRESETS["tiny"], _tcfg(64, 2, quantize="nf4")
+    [p] = plan(cfg, tcfg, "cpu", suggest=False)
+    assert p.bytes["weights"] == nbytes(param_structs(cfg, "bfloat16", tcfg.quantization()))
+    # By hand: each projection's n weights as n / 2 bytes of codes and n / 64 float32 scales, and a 16-entry
+    # float32 code book per projection and layer, in place of 2 n bytes.
+    projections = _count({k: v for k, v in param_shapes(cfg)["layers"].items() if k.endswith("_proj")})
+    assert 2 * _count(param_shapes(cfg)) - p.bytes["weights"] == 2 * projections - (
+        projections // 2 + 4 * projections // 64 + 7 * cfg.num_layers * 16 * 4)
+    # The adapters (float32) and Adam's moments do not depend on how the base is stored.
+    assert p.bytes["adapters"] == 4 * _count(adapter_shapes(cfg, LoraConfig())) <= p.bytes["optimizer"] / 2
+    assert "(weights: the base's projections quantized (nf4, block 64)" in format_plan(p)
 
 
 def test_refusals(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -241,6 +241,10 @@ def _child(job: dict[str, Any], devices: list[Any]) -> dict[str, Any]:
     parts = {"weights": _per_device(frozen), "adapters": _per_device(state["params"]),
              "optimizer": _per_device(state["opt_state"]), "other": _per_device(batches)}
     notes, refused = [], False
+    quant = tcfg.quantization()
+    if quant is not None and tcfg.method == "lora":  # the text output's one place to say what "weights" are
+        notes.append(f"weights: the base's projections quantized ({quant.describe()}), embedding and norms "
+                     f"{tcfg.dtype}")
     try:
         stats = step.lower(state, frozen, batches).compile().memory_analysis()
         parts["activations"] = stats.temp_size_in_bytes
