@@ -75,7 +75,8 @@ def reference(model_dir, adapters: dict, adapter: str | None, prompt: list[int],
     """What `gemmatune generate [--adapter]` answers: its own engine (cli._engine, one slot, the adapter unmerged),
     one request alone. adapters: {name: directory} of that model. (text, tokens)."""
     if model_dir not in ENGINES:
-        args = argparse.Namespace(dtype=DTYPE, max_len=MAX_LEN)  # a short context: a smaller cache to compile
+        args = argparse.Namespace(dtype=DTYPE, max_len=MAX_LEN, quantize="none", quantize_block=64,
+                                  double_quant=False)  # a short context: a smaller cache to compile
         ENGINES[model_dir] = cli._engine(args, Path(model_dir), adapters, slots=1)
         ENGINES[model_dir].start()
     tok = load_tokenizer(model_dir)

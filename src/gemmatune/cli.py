@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from gemmatune.config import EMBEDDED_MODEL, QUANT_KINDS, Quantization
+from gemmatune.config import EMBEDDED_MODEL, QUANT_KINDS, Quantization, TrainConfig
 from gemmatune.errors import GemmatuneError
 from gemmatune.hub import CONFIG_PRESETS, MODEL_HELP
 from gemmatune.platforms import configure_jax
@@ -254,7 +254,7 @@ def _plan(args: argparse.Namespace) -> None:
     import dataclasses
     import json
 
-    from gemmatune.config import LoraConfig, TrainConfig
+    from gemmatune.config import LoraConfig
     from gemmatune.hub import resolve_config
     from gemmatune.plan import DEVICES, GiB, plan
 
@@ -263,6 +263,7 @@ def _plan(args: argparse.Namespace) -> None:
     tcfg = dataclasses.replace(base, data=dataclasses.replace(base.data, max_seq_len=args.seq_len),
                                lora=LoraConfig(rank=args.lora_rank), batch_size=args.batch_size,
                                grad_accum=args.grad_accum, remat=args.remat, dtype=args.dtype, method=args.method,
+                               loss_chunk=args.loss_chunk,
                                quantize=args.quantize, quantize_block=args.quantize_block,
                                double_quant=args.double_quant)
     memory = int(args.memory_gib * GiB) if args.memory_gib else None
@@ -472,6 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--grad-accum", type=int, default=1)
     pl.add_argument("--lora-rank", type=int, default=8)
     pl.add_argument("--remat", choices=["none", "block", "full"], default="block")
+    pl.add_argument("--loss-chunk", type=int, default=TrainConfig.loss_chunk,
+                    help=f"positions per chunk of the loss (train's --loss-chunk; default: {TrainConfig.loss_chunk}); "
+                         "each chunk holds [chunk, vocab] float32 logits")
     pl.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     pl.add_argument("--method", choices=["lora", "full"], default="lora")
     _quant_args(pl)

@@ -54,7 +54,7 @@ GGUF_DTYPES = {"float32": "f32", "bfloat16": "bf16"}  # merged weights' dtype ->
 
 
 def export(model_dir: str | Path, adapter_dir: str | Path, fmt: str, output: str | Path, *, dtype: str = "auto",
-           force: bool = False, log: TextIO = sys.stderr) -> Path:
+           force: bool = False, log: TextIO | None = None) -> Path:
     """Export `adapter_dir` on the base `model_dir` as `fmt` (hf, peft or gguf) to `output` (a directory; a file
     for gguf, with its Ollama Modelfile beside it, `convert.gguf.modelfile_path`). dtype: the merged weights',
     "auto" (the base's), "float32" or "bfloat16"; for gguf also the GGUF writer's own types (f32, f16, bf16, q8_0).
@@ -84,7 +84,7 @@ def export(model_dir: str | Path, adapter_dir: str | Path, fmt: str, output: str
     if any(is_quantized(v) for v in params["layers"].values()):
         what = quant.describe() if quant else "as stored in the checkpoint"
         print(f"the base was quantized ({what}) when the adapter was trained: merging into its dequantized "
-              f"weights, written in {np.dtype(params['embed'].dtype)}", file=log)
+              f"weights, written in {np.dtype(params['embed'].dtype)}", file=log or sys.stderr)
         params = dequantize_tree(params, cfg, params["embed"].dtype)
     params = merge(params, adapters, lora_cfg)
     tokenizer = (_gguf_tokenizer(model_dir, fmt, cfg.family) if is_gguf(model_dir)
