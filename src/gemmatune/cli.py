@@ -275,8 +275,7 @@ def _plan(args: argparse.Namespace) -> None:
                           **plans[0].to_json(), "tried": [p.to_json() for p in plans[1:]]}, indent=2))
         return
     print(f"{args.model} on {n} x {kind.label}: seq {args.seq_len} x batch {args.batch_size} x accum "
-          f"{args.grad_accum}, {args.method} (rank {args.lora_rank}), remat {args.remat}, {args.dtype}"
-          + (f", base {tcfg.quantization().describe()}" if tcfg.quantization() else ""))
+          f"{args.grad_accum}, {args.method} (rank {args.lora_rank}), remat {args.remat}, {args.dtype}")
     print(format_plan(plans[0]))
     for p in plans[1:]:
         print(f"\ntried {p.changes}:")

@@ -242,7 +242,7 @@ def _child(job: dict[str, Any], devices: list[Any]) -> dict[str, Any]:
              "optimizer": _per_device(state["opt_state"]), "other": _per_device(batches)}
     notes, refused = [], False
     quant = tcfg.quantization()
-    if quant is not None and tcfg.method == "lora":  # the text output's one place to say what "weights" are
+    if quant is not None:  # the one place, text and JSON, that says what "weights" are
         notes.append(f"weights: the base's projections quantized ({quant.describe()}), embedding and norms "
                      f"{tcfg.dtype}")
     try:
