@@ -101,29 +101,30 @@ def test_fields_are_the_files_bytes(name, bnb_checkpoints, loaded):
     layers = params["layers"]
     # Compiled, as the training step runs it (where XLA would fuse the double-quantized scales' multiply and add).
     matrix = jax.jit(quantize.matrix, static_argnums=1)
-    dequantized = {proj: np.asarray(matrix(layers[proj], proj)) for proj in PROJECTIONS}  # [L, *out, in]
+    dequantized = {proj: np.asarray(matrix(layers[proj], proj)) for proj in PROJECTIONS}  # [L, in, *out]
     for i in range(cfg.num_layers):
         module = ckpt.model.model.layers[i]
         for proj in PROJECTIONS:
             key = f"model.layers.{i}.{LAYER_KEYS[proj]}"
             got = {f: np.asarray(v[i]) for f, v in layers[proj].items()}
+            theirs_order = quantize.to_bnb(got)  # gemmatune stores the transpose of bitsandbytes' [out, in]
             stored = file[key].view(torch.uint8).numpy()  # [n/2, 1] uint8, or the same bytes as bfloat16
-            assert _bits(got["packed"].reshape(-1)) == _bits(stored.reshape(-1))
+            assert _bits(theirs_order["packed"]) == _bits(stored.reshape(-1))
             assert _bits(got["table"]) == _bits(file[key + ".quant_map"].numpy())
             absmax = file[key + ".absmax"].numpy()
             if ckpt.quant.double:
                 state = json.loads(bytes(file[key + ".quant_state.bitsandbytes__nf4"].numpy()))
-                assert _bits(got["scale_codes"].reshape(-1)) == _bits(absmax)
+                assert _bits(theirs_order["scale"]) == _bits(absmax)
                 assert _bits(got["scale_table"]) == _bits(file[key + ".nested_quant_map"].numpy())
                 assert _bits(got["scale_absmax"]) == _bits(file[key + ".nested_absmax"].numpy())
                 assert got["scale_offset"] == np.float32(state["nested_offset"])
             else:
-                assert _bits(got["scale"].reshape(-1)) == _bits(absmax)
+                assert _bits(theirs_order["scale"]) == _bits(absmax)
             # What bitsandbytes itself computes with: its dequantized [out, in] weight.
             weight = getattr(module.self_attn if proj in ("q_proj", "k_proj", "v_proj", "o_proj") else module.mlp,
                              proj).weight
             want = bnb.functional.dequantize_4bit(weight.data, weight.quant_state).numpy()
-            ours = dequantized[proj][i].reshape(want.shape)
+            ours = dequantized[proj][i].reshape(want.shape[::-1]).T
             assert _bits(ours) == _bits(want), (key, np.abs(ours - want).max())
     assert _bits(params["embed"]) == _bits(file["model.embed_tokens.weight"].numpy())
     assert _bits(params["final_norm"]) == _bits(file["model.norm.weight"].numpy())
@@ -156,7 +157,8 @@ def test_projections_left_in_float_are_quantized_as_they_load(bnb_checkpoints, l
     for f, v in params["layers"]["down_proj"].items():
         assert _bits(v) == _bits(want[f]), f
     up = file["model.layers.2.mlp.up_proj.weight"].numpy()
-    assert _bits(np.asarray(params["layers"]["up_proj"]["packed"][2]).reshape(-1)) == _bits(up.reshape(-1))
+    up_fields = {f: v[2] for f, v in params["layers"]["up_proj"].items()}
+    assert _bits(quantize.to_bnb(up_fields)["packed"]) == _bits(up.reshape(-1))
 
 
 def test_quantization_asked_for_must_be_the_stored_one(bnb_checkpoints, loaded):

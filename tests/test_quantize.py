@@ -33,12 +33,13 @@ def test_nf4_codes_and_scales_equal_bitsandbytes(dtype):
     wt, w = _weight(96, 320, getattr(torch, dtype))
     packed, state = bnb.quantize_4bit(wt, blocksize=64, quant_type="nf4")
     ours = quantize.quantize(w, "down_proj", Quantization("nf4", 64))
-    np.testing.assert_array_equal(np.asarray(ours["packed"]).reshape(-1), packed.numpy().reshape(-1))
-    np.testing.assert_array_equal(np.asarray(ours["scale"]).reshape(-1), state.absmax.numpy())
+    theirs_order = quantize.to_bnb(ours)  # gemmatune stores the transpose of bitsandbytes' [out, in]
+    np.testing.assert_array_equal(theirs_order["packed"], packed.numpy().reshape(-1))
+    np.testing.assert_array_equal(theirs_order["scale"], state.absmax.numpy())
     np.testing.assert_array_equal(np.asarray(ours["table"]), state.code.numpy())
     # Dequantized in the weight's dtype: bitsandbytes' dequantize_4bit to the bit.
     ref = bnb.dequantize_4bit(packed, state).float().numpy()
-    np.testing.assert_array_equal(np.asarray(quantize.matrix(ours, "down_proj", w.dtype).astype(jnp.float32)), ref)
+    np.testing.assert_array_equal(np.asarray(quantize.matrix(ours, "down_proj", w.dtype).astype(jnp.float32)).T, ref)
 
 
 def test_double_quantization_equals_bitsandbytes():
@@ -49,10 +50,10 @@ def test_double_quantization_equals_bitsandbytes():
     wt, w = _weight(256, 640, torch.float32, seed=1)
     packed, state = bnb.quantize_4bit(wt, blocksize=64, quant_type="nf4", compress_statistics=True)
     ours = quantize.quantize(w, "down_proj", Quantization("nf4", 64, double=True))
-    np.testing.assert_array_equal(np.asarray(ours["packed"]).reshape(-1), packed.numpy().reshape(-1))
+    np.testing.assert_array_equal(quantize.to_bnb(ours)["packed"], packed.numpy().reshape(-1))
     assert float(ours["scale_offset"]) == pytest.approx(float(state.offset), rel=1e-6)
     np.testing.assert_allclose(np.asarray(ours["scale_absmax"]), state.state2.absmax.numpy(), rtol=1e-6)
-    codes, theirs = np.asarray(ours["scale_codes"]).reshape(-1), state.absmax.numpy()
+    codes, theirs = quantize.to_bnb(ours)["scale"], state.absmax.numpy()
     table = quantize.dynamic_map()
     exact = bnb.quantize_4bit(wt, blocksize=64, quant_type="nf4")[1].absmax.numpy() - float(state.offset)
     scaled = exact / np.repeat(state.state2.absmax.numpy(), 256)[:exact.size]
@@ -78,7 +79,7 @@ def test_dequantized_weights_are_within_half_a_step(kind, block, seed, double):
     absmax = np.abs(m).max(-1)
     qmax = {"int8": 127, "int4": 1, "nf4": 1}[kind]
     spacing = {"int8": 1 / 127, "int4": 1 / 7, "nf4": 0.31}[kind]  # widest gap between codes, NF4's at +-1
-    used = np.asarray(quantize.scales(qw))  # [out, blocks]
+    used = np.asarray(quantize.scales(qw)).T  # [out, blocks]
     exact = absmax / (127 if kind == "int8" else 1)
     if double:
         gaps = np.diff(quantize.dynamic_map())
@@ -127,6 +128,29 @@ def test_lora_on_a_quantized_base_equals_lora_on_its_dequantized_weights(small_p
     np.testing.assert_allclose(float(value), float(value_ref), rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name, shape, q", [("gate_proj", (128, 96), Quantization("nf4", 32, double=True)),
+                                             ("o_proj", (4, 32, 48), Quantization("int8", 32))])
+def test_a_large_weight_multiplied_in_slices_equals_the_whole_product(name, shape, q, monkeypatch):
+    """A weight over SLICE_ELEMENTS is dequantized and multiplied a slice of whole blocks at a time: the outputs
+    and input gradients equal the whole weight's product (to float32 rounding of the sum)."""
+    w = jax.random.normal(jax.random.key(0), shape)
+    qw = quantize.quantize(w, name, q)
+    x = jax.random.normal(jax.random.key(1), (2, 5, *shape[:-1]))
+
+    def run(limit: int) -> tuple[jax.Array, jax.Array]:
+        monkeypatch.setattr(quantize, "SLICE_ELEMENTS", limit)
+        y, vjp = jax.vjp(lambda x: quantize.project(name, x, qw), x)
+        return y, vjp(jnp.cos(y))[0]
+
+    size = w.size  # in 4 blocks per output
+    whole, sliced = run(size), run(size // 3)
+    assert quantize._slices(4, size) == 4  # the fewest slices of whole blocks within size // 3
+    for a, b in zip(whole, sliced):  # float32 sums of values ~10 in another order
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=2e-4)
+    np.testing.assert_allclose(np.asarray(whole[0]), np.einsum("...i,io->...o", np.asarray(x).reshape(2, 5, -1),
+                               np.asarray(quantize.matrix(qw, name))), rtol=1e-5, atol=1e-5)
 
 
 def test_block_that_does_not_divide_the_input_is_refused():

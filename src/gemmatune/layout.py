@@ -108,13 +108,15 @@ def trainable_shapes(cfg: ModelConfig, method: str, lora_cfg: LoraConfig) -> Par
 
 NESTED_BLOCK = 256  # double quantization: scales per nested block (bitsandbytes' fixed choice)
 # The dtype of each field of a quantized weight; the rest ("table", "scale", ...) are float32.
-QUANT_DTYPES = {"packed": np.dtype(np.uint8), "codes": np.dtype(np.int8), "scale_codes": np.dtype(np.uint8)}
+QUANT_DTYPES = {"packed": np.dtype(np.uint32), "codes": np.dtype(np.int8), "scale_codes": np.dtype(np.uint8)}
 
 
 def stored_order(name: str) -> tuple[str, str]:
-    """(output letters, input letters) of a projection: a quantized weight stores its elements as a matrix
-    [*outputs, prod(inputs)], PyTorch's [out, in] order, the one bitsandbytes checkpoints hold, so they load by
-    reshaping alone and blocks run along the flattened input: o_proj ("hed") gives ("d", "he")."""
+    """(output letters, input letters) of a projection. A quantized weight keeps W's own order with the input axes
+    flattened, [prod(inputs), *outputs] (every W lists its inputs first: o_proj "hed" is stored [h * e, d]), so
+    blocks run along the flattened input and the dequantized weight is W by a reshape. bitsandbytes' [out, in]
+    order is the transpose (quantize.from_bnb and to_bnb convert): kept in that order, XLA's TPU compiler copied
+    whole layer stacks into the transposed layout its matrix unit reads (4 GiB on gemma2-27b)."""
     _, w_in, w_out = weight_axes(name)
     return w_out, w_in
 
@@ -141,9 +143,9 @@ def quantized_shapes(name: str, shape: tuple[int, ...], quant: Quantization) -> 
     lead, dims = shape[:len(shape) - len(w)], dict(zip(w, shape[len(shape) - len(w):]))
     w_out, w_in = stored_order(name)
     out_dims, size = tuple(dims[c] for c in w_out), math.prod(dims[c] for c in w_in)
-    blocks = (*lead, *out_dims, size // quant.block)
-    out: Params = ({"codes": (*lead, *out_dims, size)} if quant.kind == "int8" else
-                   {"packed": (*lead, *out_dims, size // 2), "table": (*lead, 16)})
+    blocks = (*lead, size // quant.block, *out_dims)
+    out: Params = ({"codes": (*lead, size, *out_dims)} if quant.kind == "int8" else
+                   {"packed": (*lead, size // 8, *out_dims), "table": (*lead, 16)})
     if quant.double:
         out.update(scale_codes=blocks, scale_table=(*lead, 256),
                    scale_absmax=(*lead, -(-math.prod(blocks[len(lead):]) // NESTED_BLOCK)), scale_offset=lead)
@@ -185,7 +187,7 @@ def param_axes(cfg: ModelConfig, quant: Quantization | None = None) -> Params:
         if len(path) >= 2 and getattr(path[-2], "key", None) in PROJECTIONS:
             # The flattened input axis splits like its first letter: heads, for o_proj's (heads, head_dim).
             w_out, w_in = stored_order(path[-2].key)
-            stored = ("layers", *(LETTERS[c] for c in w_out + w_in[0]))
+            stored = ("layers", *(LETTERS[c] for c in w_in[0] + w_out))
             if name in ("packed", "codes", "scale", "scale_codes"):
                 return stored
             return ("layers",) + (None,) * (len(shape) - 1)

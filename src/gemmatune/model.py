@@ -272,7 +272,9 @@ def hidden_states(params: Params, tokens: jax.Array, cfg: ModelConfig, *, positi
             return x, None
 
         if remat == "block":
-            group = jax.checkpoint(group, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+            policies = jax.checkpoint_policies
+            group = jax.checkpoint(group, policy=policies.save_from_both_policies(
+                policies.dots_with_no_batch_dims_saveable, policies.save_only_these_names(quantize.PRODUCT)))
         elif remat == "full":
             group = jax.checkpoint(group, policy=jax.checkpoint_policies.nothing_saveable)
         if whole:

@@ -1,22 +1,22 @@
 """Block-wise quantization of the frozen base's projection weights (QLoRA): NF4, int4 and int8, with optional
 double quantization of the scales, stored as plain pytrees that the model dequantizes inside the compiled step.
 
-A quantized weight replaces the array W of a projection with a dict of arrays. Its elements are kept as a matrix
-in the order bitsandbytes (and a PyTorch nn.Linear) keeps them, [*outputs, inputs] with the input axes flattened
-(layout.stored_order), so that a bitsandbytes checkpoint loads by reshaping alone and a block of `block`
-consecutive elements lies along the input. With leading axes (the [L] layer stack) in front, and n the input
-size:
+A quantized weight replaces the array W of a projection with a dict of arrays. Its elements keep W's order with
+the input axes flattened, [inputs, *outputs] (layout.stored_order), and a block of `block` consecutive elements
+runs along the input. With leading axes (the [L] layer stack) in front, n the input size and nb = n / block:
 
-    4-bit (nf4, int4)  "packed": uint8 [..., *out, n / 2]       two codes per byte, the first in the high nibble
-                                                               (bitsandbytes' order)
+    4-bit (nf4, int4)  "packed": uint32 [..., n / 8, *out]     the codes of 8 consecutive inputs per word, in
+                                                               bitsandbytes' byte order (two per byte, the first
+                                                               in the high nibble) read as a little-endian word
                        "table":  float32 [..., 16]             the code book (NF4, or k/7 for int4)
-    8-bit (int8)       "codes":  int8 [..., *out, n]           round(127 x / absmax)
-    scales             "scale":  float32 [..., *out, n / block]   each block's absmax (int8: absmax / 127)
+    8-bit (int8)       "codes":  int8 [..., n, *out]           round(127 x / absmax)
+    scales             "scale":  float32 [..., nb, *out]       each block's absmax (int8: absmax / 127)
     double quant       "scale" is replaced by bitsandbytes' nested form: "scale_codes" uint8 (the shape of
                        scale), "scale_table" float32 [..., 256] (the signed dynamic map), "scale_absmax" float32
-                       [..., ceil(m / 256)] (one per 256 consecutive scales, m of them) and "scale_offset"
-                       float32 [...] (their mean, subtracted before coding).
+                       [..., ceil(m / 256)] (one per 256 scales, m of them, consecutive in bitsandbytes' [out, nb]
+                       order) and "scale_offset" float32 [...] (their mean, subtracted before coding).
 
+bitsandbytes stores the transpose, [out, in] (a PyTorch weight's order): from_bnb and to_bnb convert, losslessly.
 Every leaf keeps the leading axes, so the layer scan slices a quantized weight like any other. Quantization
 follows bitsandbytes' reference implementation step for step (x times the reciprocal of the block's absmax, clipped
 to [-1, 1], the nearest code by comparison with the midpoints between codes, ties to the lower code), so NF4 codes
@@ -26,13 +26,16 @@ and scales equal `bitsandbytes.functional.quantize_4bit`'s (tests/test_quantize.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
+from gemmatune import sharding
 from gemmatune.config import ModelConfig, Quantization
 from gemmatune.layout import NESTED_BLOCK, Params, check_block, param_shapes, stored_order, weight_axes
 
@@ -45,6 +48,10 @@ NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.3949174880981
 # Symmetric int4 as a code book: nibble n (two's complement) means n / 7; -8 is never produced (|x| <= absmax).
 INT4 = (np.array([n - 16 if n >= 8 else n for n in range(16)], dtype=np.float64) / 7).astype(np.float32)
 TABLES = {"nf4": NF4, "int4": INT4}
+# Where the 4-bit code of each of a word's 8 consecutive elements sits: bitsandbytes' bytes (high nibble first)
+# read as a little-endian word. Words rather than bytes because XLA's TPU compiler tiles uint8 arrays differently
+# for arithmetic than for storage, and copied whole stacks of packed bytes before the layer scan.
+WORD_SHIFTS = np.array([4, 0, 12, 8, 20, 16, 28, 24], np.uint32)
 
 
 def dynamic_map() -> np.ndarray:
@@ -92,26 +99,19 @@ def _nearest(scaled: jax.Array, table: np.ndarray) -> jax.Array:
 
 
 def _absmax_blocks(x: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
-    """x [..., n] float32 -> (x as [..., n / block, block], each block's absmax [..., n / block])."""
-    xb = x.reshape(*x.shape[:-1], x.shape[-1] // block, block)
-    return xb, jnp.max(jnp.abs(xb), axis=-1)
+    """x [n, ...] float32 -> (x as [n / block, block, ...], each block's absmax [n / block, ...])."""
+    xb = x.reshape(x.shape[0] // block, block, *x.shape[1:])
+    return xb, jnp.max(jnp.abs(xb), axis=1)
 
 
 def _scaled(xb: jax.Array, absmax: jax.Array) -> jax.Array:
     """Each block times the reciprocal of its absmax, clipped to [-1, 1] (an all-zero block stays zero)."""
-    return jnp.clip(xb * (1.0 / jnp.maximum(absmax, 1e-38))[..., None], -1, 1)
-
-
-def _matrix(w: jax.Array, name: str) -> jax.Array:
-    """One weight in W's layout -> [*outputs, inputs] float32 (the stored order)."""
-    w_out, w_in = stored_order(name)
-    x = jnp.einsum(f"{weight_axes(name)[0]}->{w_out + w_in}", w.astype(jnp.float32))
-    return x.reshape(*x.shape[:len(w_out)], -1)
+    return jnp.clip(xb * (1.0 / jnp.maximum(absmax, 1e-38))[:, None], -1, 1)
 
 
 def _quantize_one(w: jax.Array, name: str, q: Quantization) -> Params:
     """One weight in W's layout (no leading axes) -> its quantized fields."""
-    x = _matrix(w, name)
+    x = w.astype(jnp.float32).reshape(-1, *w.shape[len(stored_order(name)[1]):])  # [n, *out]
     xb, absmax = _absmax_blocks(x, q.block)
     out: Params = {}
     if q.kind == "int8":
@@ -120,8 +120,9 @@ def _quantize_one(w: jax.Array, name: str, q: Quantization) -> Params:
         out["codes"] = jnp.round(_scaled(xb, absmax) * 127.0).astype(jnp.int8).reshape(x.shape)
     else:
         table = TABLES[q.kind]
-        codes = _nearest(_scaled(xb, absmax), table).reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
-        out["packed"] = (codes[..., 0] << 4) | codes[..., 1]
+        codes = _nearest(_scaled(xb, absmax), table).reshape(-1, 8, *x.shape[1:]).astype(jnp.uint32)
+        shifts = jnp.asarray(WORD_SHIFTS).reshape(8, *(1,) * (x.ndim - 1))
+        out["packed"] = jnp.sum(codes << shifts, axis=1, dtype=jnp.uint32)  # disjoint bits: the sum is an or
         out["table"] = jnp.asarray(table)
         scale = absmax
     if q.double:
@@ -132,9 +133,10 @@ def _quantize_one(w: jax.Array, name: str, q: Quantization) -> Params:
 
 
 def _double(scale: jax.Array) -> Params:
-    """bitsandbytes' double quantization of a weight's scales: minus their mean, in blocks of 256 consecutive
-    scales (row-major), each block's absmax kept in float32 and its values coded with the dynamic map."""
-    flat = scale.reshape(-1)
+    """bitsandbytes' double quantization of a weight's scales [nb, *out]: minus their mean, in blocks of 256
+    consecutive scales of its [out, nb] order, each block's absmax kept in float32 and its values coded with the
+    dynamic map."""
+    flat = jnp.moveaxis(scale, 0, -1).reshape(-1)  # bitsandbytes' order
     offset = jnp.mean(flat)
     n = flat.shape[0]
     pad = -n % NESTED_BLOCK
@@ -142,8 +144,9 @@ def _double(scale: jax.Array) -> Params:
     xb, absmax = _absmax_blocks(centred, NESTED_BLOCK)
     # A short last block's padding is zeros: it cannot raise that block's absmax.
     codes = _nearest(_scaled(xb, absmax), dynamic_map()).reshape(-1)[:n]
-    return {"scale_codes": codes.reshape(scale.shape), "scale_table": jnp.asarray(dynamic_map()),
-            "scale_absmax": absmax, "scale_offset": offset}
+    codes = jnp.moveaxis(codes.reshape(*scale.shape[1:], scale.shape[0]), -1, 0)
+    return {"scale_codes": codes, "scale_table": jnp.asarray(dynamic_map()), "scale_absmax": absmax,
+            "scale_offset": offset}
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
@@ -160,35 +163,51 @@ def quantize(w: jax.Array, name: str, q: Quantization) -> Params:
 # --- dequantizing ------------------------------------------------------------------------------------------------
 
 def scales(qw: Params) -> jax.Array:
-    """The float32 scales of one weight (no leading axes): stored, or decoded from double quantization
+    """The float32 scales [nb, *out] of one weight (no leading axes): stored, or decoded from double quantization
     (table[code] * the nested block's absmax + offset, in float32, as bitsandbytes does)."""
     if "scale" in qw:
         return qw["scale"]
-    codes = qw["scale_codes"]
-    flat = qw["scale_table"][codes.reshape(-1).astype(jnp.int32)]
-    nested = qw["scale_absmax"][jnp.arange(flat.shape[0]) // NESTED_BLOCK]  # each scale's nested block's absmax
-    product = flat * nested
+    codes = qw["scale_codes"]  # [nb, *out]
+    nb, rows = codes.shape[0], math.prod(codes.shape[1:])
+    order = jnp.arange(rows).reshape(1, *codes.shape[1:]) * nb + jnp.arange(nb).reshape(nb, *(1,) * (codes.ndim - 1))
+    nested = qw["scale_absmax"][order // NESTED_BLOCK]  # each scale's nested block (bitsandbytes' order)
+    product = qw["scale_table"][codes.astype(jnp.int32)] * nested
     # bitsandbytes rounds the product, then adds the offset. Compiled, XLA contracts the two into one fused
     # multiply-add (one rounding: 1 ulp off on some scales); a select between them (an identity, NaN included)
     # keeps them apart.
     product = jnp.where(product == product, product, jnp.nan)
-    return (product + qw["scale_offset"]).reshape(codes.shape)
+    return product + qw["scale_offset"]
 
 
-def _matrix_one(qw: Params, dtype: Any) -> jax.Array:
-    scale = scales(qw)  # [*out, n / block]
+def _matrix_one(qw: Params, dtype: Any, scale: jax.Array | None = None) -> jax.Array:
+    """One weight (no leading axes) dequantized, [n, *out] in `dtype`; `scale`: its decoded scales, if at hand."""
+    # Elementwise from the stored words to the output (no gather, no interleaving of nibbles), so the compiler can
+    # fuse the whole dequantization into one pass: a table gather and a stack of the two nibbles made XLA
+    # materialize int32 codes and float32 values of a whole weight (1.3 GiB per gemma2-27b MLP projection).
+    scale = scales(qw) if scale is None else scale  # [nb, *out]
+    nb, out = scale.shape[0], scale.shape[1:]
     if "codes" in qw:
-        values = qw["codes"].astype(jnp.float32)  # [*out, n]
+        values = qw["codes"].reshape(nb, -1, *out).astype(jnp.float32)  # [nb, block, *out]
     else:
-        p = qw["packed"]
-        codes = jnp.stack([p >> 4, p & 15], axis=-1).reshape(*p.shape[:-1], p.shape[-1] * 2)
-        values = qw["table"][codes.astype(jnp.int32)]
-    blocks = values.reshape(*scale.shape, -1) * scale[..., None]  # float32, as bitsandbytes multiplies
-    return blocks.reshape(values.shape).astype(dtype)
+        words = qw["packed"].reshape(nb, -1, 1, *out)  # [nb, block / 8, 1, *out]
+        codes = (words >> jnp.asarray(WORD_SHIFTS).reshape(8, *(1,) * len(out))) & 15  # [nb, block / 8, 8, *out]
+        values = _lookup(qw["table"], codes).reshape(nb, -1, *out)  # [nb, block, *out]
+    blocks = values * scale[:, None]  # float32, as bitsandbytes multiplies
+    return blocks.reshape(-1, *out).astype(dtype)  # [n, *out]
+
+
+def _lookup(table: jax.Array, codes: jax.Array) -> jax.Array:
+    """table[codes] for a 16-entry table and 4-bit codes, as a tree of selects on the codes' bits: elementwise,
+    so it fuses where a gather would not."""
+    values = [table[i] for i in range(16)]
+    for bit in range(4):
+        on = (codes >> bit) & 1 == 1
+        values = [jnp.where(on, hi, lo) for lo, hi in zip(values[0::2], values[1::2])]
+    return values[0]
 
 
 def matrix(qw: Params, name: str, dtype: Any = jnp.float32) -> jax.Array:
-    """The dequantized weight as stored, [..., *outputs, inputs], in `dtype`: computed in float32, then cast
+    """The dequantized weight as stored, [..., inputs, *outputs], in `dtype`: computed in float32, then cast
     (bitsandbytes' dequantize_4bit, to the bit)."""
     f = functools.partial(_matrix_one, dtype=dtype)
     scale = qw["scale_codes"] if "scale_codes" in qw else qw["scale"]
@@ -198,28 +217,81 @@ def matrix(qw: Params, name: str, dtype: Any = jnp.float32) -> jax.Array:
 
 
 def dequantize(qw: Params, name: str, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
-    """The weight in W's layout of `shape` (leading axes, then W's), in `dtype`."""
-    w = weight_axes(name)[0]
-    w_out, w_in = stored_order(name)
-    dims = dict(zip(w, shape[len(shape) - len(w):]))
-    m = matrix(qw, name, dtype)
-    m = m.reshape(*m.shape[:m.ndim - 1], *(dims[c] for c in w_in))
-    return jnp.einsum(f"...{w_out + w_in}->...{w}", m)
+    """The weight of `shape` (leading axes, then W's layout), in `dtype`."""
+    return matrix(qw, name, dtype).reshape(shape)
+
+
+# The most elements of a weight `project` dequantizes at once on one device: a larger weight is multiplied a slice of
+# whole blocks (along its input) at a time, so the dequantization's temporaries stay near this size whatever the
+# compiler fuses (unsliced, XLA's TPU compiler kept 0.9 GiB of them for one gemma3-27b down_proj in the backward
+# pass). On a mesh the weight is split over the devices instead: slicing an input split over the model axis would
+# make every layer exchange its codes between devices.
+SLICE_ELEMENTS = 2**24
+PRODUCT = "quantized_product"  # the checkpoint name of a quantized projection's output
+
+
+def _slices(nb: int, size: int) -> int:
+    """Into how many slices of whole blocks `project` cuts a weight of `size` elements in `nb` blocks per output:
+    the fewest that divide nb and keep a slice within SLICE_ELEMENTS."""
+    return next((k for k in range(1, nb + 1) if nb % k == 0 and size // k <= SLICE_ELEMENTS), nb)
 
 
 def project(name: str, x: jax.Array, qw: Params) -> jax.Array:
     """x through a quantized projection, y = x W with W dequantized block-wise into x's dtype inside the compiled
-    step (XLA fuses it into the matrix product's operand). Under `jax.checkpoint` the backward pass recomputes
-    the dequantized weight instead of keeping it as a residual: otherwise differentiating through the layer scan
-    would store every layer's dequantized weight, a full-precision copy of the model."""
+    step, a slice of its input at a time for large weights (the slices' products summed in float32). Under
+    `jax.checkpoint` the backward pass recomputes the dequantized weight instead of keeping it as a residual:
+    otherwise differentiating through the layer scan would store every layer's dequantized weight, a
+    full-precision copy of the model."""
     w_out, w_in = stored_order(name)
-    n_in = len(w_in)
+    spec = f"...i,i{w_out}->...{w_out}"
 
     def f(x: jax.Array, qw: Params) -> jax.Array:
-        xf = x.reshape(*x.shape[:x.ndim - n_in], -1)  # [..., inputs]
-        return jnp.einsum(f"...i,{w_out}i->...{w_out}", xf, matrix(qw, name, x.dtype))
+        xf = x.reshape(*x.shape[:x.ndim - len(w_in)], -1)  # [..., n]
+        scale = scales(qw)  # [nb, *out]
+        nb, out = scale.shape[0], scale.shape[1:]
+        k = 1 if sharding.active_mesh() else _slices(nb, xf.shape[-1] * math.prod(out))
+        if k == 1:
+            return jnp.einsum(spec, xf, _matrix_one(qw, x.dtype, scale))
+        stored = "codes" if "codes" in qw else "packed"
+        table = {"table": qw["table"]} if "table" in qw else {}
+        parts = (jnp.moveaxis(xf.reshape(*xf.shape[:-1], k, -1), -2, 0),  # [k, ..., n / k]
+                 qw[stored].reshape(k, -1, *out), scale.reshape(k, nb // k, *out))
 
-    return jax.checkpoint(f)(x, qw)
+        def part(y: jax.Array, p: tuple[jax.Array, ...]) -> tuple[jax.Array, None]:
+            xi, codes, si = p
+            w = _matrix_one({**table, stored: codes}, x.dtype, si)  # [n / k, *out]
+            return y + jnp.einsum(spec, xi, w, preferred_element_type=jnp.float32), None
+
+        # Checkpointed too, or the scan keeps each slice's dequantized weight for its backward pass.
+        y, _ = jax.lax.scan(jax.checkpoint(part), jnp.zeros((*xf.shape[:-1], *out), jnp.float32), parts)
+        return y.astype(x.dtype)
+
+    # Named, so that remat "block" keeps a sliced product (a scan's output, not a dot) like any other.
+    return checkpoint_name(jax.checkpoint(f)(x, qw), PRODUCT)
+
+
+# --- bitsandbytes' order ---------------------------------------------------------------------------------------
+
+def from_bnb(packed: np.ndarray, scale: np.ndarray, out: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """A bitsandbytes 4-bit weight's packed bytes (uint8, its [out, in] matrix row-major, two codes per byte) and
+    absmax (float32, or uint8 codes when double-quantized; [out, nb] row-major) -> "packed" and "scale" (or
+    "scale_codes") in gemmatune's order, bit for bit (to_bnb is the inverse)."""
+    rows = math.prod(out)
+    b = packed.reshape(rows, -1, 4).astype(np.uint32)  # [out, n / 8, 4]
+    words = b[..., 0] | b[..., 1] << 8 | b[..., 2] << 16 | b[..., 3] << 24
+    return {"packed": words.T.reshape(-1, *out), "scale": scale.reshape(rows, -1).T.reshape(-1, *out)}
+
+
+def to_bnb(qw: Params) -> dict[str, np.ndarray]:
+    """One quantized weight's (no leading axes) packed codes and scales (or scale codes) in bitsandbytes' flat
+    order: {"packed": uint8 [out * n / 2], "scale": [out * nb]}."""
+    def rows_first(a: Any) -> np.ndarray:
+        a = np.asarray(a)
+        return a.reshape(a.shape[0], -1).T  # [out, m]
+
+    words = rows_first(qw["packed"])[..., None] >> np.array([0, 8, 16, 24], np.uint32)
+    return {"packed": (words & 255).astype(np.uint8).reshape(-1),
+            "scale": rows_first(qw["scale_codes"] if "scale_codes" in qw else qw["scale"]).reshape(-1)}
 
 
 def dequantize_tree(params: Params, cfg: ModelConfig, dtype: Any = jnp.float32) -> Params:

@@ -439,21 +439,19 @@ def _check_bnb(cfg: ModelConfig, where: dict[str, SafetensorsReader], key: str, 
 
 def _read_bnb(cfg: ModelConfig, where: dict[str, SafetensorsReader], key: str, name: str, quant: Quantization
               ) -> Params:
-    """One checked bitsandbytes projection -> gemmatune's quantized fields (quantize.py), its bytes as stored:
-    bitsandbytes keeps the [out, in] matrix's codes and scales in row-major order, which is gemmatune's stored
-    order, so each field is a reshape."""
+    """One checked bitsandbytes projection -> gemmatune's quantized fields (quantize.py), its bytes as stored,
+    transposed from bitsandbytes' [out, in] order into gemmatune's (quantize.from_bnb)."""
     shapes = quantized_shapes(name, param_shapes(cfg)["layers"][name][1:], quant)
+    scale_key = "scale_codes" if quant.double else "scale"
 
     def read(suffix: str) -> np.ndarray:
         return where[key + suffix].read(key + suffix)
 
-    fields = {"packed": read("").view(np.uint8).reshape(shapes["packed"]), "table": read(".quant_map")}
+    ours = quantize.from_bnb(read("").view(np.uint8), read(".absmax"), shapes[scale_key][1:])
+    fields = {"packed": ours["packed"], "table": read(".quant_map"), scale_key: ours["scale"]}
     if quant.double:
-        fields.update(scale_codes=read(".absmax").reshape(shapes["scale_codes"]),
-                      scale_table=read(".nested_quant_map"), scale_absmax=read(".nested_absmax"),
+        fields.update(scale_table=read(".nested_quant_map"), scale_absmax=read(".nested_absmax"),
                       scale_offset=np.asarray(_bnb_state(where, key)["nested_offset"], np.float32))
-    else:
-        fields["scale"] = read(".absmax").reshape(shapes["scale"])
     return fields
 
 
