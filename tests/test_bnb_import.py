@@ -89,8 +89,8 @@ def _bits(a: Any) -> tuple[str, tuple[int, ...], bytes]:
 @pytest.mark.parametrize("name", ["gemma2-double", "gemma3-bf16-storage"])
 def test_fields_are_the_files_bytes(name, bnb_checkpoints, loaded):
     """Every projection's codes, scales and code books are the file's bytes (read by the safetensors library),
-    reshaped; the weights they decode to, compiled, are bitsandbytes' dequantize_4bit's to the bit; the embedding
-    and norms load as in any float checkpoint."""
+    reordered (quantize.to_bnb gives the file's order back); the weights they decode to, compiled, are
+    bitsandbytes' dequantize_4bit's to the bit; the embedding and norms load as in any float checkpoint."""
     ckpt = bnb_checkpoints[name]
     cfg, params = loaded[name]
     assert checkpoint_quantization(ckpt.path) == ckpt.quant

@@ -116,7 +116,7 @@ def stored_order(name: str) -> tuple[str, str]:
     flattened, [prod(inputs), *outputs] (every W lists its inputs first: o_proj "hed" is stored [h * e, d]), so
     blocks run along the flattened input and the dequantized weight is W by a reshape. bitsandbytes' [out, in]
     order is the transpose (quantize.from_bnb and to_bnb convert): kept in that order, XLA's TPU compiler copied
-    whole layer stacks into the transposed layout its matrix unit reads (4 GiB on gemma2-27b)."""
+    whole layer stacks into the transposed layout its matrix unit reads (README, "Fits in memory")."""
     _, w_in, w_out = weight_axes(name)
     return w_out, w_in
 
