@@ -105,9 +105,8 @@ def memory_child(names: list[str], recipe: tasks.Recipe) -> list[dict[str, Any]]
         # The projections as the step computes with them (dequantized into the compute dtype): what a step that
         # kept every layer's dequantized weight would hold on top.
         dense_proj = sum(nbytes(param_structs(cfg, jnp.dtype(s.dtype))["layers"][p]) for p in PROJECTIONS)
-        q = {} if s.quant is None else {"quantize": s.quant.kind, "quantize_block": s.quant.block,
-                                        "double_quant": s.quant.double}
-        tcfg = dataclasses.replace(recipe, dtype=s.dtype).train_config(str(gguf), gguf, gguf, **q)
+        tcfg = dataclasses.replace(recipe, dtype=s.dtype).train_config(str(gguf), gguf, gguf,
+                                                                       **quality.quant_settings(s.quant))
         mesh = sharding.make_mesh(None, jax.devices()[:1], cfg)
         step, args = abstract_step(cfg, tcfg, mesh, Shapes(1, recipe.batch, recipe.seq))
         t0 = time.perf_counter()

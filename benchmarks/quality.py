@@ -59,6 +59,12 @@ def peak_rss_gb() -> float:
 
 # --- the two tools, each run in a child process ----------------------------------------------------------------
 
+def quant_settings(quant: Any) -> dict[str, Any]:
+    """The TrainConfig fields that quantize the base as `quant` (a Quantization, or None: no fields)."""
+    return {} if quant is None else {"quantize": quant.kind, "quantize_block": quant.block,
+                                     "double_quant": quant.double}
+
+
 def run_gemmatune(recipe: tasks.Recipe, n_held_out: int, quant: Any = None, before: bool = True) -> dict[str, Any]:
     """quant (a gemmatune.config.Quantization): QLoRA, the base quantized as `train --quantize` stores it, and the
     answers from that base with the adapter applied unmerged (benchmarks/qlora.py). before=False skips the base
@@ -74,9 +80,8 @@ def run_gemmatune(recipe: tasks.Recipe, n_held_out: int, quant: Any = None, befo
     with tempfile.TemporaryDirectory() as tmp:
         data = tasks.write_jsonl(train, Path(tmp) / "dates.jsonl")
         t0 = time.perf_counter()
-        q = {} if quant is None else {"quantize": quant.kind, "quantize_block": quant.block,
-                                      "double_quant": quant.double}
-        result = gemmatune.train(recipe.train_config(str(gguf), data, Path(tmp) / "run", log_every=1, **q))
+        result = gemmatune.train(recipe.train_config(str(gguf), data, Path(tmp) / "run", log_every=1,
+                                                     **quant_settings(quant)))
         train_s = time.perf_counter() - t0
         peak = peak_rss_gb()
         s = result.summary
