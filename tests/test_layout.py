@@ -18,7 +18,8 @@ ROOT = Path(__file__).parent.parent / "src" / "gemmatune"
 # Lowest first. A module may import modules of its own tier or a lower one, never a higher one.
 TIERS = [
     {"errors", "config", "layout", "platforms"},  # the configuration and the parameter layout: import nothing else
-    {"attention", "sharding", "model", "lora", "quantize", "loss", "generate", "atomic", "safetensors_io", "tokenizer",
+    {"attention", "sharding", "model", "lora", "quantize", "loss", "preference", "generate", "atomic", "safetensors_io",
+     "tokenizer",
      "distributed", "scoring"},  # the numbers, and the primitives every writer and reader uses
     {"data", "data.records", "data.packing", "data.sources", "data.formats", "data.loader", "data.pipeline",
      "data.inspect", "convert", "convert.common", "convert.hf", "convert.kerashub", "convert.peft", "convert.gguf",

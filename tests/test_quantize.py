@@ -186,8 +186,8 @@ def test_commands_refuse_a_bad_quantization_in_one_line(capsys):
     assert main(["generate", "--quantize", "nf4", "--quantize-block", "256", "--max-new-tokens", "1"]) == 2
     err = capsys.readouterr().err
     assert "quantize_block 256 does not divide q_proj's input size 128" in err and "Traceback" not in err
-    assert main(["train", "--quantize", "nf4", "--method", "full"]) == 2
-    assert "method full trains every weight" in capsys.readouterr().err
+    assert main(["train", "--quantize", "nf4", "--tune", "full"]) == 2
+    assert "tune full trains every weight" in capsys.readouterr().err
 
 
 def test_generate_on_a_quantized_base_equals_generate_on_its_dequantized_weights(tmp_path, capsys):

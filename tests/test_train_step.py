@@ -148,9 +148,9 @@ def test_the_step_minimises_the_loss_function_it_is_given(small_params):
     np.testing.assert_allclose(float(mg["loss"]), float(mw["loss"]), rtol=1e-6)
     for x, y in zip(jax.tree.leaves(got["params"]), jax.tree.leaves(want["params"])):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
-    s, c = make_eval_step(SMALL, TCFG, loss_fn=every_target)(got["params"], small_params,
+    s, c, _ = make_eval_step(SMALL, TCFG, loss_fn=every_target)(got["params"], small_params,
                                                              {k: jnp.asarray(v) for k, v in b.items()})
-    rs, rc = make_eval_step(SMALL, TCFG)(got["params"], small_params, {k: jnp.asarray(v) for k, v in every.items()})
+    rs, rc, _ = make_eval_step(SMALL, TCFG)(got["params"], small_params, {k: jnp.asarray(v) for k, v in every.items()})
     assert float(c) == float(rc)
     np.testing.assert_allclose(float(s), float(rs), rtol=1e-6)
 
@@ -217,7 +217,7 @@ def test_lora_dropout_changes_training_only(small_params):
     adapters, batch = dropped["params"], {k: jnp.asarray(v) for k, v in b.items()}
     ref_s, ref_c = full_loss(lora.attach(small_params, adapters), b, SMALL, TCFG.lora)
     for cfg in (TCFG, tcfg):
-        s, c = make_eval_step(SMALL, cfg)(adapters, small_params, batch)
+        s, c, _ = make_eval_step(SMALL, cfg)(adapters, small_params, batch)
         assert float(c) == float(ref_c)
         np.testing.assert_allclose(float(s), float(ref_s), rtol=1e-5)
     with_dropout, without = lora.merge(small_params, adapters, tcfg.lora), lora.merge(small_params, adapters,
@@ -227,7 +227,7 @@ def test_lora_dropout_changes_training_only(small_params):
 
 
 def test_full_fine_tuning_trains_every_weight(small_params):
-    tcfg = dataclasses.replace(TCFG, method="full", lr=1e-3)
+    tcfg = dataclasses.replace(TCFG, tune="full", lr=1e-3)
     state, [m] = _step(tcfg, small_params, rows(2), 1, 2)
     assert bool(m["finite"])
     changed = [not np.allclose(np.asarray(a), np.asarray(b)) for a, b in

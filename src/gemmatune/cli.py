@@ -262,7 +262,7 @@ def _plan(args: argparse.Namespace) -> None:
     base = TrainConfig()
     tcfg = dataclasses.replace(base, data=dataclasses.replace(base.data, max_seq_len=args.seq_len),
                                lora=LoraConfig(rank=args.lora_rank), batch_size=args.batch_size,
-                               grad_accum=args.grad_accum, remat=args.remat, dtype=args.dtype, method=args.method,
+                               grad_accum=args.grad_accum, remat=args.remat, dtype=args.dtype, tune=args.tune,
                                loss_chunk=args.loss_chunk,
                                quantize=args.quantize, quantize_block=args.quantize_block,
                                double_quant=args.double_quant)
@@ -275,7 +275,7 @@ def _plan(args: argparse.Namespace) -> None:
                           **plans[0].to_json(), "tried": [p.to_json() for p in plans[1:]]}, indent=2))
         return
     print(f"{args.model} on {n} x {kind.label}: seq {args.seq_len} x batch {args.batch_size} x accum "
-          f"{args.grad_accum}, {args.method} (rank {args.lora_rank}), remat {args.remat}, {args.dtype}")
+          f"{args.grad_accum}, {args.tune} (rank {args.lora_rank}), remat {args.remat}, {args.dtype}")
     print(format_plan(plans[0]))
     for p in plans[1:]:
         print(f"\ntried {p.changes}:")
@@ -476,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"positions per chunk of the loss (train's --loss-chunk; default: {TrainConfig.loss_chunk}); "
                          "each chunk holds [chunk, vocab] float32 logits")
     pl.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    pl.add_argument("--method", choices=["lora", "full"], default="lora")
+    pl.add_argument("--tune", choices=["lora", "full"], default="lora", help="what is trained (train's --tune)")
     _quant_args(pl)
     pl.add_argument("--memory-gib", type=float, default=None, help="memory per device, overriding the device table")
     pl.add_argument("--json", action="store_true", help="the same figures in bytes, with fits: true|false")

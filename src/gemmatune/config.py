@@ -356,6 +356,9 @@ EVAL_NEW_TOKENS_SLACK = 16
 EVAL_MAX_NEW_TOKENS = 512
 
 FORMATS = ("auto", "text", "instruction", "chat")
+METHODS = ("sft", "dpo", "distill")
+DPO_LOSSES = ("sigmoid", "ipo", "simpo", "orpo")
+KD_LOSSES = ("forward_kl", "reverse_kl", "jsd")
 PLAIN_TEMPLATE = "Instruction:\n{instruction}\n\nResponse:\n{response}"  # the original notebooks' template
 
 
@@ -487,10 +490,32 @@ class TrainConfig:
                                          "(keras/gemma2/keras/gemma2_2b_en/1)")
     output: str = setting("runs/gemmatune", "run directory: checkpoints, logs, config.yaml, the adapter")
     data: DataConfig = setting(DataConfig(), "what to train on and how it becomes batches")
-    lora: LoraConfig = setting(LoraConfig(), "the adapters (with method lora)")
+    lora: LoraConfig = setting(LoraConfig(), "the adapters (with tune lora)")
     adapter: str = setting("", "start from this adapter directory (gemmatune's or PEFT's) instead of a fresh one")
-    method: str = setting("lora", "lora, or full (every weight trained; the optimizer then holds two model-size "
-                                  "buffers)")
+    method: str = setting("sft", "what the model learns: sft (the next token of the data), dpo (to prefer the "
+                                 "chosen over the rejected response of preference pairs) or distill (a teacher's "
+                                 "next-token distribution, with --teacher)")
+    tune: str = setting("lora", "what is trained: lora (adapters on a frozen base), or full (every weight; the "
+                                "optimizer then holds two model-size buffers)")
+    dpo_loss: str = setting("sigmoid", "method dpo: sigmoid (DPO), ipo, simpo or orpo (the last two need no "
+                                       "reference model)")
+    dpo_beta: float = setting(0.1, "method dpo: the preference strength beta (SimPO's beta, ORPO's lambda)")
+    dpo_label_smoothing: float = setting(0.0, "method dpo, sigmoid and simpo losses: the probability that a "
+                                              "pair's preference is flipped (conservative DPO)")
+    simpo_gamma: float = setting(0.5, "dpo_loss simpo: the target reward margin gamma")
+    teacher: str = setting("", "method distill: the teacher model (any --model form); it must share the "
+                               "student's tokenizer")
+    teacher_cache: str = setting("", "method distill: precompute the teacher's top-k log-probabilities into this "
+                                     "directory (reused and resumed), then train from it without the teacher")
+    kd_loss: str = setting("forward_kl", "method distill: forward_kl, reverse_kl or jsd (generalized "
+                                         "Jensen-Shannon, mixed by kd_beta)")
+    kd_temperature: float = setting(1.0, "method distill: both distributions at this temperature; the "
+                                         "divergence is scaled by its square")
+    kd_alpha: float = setting(0.5, "method distill: loss = alpha * divergence + (1 - alpha) * cross-entropy on "
+                                   "the data's tokens")
+    kd_beta: float = setting(0.5, "kd_loss jsd: the mixture's teacher weight (0: forward KL, 1: reverse KL)")
+    kd_topk: int = setting(64, "with teacher_cache: teacher log-probabilities kept per position (the rest of the "
+                               "vocabulary as one bucket)")
     dtype: str = setting("bfloat16", "base weights and compute: bfloat16 or float32; adapters and optimizer state "
                                      "are float32")
     quantize: str = setting("none", "store the frozen base's projection weights quantized (QLoRA): nf4, int4, int8 "
@@ -550,7 +575,11 @@ class TrainConfig:
     process_id: int | None = setting(None, "several processes: this one's index, 0 to num_processes - 1")
 
     def __post_init__(self) -> None:
-        choices = {"method": ("lora", "full"), "dtype": ("bfloat16", "float32"),
+        if self.method in ("lora", "full"):  # the meaning `method` had before dpo and distill
+            raise GemmatuneError(f"method: {self.method!r} is now set by tune (--tune {self.method}); method is "
+                                 "what the model learns: sft, dpo or distill.")
+        choices = {"method": METHODS, "tune": ("lora", "full"), "dpo_loss": DPO_LOSSES, "kd_loss": KD_LOSSES,
+                   "dtype": ("bfloat16", "float32"),
                    "schedule": ("cosine", "linear", "constant"), "remat": ("none", "block", "full"),
                    "nonfinite": ("stop", "skip")}
         for name, allowed in choices.items():
@@ -578,9 +607,28 @@ class TrainConfig:
                                  "data.val_fraction (e.g. --val-fraction 0.1) or data.val_paths (--val-data FILE).")
         if self.quantize != "none":
             self.quantization()  # checks kind and block
-            if self.method == "full":
-                raise GemmatuneError("quantize: a quantized base is frozen, but method full trains every weight; "
-                                     "use method lora (QLoRA), or quantize none.")
+            if self.tune == "full":
+                raise GemmatuneError("quantize: a quantized base is frozen, but tune full trains every weight; "
+                                     "use tune lora (QLoRA), or quantize none.")
+        if self.method == "dpo":
+            if self.tune == "full":
+                raise GemmatuneError("method dpo trains LoRA adapters (its reference model is the base with them "
+                                     "switched off, no second copy of the weights); use tune lora.")
+            if self.dpo_beta <= 0 or not 0.0 <= self.dpo_label_smoothing < 0.5:
+                raise GemmatuneError(f"dpo_beta must be positive and dpo_label_smoothing in [0, 0.5) (got "
+                                     f"dpo_beta={self.dpo_beta}, dpo_label_smoothing={self.dpo_label_smoothing}).")
+        if self.method == "distill":
+            if not self.teacher:
+                raise GemmatuneError("method distill needs a teacher: pass --teacher MODEL (a larger model with "
+                                     "the student's tokenizer).")
+            if self.kd_temperature <= 0 or not 0.0 <= self.kd_alpha <= 1.0 or not 0.0 <= self.kd_beta <= 1.0 \
+                    or self.kd_topk < 1:
+                raise GemmatuneError(f"kd_temperature must be positive, kd_alpha and kd_beta in [0, 1], kd_topk "
+                                     f"positive (got kd_temperature={self.kd_temperature}, kd_alpha={self.kd_alpha}"
+                                     f", kd_beta={self.kd_beta}, kd_topk={self.kd_topk}).")
+        elif self.teacher or self.teacher_cache:
+            raise GemmatuneError(f"teacher and teacher_cache are for method distill (method is {self.method}); "
+                                 "pass --method distill, or leave them out.")
         if self.max_steps == 0 and self.epochs <= 0:
             raise GemmatuneError(f"epochs: {self.epochs!r} is not valid; expected a positive number "
                                  "(or set max_steps).")

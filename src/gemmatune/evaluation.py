@@ -186,17 +186,17 @@ def loss_of(params: Params, cfg: ModelConfig, adapter: Adapter | None, store: Ex
     (the adapter attached unmerged, as in training). Rows are packed as training packs them (data.packing)."""
     dtype = jnp.dtype(params["embed"].dtype).name
     if adapter is None:  # the base's weights as the "trained" tree, nothing frozen: no LoRA in the forward pass
-        tcfg = TrainConfig(method="full", dtype=dtype)
+        tcfg = TrainConfig(tune="full", dtype=dtype)
         trainable, frozen = params, {}
     else:
-        tcfg = TrainConfig(method="lora", lora=adapter[1], dtype=dtype)
+        tcfg = TrainConfig(tune="lora", lora=adapter[1], dtype=dtype)
         trainable, frozen = jax.tree.map(jnp.asarray, adapter[0]), params
     step = _eval_step(cfg, tcfg)
     rows = BatchIterator(store, indices, seq_len=dcfg.max_seq_len, batch_size=batch_size, pad_id=pad_id,
                          packing=dcfg.packing, shuffle_buffer=dcfg.shuffle_buffer, seed=dcfg.seed, shuffle=False)
     total = count = 0.0
     for batch in rows:  # [batch_size, max_seq_len] each; the last topped up with weightless padding rows
-        s, c = step(trainable, frozen, {k: jnp.asarray(batch[k]) for k in BATCH_KEYS})
+        s, c, _ = step(trainable, frozen, {k: jnp.asarray(batch[k]) for k in BATCH_KEYS})
         total, count = total + float(s), count + float(c)
     return total / max(count, 1.0), int(count)
 

@@ -99,9 +99,9 @@ def adapter_shapes(cfg: ModelConfig, lora_cfg: LoraConfig) -> Params:
     return out
 
 
-def trainable_shapes(cfg: ModelConfig, method: str, lora_cfg: LoraConfig) -> Params:
+def trainable_shapes(cfg: ModelConfig, tune: str, lora_cfg: LoraConfig) -> Params:
     """The trained tree's shapes: the adapters, or for full fine-tuning every parameter."""
-    return param_shapes(cfg) if method == "full" else adapter_shapes(cfg, lora_cfg)
+    return param_shapes(cfg) if tune == "full" else adapter_shapes(cfg, lora_cfg)
 
 
 # --- quantized projections (quantize.py computes them) ------------------------------------------------------------
@@ -213,9 +213,9 @@ def adapter_axes(names: Sequence[str]) -> Params:
     return out
 
 
-def trainable_axes(cfg: ModelConfig, method: str, lora_cfg: LoraConfig) -> Params:
+def trainable_axes(cfg: ModelConfig, tune: str, lora_cfg: LoraConfig) -> Params:
     """The trained tree's logical axes: the adapters, or for full fine-tuning every parameter."""
-    return param_axes(cfg) if method == "full" else adapter_axes(target_names(lora_cfg))
+    return param_axes(cfg) if tune == "full" else adapter_axes(target_names(lora_cfg))
 
 
 def per_layer(tree: Params) -> Params:

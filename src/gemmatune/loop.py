@@ -212,7 +212,7 @@ def setup(tcfg: TrainConfig) -> Run:
         opt = optimizer(tcfg, total)
         init_key, train_key = jax.random.split(jax.random.key(tcfg.seed))
         # Refused when the adapter is already merged into the model: its update would count twice.
-        adapter = load_adapter_for(model_dir, tcfg.adapter, cfg) if tcfg.adapter and tcfg.method == "lora" else None
+        adapter = load_adapter_for(model_dir, tcfg.adapter, cfg) if tcfg.adapter and tcfg.tune == "lora" else None
         trainable, frozen = split_trainable(base, cfg, tcfg, init_key, adapter)
         state = init_state(trainable, opt, train_key, sh.state)
         start, skipped, tokens_seen = 0, 0, 0
@@ -281,7 +281,7 @@ def evaluate(run: Run, step: int, record: bool = True) -> None:
     tcfg = run.tcfg
     # Answers apply the adapter unmerged, from a bank built on the host: every process gathers the adapters (small),
     # which are split over the devices of several hosts on a mesh.
-    base, adapter = (run.state["params"], None) if tcfg.method == "full" else \
+    base, adapter = (run.state["params"], None) if tcfg.tune == "full" else \
         (run.frozen, (sharding.to_host(run.state["params"]), tcfg.lora))
     if run.data.val is not None:
         total = count = 0.0
@@ -349,7 +349,7 @@ def finish(run: Run) -> Result:
     """The adapter (LoRA), the loss plot and the summary, after the last step."""
     tcfg = run.tcfg
     adapter_dir = run.run_dir / "adapter"
-    adapters = sharding.to_host(run.state["params"]) if tcfg.method == "lora" else None
+    adapters = sharding.to_host(run.state["params"]) if tcfg.tune == "lora" else None
     if run.main and adapters is not None:
         save_adapter(adapter_dir, jax.device_get(adapters), tcfg.lora, run.cfg, tcfg.model, force=True,
                      quant=tcfg.quantization())
@@ -360,7 +360,7 @@ def finish(run: Run) -> Result:
                # this process's work, after a resume too
                "tokens_per_s": (run.tokens_seen - run.tokens_at_start) / wall,
                "train_loss": run.loss, "val_loss": run.val_loss, "skipped_steps": run.skipped,
-               "adapter": str(adapter_dir) if tcfg.method == "lora" else str(latest_checkpoint(run.run_dir)),
+               "adapter": str(adapter_dir) if tcfg.tune == "lora" else str(latest_checkpoint(run.run_dir)),
                "metrics": str(run.run_dir / "metrics.jsonl"), **run.log.where, "plot": str(plot)}
     summary = {k: v for k, v in summary.items() if v is not None}
     if run.main:
