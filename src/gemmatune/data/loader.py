@@ -305,7 +305,7 @@ class BatchIterator(Iterator[Batch]):
             if (len(self.units) * 2 != len(self.indices) or self.units.max() + 1 >= len(store)
                     or not np.array_equal(np.sort(partners), np.sort(self.indices))):
                 raise ValueError("pairs=True needs the indices of whole pairs: each pair's chosen (even) index and "
-                                 "its rejected partner (the next odd one), each once")
+                                 "its rejected partner (the next odd one)")
             self._lengths = np.zeros(len(store), np.int64)
             self._lengths[self.units] = lengths[self.units] + lengths[self.units + 1]
         else:
