@@ -51,14 +51,16 @@ def text(tokens: np.ndarray) -> str:
 
 @pytest.mark.parametrize(("columns", "cfg"), [({"prompt", "chosen", "rejected"}, {}),
                                               ({"chosen", "rejected", "score_chosen", "id"}, {}),
-                                              ({"text", "chosen", "rejected"}, {"format": "preference"})])
+                                              ({"text", "chosen", "rejected"}, {"format": "preference"}),
+                                              # UltraFeedback binarized: the chosen conversation again as messages
+                                              ({"prompt", "prompt_id", "chosen", "rejected", "messages",
+                                                "score_chosen", "score_rejected"}, {})])
 def test_preference_rows_are_detected(columns: set[str], cfg: dict) -> None:
     assert detect_layout(columns, DataConfig(**cfg)) == PREF
 
 
 def test_preference_detection_errors() -> None:
-    with pytest.raises(GemmatuneError, match="more than one known layout .*chat messages, preference pairs"):
-        detect_layout({"messages", "chosen", "rejected"}, DataConfig())
+    assert detect_layout({"messages", "chosen", "rejected"}, DataConfig(format="chat")).kind == F.CHAT
     with pytest.raises(GemmatuneError, match="data.format is 'preference' but the rows lack the column.s. "
                                              "'rejected' for preference pairs"):
         detect_layout({"prompt", "chosen"}, DataConfig(format="preference"))
@@ -82,6 +84,9 @@ CHOSEN, REJECTED = "Six.", "  Seven, I think. "
     # UltraFeedback / Anthropic-HH: two whole conversations, the prompt implicit
     {"chosen": SYSTEM_PROMPT + msgs(("assistant", CHOSEN)), "rejected": SYSTEM_PROMPT + msgs(("model", REJECTED)),
      "prompt": None},
+    # a prompt, and whole conversations repeating it (HuggingFaceH4/ultrafeedback_binarized)
+    {"prompt": SYSTEM_PROMPT, "chosen": SYSTEM_PROMPT + msgs(("assistant", CHOSEN)),
+     "rejected": SYSTEM_PROMPT + msgs(("assistant", REJECTED))},
     # ShareGPT keys
     {"chosen": [{"from": {"system": "system", "user": "human", "assistant": "gpt"}[m["role"]], "value": m["content"]}
                 for m in SYSTEM_PROMPT + msgs(("assistant", CHOSEN))],
@@ -156,9 +161,13 @@ U, A = "user", "assistant"
     ({"chosen": msgs((U, "q"), (A, "a")), "rejected": msgs((U, "q"), (A, "a"))}, F.SAME_RESPONSE,
      "same conversation"),
     ({"prompt": msgs((U, "q"), (A, "a")), "chosen": "b", "rejected": "c"}, F.PROMPT_NOT_USER, "ends on a model turn"),
-    ({"prompt": "q", "chosen": msgs((U, "b")), "rejected": "c"}, F.REPLY_NOT_MODEL, "of role 'user'"),
+    ({"prompt": "q", "chosen": msgs((U, "b"), (A, "c")), "rejected": "c"}, F.NO_SHARED_PROMPT,
+     "does not begin with the prompt"),
+    ({"prompt": "q", "chosen": msgs((U, "q"), (A, "c"), (U, "d"), (A, "e")), "rejected": "c"}, F.REPLY_NOT_MODEL,
+     "got 3 turns after it"),
+    ({"prompt": "q", "chosen": msgs((U, "q")), "rejected": "c"}, F.REPLY_NOT_MODEL, "got 0 turns after it"),
     ({"prompt": "q", "chosen": msgs((A, "b"), (U, "c"), (A, "d")), "rejected": "c"}, F.REPLY_NOT_MODEL,
-     "got 3 message"),
+     "got 3 messages"),
     ({"chosen": msgs((U, "q"), (A, "a")), "rejected": msgs((U, "Q"), (A, "b"))}, F.NO_SHARED_PROMPT,
      "first messages differ"),
     ({"chosen": msgs((U, "q"), (A, "a")), "rejected": msgs((U, "q"), (A, "a"), (U, "r"), (A, "b"))},

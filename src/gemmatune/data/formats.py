@@ -7,8 +7,9 @@ Layouts (detected from the columns; `data.format` and `data.columns` override):
                      {prompt, completion}, or any columns mapped with data.columns
   chat               {"messages": [{"role", "content"}]} or ShareGPT {"conversations": [{"from", "value"}]}
   preference         {"chosen", "rejected"} and an optional "prompt", as TRL and UltraFeedback write them: strings
-                     (a prompt is then required), a prompt message list with chosen/rejected model replies, or
-                     two full conversations whose shared prompt is their common leading messages
+                     (a prompt is then required), a prompt (string or messages) with chosen/rejected model replies
+                     (or whole conversations beginning with the prompt), or two whole conversations without a
+                     prompt, whose shared prompt is their common leading messages up to the last user turn
 
 Instruction rows use the Gemma chat template by default (one user turn, one model turn, contents trimmed as the
 template does) or a plain template string ending with {response} (user text kept as written). Gemma has no system
@@ -147,6 +148,10 @@ def detect_layout(columns: Collection[str], cfg: DataConfig) -> Layout:
         return _mapped_layout(found, cfg.columns, listed)
     candidates = [layout for layout in KNOWN_LAYOUTS if cfg.format in ("auto", layout.kind)]
     matches = [layout for layout in candidates if set(layout.required) <= found]
+    if cfg.format == "auto" and any(layout.kind == PREFERENCE for layout in matches):
+        # Rows with chosen and rejected are preference pairs even when they carry more: UltraFeedback binarized
+        # rows also hold the chosen conversation as "messages" (data.format chat reads that instead).
+        matches = [layout for layout in matches if layout.kind == PREFERENCE]
     if len(matches) == 1:
         return matches[0]
     if cfg.format != "auto" and not matches:
@@ -192,6 +197,8 @@ class Formatter:
     def encode(self, data: Mapping[str, Any]) -> Example:
         """The row as one Example; raises RowError for a row that cannot be used."""
         kind = self._layout.kind
+        if kind == PREFERENCE:
+            raise ValueError("a preference row is a pair of examples: encode it with encode_pair")
         if kind == TEXT:
             # Pre-rendered text often starts with <bos>; it would tokenise to a second <bos> after ours.
             text = _get(data, "text", str).removeprefix("<bos>")
@@ -291,11 +298,23 @@ class Formatter:
             for key, value in (("chosen", chosen), ("rejected", rejected)):
                 msgs = ([{"role": "assistant", "content": value}] if isinstance(value, str)
                         else _read_messages(value, key, flavour))
-                if len(msgs) != 1 or flavour.roles[msgs[0]["role"]] != "model":
+                if flavour.roles[msgs[0]["role"]] != "model":
+                    # A whole conversation that repeats the prompt first (HuggingFaceH4/ultrafeedback_binarized).
+                    turns = _turns(msgs, flavour, key)
+                    if turns[:len(prompt_turns)] != prompt_turns:
+                        raise RowError(NO_SHARED_PROMPT, f"{key!r} is a whole conversation (it begins with a "
+                                       f"{msgs[0]['role']!r} message) but does not begin with the prompt; give "
+                                       "only the reply, or the prompt's messages followed by it")
+                    reply = turns[len(prompt_turns):]
+                    if len(reply) != 1:
+                        raise RowError(REPLY_NOT_MODEL, f"{key!r} must continue the prompt with one model reply, "
+                                       f"got {len(reply)} turns after it")
+                elif len(msgs) != 1:
                     raise RowError(REPLY_NOT_MODEL, f"{key!r} must be one model/assistant message replying to the "
-                                   f"prompt, got {len(msgs)} message(s)" + ("" if len(msgs) != 1 else
-                                                                         f" of role {msgs[0]['role']!r}"))
-                reply_list.append(_turns(p_msgs + msgs, flavour, f"prompt + {key}")[len(prompt_turns):])
+                                   f"prompt, got {len(msgs)} messages")
+                else:
+                    reply = _turns(p_msgs + msgs, flavour, f"prompt + {key}")[len(prompt_turns):]
+                reply_list.append(reply)
             replies = tuple(reply_list)
         if replies[0] == replies[1]:
             raise RowError(SAME_RESPONSE, "'chosen' and 'rejected' are the same reply; a preference needs two "
