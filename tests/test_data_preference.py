@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_data_formats import REPLY, conversations
 from test_data_loader import numbered_example, row_examples
 
 from gemmatune.cli import main
@@ -110,6 +111,27 @@ def test_conversational_pairs_are_the_sft_examples_with_only_the_reply_trained(r
                                                 "<start_of_turn>model\nFour.<end_of_turn>\n<start_of_turn>user\n"
                                                 "And 3+3?<end_of_turn>\n<start_of_turn>model\n")
     assert p.chosen.tokens[p.prompt] != p.rejected.tokens[p.prompt]
+
+
+@settings(max_examples=60, deadline=None)
+@given(messages=conversations(), other=REPLY)
+def test_pairs_of_any_conversation_match_sft(messages: list[dict[str, str]], other: str) -> None:
+    """Whatever the contents (whitespace runs, braces, multi-byte text), each side is token for token the SFT
+    example of its conversation, trained only on its last model turn, and the implicit-prompt form agrees."""
+    prompt, reply = messages[:-1], messages[-1]
+    if other.strip() == reply["content"].strip():
+        return
+    explicit = pair_of({"prompt": prompt, "chosen": [reply], "rejected": other})
+    implicit = pair_of({"chosen": messages, "rejected": prompt + msgs(("assistant", other))})
+    for p in (explicit, implicit):
+        for example, conversation in ((p.chosen, messages), (p.rejected, prompt + msgs(("assistant", other)))):
+            reference = sft(conversation)
+            assert example.tokens.tolist() == reference.tokens.tolist()
+            assert example.mask.tolist() == (reference.mask & (np.arange(len(reference.mask)) >= p.prompt)).tolist()
+            assert text(example.tokens[example.mask]) == conversation[-1]["content"].strip() + "<end_of_turn><eos>"
+        assert np.array_equal(p.chosen.tokens[:p.prompt], p.rejected.tokens[:p.prompt])
+    assert explicit.prompt == implicit.prompt
+    assert explicit.rejected.tokens.tolist() == implicit.rejected.tokens.tolist()
 
 
 @pytest.mark.parametrize("train_on", ["model", "all"])
