@@ -320,8 +320,8 @@ class Formatter:
             raise RowError(SAME_RESPONSE, "'chosen' and 'rejected' are the same reply; a preference needs two "
                            "different replies")
         head = [(text, False) for text, _ in _turn_parts(prompt_turns)] + [("<start_of_turn>model\n", False)]
-        c_parts, r_parts = ([(text, trained) for text, trained in _turn_parts(reply)[1:]] for reply in replies)
-        return self._pair(head, c_parts, r_parts)
+        # Each reply's parts without its "<start_of_turn>model\n", which ends the prompt.
+        return self._pair(head, _turn_parts(replies[0])[1:], _turn_parts(replies[1])[1:])
 
     def _pair(self, prompt: list[tuple[str, bool]], chosen: list[tuple[str, bool]],
               rejected: list[tuple[str, bool]]) -> Pair:
