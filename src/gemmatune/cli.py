@@ -183,19 +183,36 @@ def _inspect(args: argparse.Namespace) -> None:
     print(f"rows: {describe(prepared.train.report)}")
     for reason, where in s["rows"]["first_bad"].items():
         print(f"  first {reason}: {where}")
+    pairs, unit = s["pairs"], 2 if s["pairs"] else 1  # preference data: a row is a pair of examples
+    what = "pairs" if pairs else "examples"
     if s["validation_examples"]:
-        print(f"validation: {s['validation_examples']} examples")
-    print(f"tokens: {t['total']} in {t['examples']} examples, {t['trained']} trained; per example min {t['min']}, "
-          f"mean {t['mean']:.1f}, median {t['median']:.0f}, p95 {t['p95']:.0f}, max {t['max']}")
-    print("length histogram (tokens):")
+        print(f"validation: {s['validation_examples'] // unit} {what}")
+
+    def stats(d: dict) -> str:
+        return f"min {d['min']}, mean {d['mean']:.1f}, median {d['median']:.0f}, p95 {d['p95']:.0f}, max {d['max']}"
+
+    if pairs:
+        print(f"tokens: {t['total']} in {t['pairs']} pairs ({t['examples']} examples), {t['trained']} trained "
+              "(replies only)")
+        for part in ("prompt", "chosen", "rejected"):
+            print(f"  {part + (' (shared)' if part == 'prompt' else ''):<16} {stats(t[part])}")
+    else:
+        print(f"tokens: {t['total']} in {t['examples']} examples, {t['trained']} trained; per example {stats(t)}")
+    print("length histogram (tokens" + (" of chosen + rejected):" if pairs else "):"))
     top = max(h["counts"]) or 1
     for lo, hi, n in zip(h["edges"], h["edges"][1:], h["counts"]):
         print(f"  {lo:>6}-{hi:<6} {n:>8}  {'#' * round(40 * n / top)}")
-    print(f"packing the {p['training_examples']} training examples at max_seq_len {p['max_seq_len']} as epoch 0 "
-          f"does: packed rows {100 * p['packed_fill']:.1f}% full, one example per padded row "
+    print(f"packing the {p['training_examples'] // unit} training {what} at max_seq_len {p['max_seq_len']} as "
+          f"epoch 0 does: packed rows {100 * p['packed_fill']:.1f}% full, one {what[:-1]} per padded row "
           f"{100 * p['padded_fill']:.1f}% (training uses: {p['mode']})")
-    print(f"example (trained tokens between {TRAINED_OPEN} and {TRAINED_CLOSE}):")
-    print(s["example"])
+    if pairs:
+        print(f"first pair (trained tokens between {TRAINED_OPEN} and {TRAINED_CLOSE}), chosen:")
+        print(s["example"]["chosen"])
+        print("rejected:")
+        print(s["example"]["rejected"])
+    else:
+        print(f"example (trained tokens between {TRAINED_OPEN} and {TRAINED_CLOSE}):")
+        print(s["example"])
 
 
 def _eval(args: argparse.Namespace) -> None:

@@ -355,7 +355,7 @@ EVAL_BATCH = 16  # prompts answered together (one left-padded batch)
 EVAL_NEW_TOKENS_SLACK = 16
 EVAL_MAX_NEW_TOKENS = 512
 
-FORMATS = ("auto", "text", "instruction", "chat")
+FORMATS = ("auto", "text", "instruction", "chat", "preference")
 METHODS = ("sft", "dpo", "distill")
 DPO_LOSSES = ("sigmoid", "ipo", "simpo", "orpo")
 KD_LOSSES = ("forward_kl", "reverse_kl", "jsd")
@@ -376,7 +376,7 @@ class DataConfig:
 
     paths: tuple[str, ...] = setting((), "JSONL/JSON/CSV/TSV/Parquet files, globs, a datasets save_to_disk directory "
                                          "or a Hub dataset name")
-    format: str = setting("auto", "auto (detected from the columns), text, instruction or chat")
+    format: str = setting("auto", "auto (detected from the columns), text, instruction, chat or preference")
     # Instruction rows: our field name -> the user's column name, e.g. (("instruction", "question"),
     # ("response", "answer")). Known layouts need none.
     columns: tuple[tuple[str, str], ...] = setting((), "instruction rows: which column holds each field "

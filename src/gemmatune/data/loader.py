@@ -13,6 +13,13 @@ that were read count in the process's RSS, and the pipeline must stay within bou
 examples, packs them one shuffle buffer ("group") at a time, shuffles that group's rows, and streams rows into
 batches across group and epoch boundaries. Its position is (epoch, group, row), so `state()` is a few numbers and a
 restored iterator continues bit for bit.
+
+With `pairs` (preference data: store examples 2i and 2i + 1 are a pair's chosen and rejected) the unit that is
+shuffled, grouped and packed is the pair, of size chosen.slots + rejected.slots, and a row places each pair's chosen
+immediately before its rejected: in every row segment ids 2j - 1 and 2j (j = 1, 2, ...) are the chosen and the
+rejected of one pair. Both are separate segments, so neither attends to the other, and each restarts its positions
+at 0 (each sees its own copy of the prompt, as TRL's padding-free DPO does). Batch sizes stay in rows: a row holds
+one pair or more (exactly one with packing "pad").
 """
 
 from __future__ import annotations
@@ -271,11 +278,15 @@ class BatchIterator(Iterator[Batch]):
     fingerprint: the position is counted in rows, so a different batch size resumes at the same row.
 
     `take` (several processes): the positions within each batch that this process needs, in order; only their
-    examples are read, and each batch holds only those rows. Every process steps through the same batches."""
+    examples are read, and each batch holds only those rows. Every process steps through the same batches.
+
+    `pairs` (preference data, see the module's docstring): `indices` are still example indices, every pair's two
+    (Split.indices as prepare() gives them); "example" above then reads "pair", shuffle_buffer included."""
 
     def __init__(self, store: ExampleStore, indices: Sequence[int] | np.ndarray, *, seq_len: int, batch_size: int,
                  pad_id: int, packing: str = "pack", shuffle_buffer: int, seed: int, shuffle: bool = True,
-                 state: dict[str, Any] | None = None, take: Sequence[int] | None = None) -> None:
+                 state: dict[str, Any] | None = None, take: Sequence[int] | None = None,
+                 pairs: bool = False) -> None:
         if packing not in ("pack", "pad"):
             raise ValueError(f"packing must be 'pack' or 'pad', got {packing!r}")
         if batch_size < 1 or shuffle_buffer < 1:
@@ -285,38 +296,53 @@ class BatchIterator(Iterator[Batch]):
             raise GemmatuneError(f"{store.path}: no examples to iterate over (the split left none).")
         self.seq_len, self.batch_size, self.pad_id = seq_len, batch_size, pad_id
         self.packing, self.shuffle_buffer, self.seed, self.shuffle = packing, shuffle_buffer, seed, shuffle
-        self._lengths = store.lengths()  # [len(store)], slots per example
-        longest = int(self._lengths[self.indices].max())
+        self.pairs = pairs
+        lengths = store.lengths()  # [len(store)], slots per example
+        # The units shuffled and packed: examples, or pairs by their chosen (even) index. _lengths: slots per unit.
+        self.units = self.indices[self.indices % 2 == 0] if pairs else self.indices  # [u]
+        if pairs:
+            partners = np.concatenate([self.units, self.units + 1])
+            if (len(self.units) * 2 != len(self.indices) or self.units.max() + 1 >= len(store)
+                    or not np.array_equal(np.sort(partners), np.sort(self.indices))):
+                raise ValueError("pairs=True needs the indices of whole pairs: each pair's chosen (even) index and "
+                                 "its rejected partner (the next odd one)")
+            self._lengths = np.zeros(len(store), np.int64)
+            self._lengths[self.units] = lengths[self.units] + lengths[self.units + 1]
+        else:
+            self._lengths = lengths
+        longest = int(self._lengths[self.units].max())
         if longest > seq_len:
-            raise GemmatuneError(f"{store.path}: examples are up to {longest} positions long but seq_len is "
+            what = "pairs (chosen + rejected)" if pairs else "examples"
+            raise GemmatuneError(f"{store.path}: {what} are up to {longest} positions long but seq_len is "
                                  f"{seq_len}; prepare the data again with max_seq_len {seq_len}.")
-        self.groups = math.ceil(len(self.indices) / shuffle_buffer)
+        self.groups = math.ceil(len(self.units) / shuffle_buffer)
         self.fingerprint = {
             "store": store.digest,
             "indices": hashlib.blake2b(self.indices.astype(_OFFSET).tobytes(), digest_size=8).hexdigest(),
             "seq_len": int(seq_len), "pad_id": int(pad_id), "packing": packing,
-            "shuffle_buffer": int(shuffle_buffer), "seed": int(seed), "shuffle": bool(shuffle),
+            "shuffle_buffer": int(shuffle_buffer), "seed": int(seed), "shuffle": bool(shuffle), "pairs": bool(pairs),
         }
         self.take = list(range(batch_size)) if take is None else list(take)
         if not all(0 <= t < batch_size for t in self.take):
             raise ValueError(f"take {self.take} must hold positions in [0, {batch_size})")
         self.epoch = self.group = self.row = 0
         self._group: tuple[np.ndarray, list[list[int]]] | None = None  # the current group's _plan
-        self._cached: tuple[int, np.ndarray] = (-1, self.indices)  # (epoch, its order); see _order
+        self._cached: tuple[int, np.ndarray] = (-1, self.units)  # (epoch, its order); see _order
         if state is not None:
             self.restore(state)
 
     def _order(self, epoch: int) -> np.ndarray:
-        """The epoch's example order [n], kept for the epoch's other groups (a permutation costs O(n))."""
+        """The epoch's unit order [u], kept for the epoch's other groups (a permutation costs O(u))."""
         if self._cached[0] != epoch:
-            order = self.indices
+            order = self.units
             if self.shuffle:
                 order = order[np.random.default_rng([_seed(self.seed), 0, epoch]).permutation(len(order))]
             self._cached = (epoch, order)
         return self._cached[1]
 
     def _plan(self, epoch: int, group: int) -> tuple[np.ndarray, list[list[int]]]:
-        """A group's store indices [g] and its rows (indices into them), in visiting order."""
+        """A group's units [g] (store indices; a pair's chosen) and its rows (indices into them), in visiting
+        order."""
         members = self._order(epoch)[group * self.shuffle_buffer:(group + 1) * self.shuffle_buffer]  # [g]
         sizes = self._lengths[members]  # [g]
         rows = assign_rows(sizes, self.seq_len) if self.packing == "pack" else pad_rows(sizes)
@@ -331,8 +357,12 @@ class BatchIterator(Iterator[Batch]):
         rows: list[np.ndarray] = []
         for g in range(self.groups):
             members, plan = self._plan(epoch, g)
-            rows += [members[r] for r in plan]
+            rows += [self._examples(members[r]) for r in plan]
         return rows
+
+    def _examples(self, units: np.ndarray) -> np.ndarray:
+        """The store indices of `units`' examples in their places in a row: each pair's chosen, then its rejected."""
+        return np.stack([units, units + 1], axis=1).reshape(-1) if self.pairs else units
 
     def epoch_rows(self, epoch: int = 0) -> int:
         """Rows in epoch `epoch` (from the lengths alone, nothing is read). Packing depends on which examples share
@@ -351,7 +381,7 @@ class BatchIterator(Iterator[Batch]):
             members, plan = self._group
             available = len(plan) - self.row
             take = min(self.batch_size - len(rows), available)
-            rows += [members[r] for r in plan[self.row:self.row + take]]
+            rows += [self._examples(members[r]) for r in plan[self.row:self.row + take]]
             self.row += take
             if take == available:  # the group is used up: the position moves on now, so state() is canonical
                 self._group, self.row, self.group = None, 0, self.group + 1
@@ -378,6 +408,7 @@ class BatchIterator(Iterator[Batch]):
         """Continue from a `state()`; the data and the settings that determine the row stream must be unchanged."""
         try:
             version, saved = state["version"], dict(state["fingerprint"])
+            saved.setdefault("pairs", False)  # states saved before pairs existed
             epoch, group, row = int(state["epoch"]), int(state["group"]), int(state["row"])
         except (KeyError, TypeError, ValueError):
             raise GemmatuneError("the checkpoint's data iterator state is malformed; start a fresh run.") from None

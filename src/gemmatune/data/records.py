@@ -84,9 +84,29 @@ class Example:
         return int(self.mask[1:].sum())
 
 
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    """One preference row: the chosen and the rejected reply to the same prompt, each a whole Example (<bos>, the
+    prompt's tokens, the reply's, <eos>). Both begin with the same `prompt` tokens (<bos> included), never trained;
+    the store keeps chosen at index 2i and rejected at 2i + 1."""
+
+    chosen: Example
+    rejected: Example
+    prompt: int  # the shared leading tokens, <bos> included
+
+    def __post_init__(self) -> None:
+        assert 0 < self.prompt <= min(len(self.chosen.tokens), len(self.rejected.tokens)), self.prompt
+
+    @property
+    def truncated(self) -> bool:
+        return self.chosen.truncated or self.rejected.truncated
+
+
 @dataclasses.dataclass
 class Report:
-    """Counts of what happened to the rows; every row read ends in exactly one of used / skipped / dropped."""
+    """Counts of what happened to the rows; every row read ends in exactly one of used / skipped / dropped. For
+    preference data (`pairs`) a row is a pair of examples: used, truncated and dropped count pairs, tokens and trained
+    both of their examples, and prompt the prompt's tokens once per pair (<bos> included)."""
 
     read: int = 0
     used: int = 0
@@ -94,10 +114,12 @@ class Report:
     tokens: int = 0  # in the used examples, after fitting to length
     trained: int = 0  # of those, trained targets
     skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # reason -> rows
-    dropped: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # reason -> examples
+    dropped: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # reason -> rows
     first_bad: dict[str, str] = dataclasses.field(default_factory=dict)  # reason -> first location, for messages
+    pairs: bool = False
+    prompt: int = 0  # pairs only: the used pairs' prompt tokens, each counted once
 
     def to_dict(self) -> dict[str, Any]:
         return {"read": self.read, "used": self.used, "truncated": self.truncated, "tokens": self.tokens,
-                "trained": self.trained,
+                "trained": self.trained, "pairs": self.pairs, "prompt": self.prompt,
                 "skipped": dict(self.skipped), "dropped": dict(self.dropped), "first_bad": dict(self.first_bad)}
