@@ -25,7 +25,7 @@ import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 import numpy as np
 
@@ -255,6 +255,15 @@ def _seed(seed: int) -> int:
 Batch = dict[str, Any]  # the build_rows arrays, each [batch_size, seq_len], and "epoch": int
 
 
+class TeacherArrays(Protocol):
+    """Per-position arrays of a teacher aligned with the rows build_rows builds (data.teacher_cache.TeacherCache):
+    arrays(store, indices, examples, rows, seq_len) -> {name: [len(rows), seq_len, ...]}, examples[i] being example
+    indices[i] of the store and rows as build_rows takes them."""
+
+    def arrays(self, store: ExampleStore, indices: np.ndarray, examples: Sequence[Example],
+               rows: Sequence[Sequence[int]], seq_len: int) -> dict[str, np.ndarray]: ...
+
+
 class BatchIterator(Iterator[Batch]):
     """Batches of packed rows from `store` restricted to `indices`.
 
@@ -271,11 +280,15 @@ class BatchIterator(Iterator[Batch]):
     fingerprint: the position is counted in rows, so a different batch size resumes at the same row.
 
     `take` (several processes): the positions within each batch that this process needs, in order; only their
-    examples are read, and each batch holds only those rows. Every process steps through the same batches."""
+    examples are read, and each batch holds only those rows. Every process steps through the same batches.
+
+    `teacher` (distillation from a data.teacher_cache.TeacherCache): each batch also holds its arrays for the same
+    rows, "teacher_ids" int32 and "teacher_logprobs" float32 [batch_size, seq_len, k], aligned with "targets"."""
 
     def __init__(self, store: ExampleStore, indices: Sequence[int] | np.ndarray, *, seq_len: int, batch_size: int,
                  pad_id: int, packing: str = "pack", shuffle_buffer: int, seed: int, shuffle: bool = True,
-                 state: dict[str, Any] | None = None, take: Sequence[int] | None = None) -> None:
+                 state: dict[str, Any] | None = None, take: Sequence[int] | None = None,
+                 teacher: TeacherArrays | None = None) -> None:
         if packing not in ("pack", "pad"):
             raise ValueError(f"packing must be 'pack' or 'pad', got {packing!r}")
         if batch_size < 1 or shuffle_buffer < 1:
@@ -285,6 +298,7 @@ class BatchIterator(Iterator[Batch]):
             raise GemmatuneError(f"{store.path}: no examples to iterate over (the split left none).")
         self.seq_len, self.batch_size, self.pad_id = seq_len, batch_size, pad_id
         self.packing, self.shuffle_buffer, self.seed, self.shuffle = packing, shuffle_buffer, seed, shuffle
+        self.teacher = teacher
         self._lengths = store.lengths()  # [len(store)], slots per example
         longest = int(self._lengths[self.indices].max())
         if longest > seq_len:
@@ -364,8 +378,10 @@ class BatchIterator(Iterator[Batch]):
         wanted = [rows[t] for t in self.take]
         needed = np.unique(np.concatenate(wanted))  # store indices, sorted
         where = {int(i): j for j, i in enumerate(needed)}
-        batch: Batch = build_rows(self.store.get_many(needed), [[where[int(i)] for i in row] for row in wanted],
-                                  self.seq_len, self.pad_id)  # each [len(take), seq_len]
+        examples, placed = self.store.get_many(needed), [[where[int(i)] for i in row] for row in wanted]
+        batch: Batch = build_rows(examples, placed, self.seq_len, self.pad_id)  # each [len(take), seq_len]
+        if self.teacher is not None:
+            batch.update(self.teacher.arrays(self.store, needed, examples, placed, self.seq_len))
         batch["epoch"] = first_epoch
         return batch
 
