@@ -24,12 +24,13 @@ count in the process's RSS).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
@@ -384,6 +385,20 @@ def _compute_part(fn: Any, place: Any, store: ExampleStore, first: int, stop: in
     return out
 
 
+@functools.lru_cache(maxsize=4)
+def _topk_step(cfg: ModelConfig, mesh: Mesh | None, k: int, temperature: float, vocab: int, chunk: int
+               ) -> Callable[..., tuple[jax.Array, jax.Array]]:
+    """The jitted teacher_topk(params, inputs, positions, segment_ids), kept across builds of one process (a
+    resumed or repaired build in the same process compiles nothing again)."""
+    def run(params: Any, inputs: jax.Array, positions: jax.Array, segment_ids: jax.Array
+            ) -> tuple[jax.Array, jax.Array]:
+        with sharding.active(mesh):
+            return teacher_topk(params, {"inputs": inputs, "positions": positions, "segment_ids": segment_ids},
+                                cfg, k=k, temperature=temperature, vocab=vocab, chunk=chunk)
+
+    return jax.jit(run)
+
+
 def _write_part(path: Path, records: np.ndarray) -> None:
     with staged_file(path, force=True) as staged, open(staged, "wb") as f:
         f.write(records.tobytes())
@@ -459,13 +474,7 @@ def _build(path: Path, teacher_dir: str | Path, stores: list[ExampleStore], plan
     else:
         place = jnp.asarray
 
-    def run(params: Any, inputs: jax.Array, positions: jax.Array, segment_ids: jax.Array
-            ) -> tuple[jax.Array, jax.Array]:
-        with sharding.active(mesh):
-            return teacher_topk(params, {"inputs": inputs, "positions": positions, "segment_ids": segment_ids},
-                                cfg, k=k, temperature=temperature, vocab=vocab, chunk=chunk)
-
-    step = jax.jit(run)
+    step = _topk_step(cfg, mesh, k, temperature, vocab, chunk)
     main = jax.process_index() == 0
     try:
         for n, (s, j, first, stop) in enumerate(plan.tolist(), 1):
