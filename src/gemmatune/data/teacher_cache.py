@@ -23,6 +23,7 @@ count in the process's RSS).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -145,7 +146,7 @@ class _Covered:
         if offsets.dtype != _OFFSET or offsets.shape != (self.count + 1,) or offsets[-1] != self.positions or \
                 offsets[0] != 0 or np.any(np.diff(offsets) < 0):
             corrupt(f"{self.dir / OFFSETS} is inconsistent with {META}")
-        if self.bounds.size < 2 or self.bounds[0] != 0 or self.bounds[-1] != self.count or \
+        if self.bounds.size < 1 or self.bounds[0] != 0 or self.bounds[-1] != self.count or \
                 np.any(np.diff(self.bounds) < 1):
             corrupt(f"the part boundaries of store {self.digest} in {META} are inconsistent")
         self.offsets = offsets
@@ -229,32 +230,35 @@ class TeacherCache:
         # Runs of consecutive indices within one part: each run is one contiguous range of one file.
         cuts = np.flatnonzero((np.diff(unique) != 1) | (np.diff(part_of) != 0)) + 1
         found: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        for run in np.split(unique, cuts):
-            if not run.size:
-                continue
-            first, stop = int(run[0]), int(run[-1]) + 1
-            j = int(np.searchsorted(c.bounds, first, side="right") - 1)
-            begin, end = int(c.offsets[first]), int(c.offsets[stop])
-            records = self._read(c, j, begin - int(c.starts[j]), end - begin)  # [end - begin]
-            for i in range(first, stop):
-                a, b = int(c.offsets[i]) - begin, int(c.offsets[i + 1]) - begin
-                found[i] = (records["ids"][a:b], records["logprobs"][a:b])
+        with contextlib.ExitStack() as files:
+            opened: dict[int, Any] = {}  # part -> its file, each opened once per call
+            for run in np.split(unique, cuts):
+                if not run.size:
+                    continue
+                first, stop = int(run[0]), int(run[-1]) + 1
+                j = int(np.searchsorted(c.bounds, first, side="right") - 1)
+                if j not in opened:
+                    try:
+                        opened[j] = files.enter_context(open(c.part_path(j), "rb", buffering=0))
+                    except FileNotFoundError:
+                        self._corrupt(f"{c.part_path(j)} is missing")
+                begin, end = int(c.offsets[first]), int(c.offsets[stop])
+                records = self._read(opened[j], c.part_path(j), begin - int(c.starts[j]), end - begin)
+                for i in range(first, stop):
+                    a, b = int(c.offsets[i]) - begin, int(c.offsets[i + 1]) - begin
+                    found[i] = (records["ids"][a:b], records["logprobs"][a:b])
         return [found[i] for i in wanted.tolist()]
 
-    def _read(self, c: _Covered, j: int, start: int, count: int) -> np.ndarray:
+    def _read(self, f: Any, path: Path, start: int, count: int) -> np.ndarray:
+        """count records from record `start` of the open part file f: [count]."""
         out = np.empty(count, self.record)
         view, done = memoryview(out).cast("B"), 0
-        path = c.part_path(j)
-        try:
-            with open(path, "rb", buffering=0) as f:
-                f.seek(start * self.record.itemsize)
-                while done < len(view):  # one read() returns at most ~2 GB on Linux
-                    got = f.readinto(view[done:])
-                    if not got:
-                        self._corrupt(f"{path} ended early")
-                    done += got
-        except FileNotFoundError:
-            self._corrupt(f"{path} is missing")
+        f.seek(start * self.record.itemsize)
+        while done < len(view):  # one read() returns at most ~2 GB on Linux
+            got = f.readinto(view[done:])
+            if not got:
+                self._corrupt(f"{path} ended early")
+            done += got
         return out
 
     def arrays(self, store: ExampleStore, indices: Sequence[int] | np.ndarray, examples: Sequence[Example],
