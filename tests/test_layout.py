@@ -18,12 +18,11 @@ ROOT = Path(__file__).parent.parent / "src" / "gemmatune"
 # Lowest first. A module may import modules of its own tier or a lower one, never a higher one.
 TIERS = [
     {"errors", "config", "layout", "platforms"},  # the configuration and the parameter layout: import nothing else
-    {"attention", "sharding", "model", "lora", "quantize", "loss", "preference", "generate", "atomic", "safetensors_io",
-     "tokenizer",
-     "distributed", "scoring"},  # the numbers, and the primitives every writer and reader uses
+    {"attention", "sharding", "model", "lora", "quantize", "loss", "preference", "teacher", "generate", "atomic",
+     "safetensors_io", "tokenizer", "distributed", "scoring"},  # the numbers, and the primitives every writer and reader uses
     {"data", "data.records", "data.packing", "data.sources", "data.formats", "data.loader", "data.pipeline",
-     "data.inspect", "convert", "convert.common", "convert.hf", "convert.kerashub", "convert.peft", "convert.gguf",
-     "convert.gguf_read",
+     "data.inspect", "data.teacher_cache", "convert", "convert.common", "convert.hf", "convert.kerashub",
+     "convert.peft", "convert.gguf", "convert.gguf_read",
      "checkpoint", "hub", "engine"},  # other formats in and out; the serving engine (decoding, not a format)
     {"step"},  # the compiled train and eval steps
     {"loop", "evaluation", "metrics", "trackers", "settings", "export", "plan", "server"},  # what a command drives

@@ -32,7 +32,7 @@ import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 import numpy as np
 
@@ -262,6 +262,15 @@ def _seed(seed: int) -> int:
 Batch = dict[str, Any]  # the build_rows arrays, each [batch_size, seq_len], and "epoch": int
 
 
+class TeacherArrays(Protocol):
+    """Per-position arrays of a teacher aligned with the rows build_rows builds (data.teacher_cache.TeacherCache):
+    arrays(store, indices, examples, rows, seq_len) -> {name: [len(rows), seq_len, ...]}, examples[i] being example
+    indices[i] of the store and rows as build_rows takes them."""
+
+    def arrays(self, store: ExampleStore, indices: np.ndarray, examples: Sequence[Example],
+               rows: Sequence[Sequence[int]], seq_len: int) -> dict[str, np.ndarray]: ...
+
+
 class BatchIterator(Iterator[Batch]):
     """Batches of packed rows from `store` restricted to `indices`.
 
@@ -281,12 +290,15 @@ class BatchIterator(Iterator[Batch]):
     examples are read, and each batch holds only those rows. Every process steps through the same batches.
 
     `pairs` (preference data, see the module's docstring): `indices` are still example indices, every pair's two
-    (Split.indices as prepare() gives them); "example" above then reads "pair", shuffle_buffer included."""
+    (Split.indices as prepare() gives them); "example" above then reads "pair", shuffle_buffer included.
+
+    `teacher` (distillation from a data.teacher_cache.TeacherCache): each batch also holds its arrays for the same
+    rows, "teacher_ids" int32 and "teacher_logprobs" float32 [batch_size, seq_len, k], aligned with "targets"."""
 
     def __init__(self, store: ExampleStore, indices: Sequence[int] | np.ndarray, *, seq_len: int, batch_size: int,
                  pad_id: int, packing: str = "pack", shuffle_buffer: int, seed: int, shuffle: bool = True,
                  state: dict[str, Any] | None = None, take: Sequence[int] | None = None,
-                 pairs: bool = False) -> None:
+                 pairs: bool = False, teacher: TeacherArrays | None = None) -> None:
         if packing not in ("pack", "pad"):
             raise ValueError(f"packing must be 'pack' or 'pad', got {packing!r}")
         if batch_size < 1 or shuffle_buffer < 1:
@@ -296,6 +308,7 @@ class BatchIterator(Iterator[Batch]):
             raise GemmatuneError(f"{store.path}: no examples to iterate over (the split left none).")
         self.seq_len, self.batch_size, self.pad_id = seq_len, batch_size, pad_id
         self.packing, self.shuffle_buffer, self.seed, self.shuffle = packing, shuffle_buffer, seed, shuffle
+        self.teacher = teacher
         self.pairs = pairs
         lengths = store.lengths()  # [len(store)], slots per example
         # The units shuffled and packed: examples, or pairs by their chosen (even) index. _lengths: slots per unit.
@@ -394,8 +407,10 @@ class BatchIterator(Iterator[Batch]):
         wanted = [rows[t] for t in self.take]
         needed = np.unique(np.concatenate(wanted))  # store indices, sorted
         where = {int(i): j for j, i in enumerate(needed)}
-        batch: Batch = build_rows(self.store.get_many(needed), [[where[int(i)] for i in row] for row in wanted],
-                                  self.seq_len, self.pad_id)  # each [len(take), seq_len]
+        examples, placed = self.store.get_many(needed), [[where[int(i)] for i in row] for row in wanted]
+        batch: Batch = build_rows(examples, placed, self.seq_len, self.pad_id)  # each [len(take), seq_len]
+        if self.teacher is not None:
+            batch.update(self.teacher.arrays(self.store, needed, examples, placed, self.seq_len))
         batch["epoch"] = first_epoch
         return batch
 
