@@ -42,6 +42,7 @@ from gemmatune.convert import checkpoint_quantization, load_model, model_config
 from gemmatune.convert.peft import load_adapter_for
 from gemmatune.data.loader import BatchIterator
 from gemmatune.data.pipeline import Prepared, Split, describe, prepare
+from gemmatune.data.teacher_cache import TeacherCache, ensure_cache
 from gemmatune.errors import GemmatuneError
 from gemmatune.evaluation import Case, answer_and_score, generation_cases
 from gemmatune.generate import generate
@@ -56,7 +57,9 @@ from gemmatune.step import (
     Shapes,
     State,
     StepShardings,
+    frozen_base,
     global_batch,
+    has_reference,
     init_state,
     make_eval_step,
     make_train_step,
@@ -72,7 +75,9 @@ NONFINITE_HELP = ("Likely causes: a learning rate too high for this model (lower
                   "Pass --nonfinite skip to drop such steps and count them instead.")
 DATA_DIR = "data"
 
-StepMetrics = dict[str, Any]  # a train step's metrics on the host: loss, tokens, grad_norm, finite, seen
+StepMetrics = dict[str, Any]  # a train step's metrics on the host: loss, tokens, grad_norm, finite, seen, and
+STEP_METRICS = ("loss", "tokens", "grad_norm", "finite", "seen")  # the objective's own (DPO's rewards, ...)
+SHOWN = {"dpo": ("reward_accuracy", "reward_margin"), "distill": ("kd", "ce")}  # on the progress line too
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,8 +105,8 @@ class Run:
     total: int  # the run's last step
     lr_at: optax.Schedule
     train_step: Callable[[State, Params, Batch], tuple[State, dict[str, jax.Array]]]
-    eval_step: Callable[[Params, Params, Batch], tuple[jax.Array, jax.Array]]
-    frozen: Params
+    eval_step: Callable[[Params, Params, Batch], tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
+    frozen: Params  # the base, and the frozen models the objective needs (step.FROZEN_EXTRAS)
     state: State
     train_it: BatchIterator
     log: MetricsLog
@@ -115,6 +120,7 @@ class Run:
     val_loss: float | None = None
     answers: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # from the last evaluation
     val_cases: list[Case] = dataclasses.field(default_factory=list)  # eval_generate: the validation prompts
+    teacher_cache: TeacherCache | None = None  # method distill with a teacher cache: batches carry its top-k
 
     def next_batch(self) -> Batch:
         """The step's [k, B, T] global batch, of which this process supplies its rows."""
@@ -152,10 +158,46 @@ def _private_dir() -> Path:
 
 
 def _batches(tcfg: TrainConfig, tokenizer: Tokenizer, split: Split, batch_size: int, shuffle: bool,
-             take: Sequence[int]) -> BatchIterator:
+             take: Sequence[int], teacher: TeacherCache | None) -> BatchIterator:
     return BatchIterator(split.store, split.indices, seq_len=tcfg.data.max_seq_len, batch_size=batch_size,
                          pad_id=tokenizer.pad_id, packing=tcfg.data.packing, shuffle_buffer=tcfg.data.shuffle_buffer,
-                         seed=tcfg.data.seed, shuffle=shuffle, take=take)
+                         seed=tcfg.data.seed, shuffle=shuffle, take=take, pairs=split.pairs, teacher=teacher)
+
+
+def _check_data(tcfg: TrainConfig, data: Prepared) -> None:
+    """DPO learns from preference pairs, and only DPO does."""
+    paths = ", ".join(tcfg.data.paths)
+    if tcfg.method == "dpo" and not data.pairs:
+        raise GemmatuneError(f"{paths}: method dpo learns from preference pairs, but the rows have no chosen and "
+                             "rejected columns; give rows {prompt, chosen, rejected} (or chosen and rejected "
+                             "conversations), or train with --method sft.")
+    if tcfg.method != "dpo" and data.pairs:
+        raise GemmatuneError(f"{paths}: the rows are preference pairs (chosen and rejected), which method "
+                             f"{tcfg.method} cannot learn from; pass --method dpo.")
+
+
+def _check_teacher(tcfg: TrainConfig, cfg: ModelConfig, tokenizer: Tokenizer, teacher_dir: Path
+                   ) -> tuple[ModelConfig, int]:
+    """(the teacher's config, the vocabulary distilled over): the teacher must tokenise as the student does; the
+    distributions are compared on the ids both models have (said when their embeddings differ in size)."""
+    teacher_cfg = model_config(teacher_dir)
+    theirs = load_tokenizer(teacher_dir)
+    probe = "<start_of_turn>user\nDistil: the café's naïve résumé, 12345, 深度学习.<end_of_turn>\n"
+    mine = (tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id, tokenizer.encode(probe))
+    if (theirs.vocab_size, theirs.bos_id, theirs.eos_id, theirs.encode(probe)) != mine:
+        raise GemmatuneError(f"{tcfg.teacher}: the teacher's tokenizer differs from the student's ({tcfg.model}); "
+                             "distillation compares next-token distributions id by id, so teacher and student must "
+                             "share one tokenizer (Gemma 2 9B -> 2B, Gemma 3 4B -> 1B or 270M).")
+    vocab = min(cfg.vocab_size, teacher_cfg.vocab_size)
+    if cfg.vocab_size != teacher_cfg.vocab_size:
+        print(f"distill: the teacher has {teacher_cfg.vocab_size} embedding rows, the student {cfg.vocab_size}; "
+              f"their distributions are compared on the {vocab} ids they share (the tokenizer has "
+              f"{tokenizer.vocab_size})", file=sys.stderr)
+    if tokenizer.vocab_size > vocab:
+        raise GemmatuneError(f"{tcfg.teacher}: the teacher has {teacher_cfg.vocab_size} embedding rows but the "
+                             f"tokenizer {tokenizer.vocab_size} tokens; the teacher's weights belong to another "
+                             "model.")
+    return teacher_cfg, vocab
 
 
 def setup(tcfg: TrainConfig) -> Run:
@@ -185,6 +227,8 @@ def setup(tcfg: TrainConfig) -> Run:
     if tokenizer.vocab_size > cfg.vocab_size:
         raise GemmatuneError(f"{tcfg.model}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                              f"{cfg.vocab_size} embedding rows; the tokenizer files belong to another model.")
+    teacher_dir = resolve_model(tcfg.teacher) if tcfg.method == "distill" else None
+    teacher_cfg, vocab = _check_teacher(tcfg, cfg, tokenizer, teacher_dir) if teacher_dir else (None, 0)
     with contextlib.ExitStack() as staging:
         # Every process prepares the data (the same examples): process 0 into a staging directory that becomes
         # OUTPUT/data once the run is claimed, the others into a private directory, so that hosts need not share
@@ -197,23 +241,39 @@ def setup(tcfg: TrainConfig) -> Run:
             workdir = _private_dir()
         data = prepare(tcfg.data, tokenizer, workdir)
         print(f"data: {describe(data.train.report)}", file=sys.stderr)
+        _check_data(tcfg, data)
         # Checked now (plain-text rows have no prompt to answer), not at the first evaluation after many steps.
-        val_cases = generation_cases(data.val.store, data.val.indices[:tcfg.eval_generate_examples], tokenizer) \
+        # Preference pairs are answered once, their chosen response the reference (the even indices).
+        val_cases = generation_cases(data.val.store, data.val.indices[::2 if data.pairs else 1]
+                                     [:tcfg.eval_generate_examples], tokenizer) \
             if tcfg.eval_generate and data.val is not None else []
+        cache = None
+        if teacher_dir is not None and tcfg.teacher_cache:  # the teacher alone on the devices, before the student
+            stores = [data.train.store] + ([data.val.store] if data.val is not None else [])
+            cache = ensure_cache(tcfg.teacher_cache, teacher_dir, stores, k=tcfg.kd_topk,
+                                 temperature=tcfg.kd_temperature, vocab=vocab, dtype=tcfg.dtype,
+                                 quant=tcfg.quantization(), mesh=mesh, batch_size=tcfg.batch_size,
+                                 seq_len=tcfg.data.max_seq_len, pad_id=tokenizer.pad_id, chunk=tcfg.loss_chunk)
+        in_step = teacher_cfg if teacher_dir is not None and cache is None else None  # a teacher run in the step
         # The weights last: the slowest to read. Quantized (QLoRA) as they stream in when tcfg.quantize says so.
         cfg, base = load_model(model_dir, dtype=tcfg.dtype, mesh=mesh, quant=tcfg.quantization())
         seq_len, rows_per_step = tcfg.data.max_seq_len, tcfg.batch_size * tcfg.grad_accum
         shapes = Shapes(tcfg.grad_accum, tcfg.batch_size, seq_len)
         # Only the optimizer's structure matters for the shardings: the step count is set from the data below.
-        sh = step_shardings(cfg, tcfg, mesh, optimizer(tcfg, max(tcfg.max_steps, 1)))
+        sh = step_shardings(cfg, tcfg, mesh, optimizer(tcfg, max(tcfg.max_steps, 1)), in_step)
         mine = sharding.process_rows(sh.rows["inputs"], (tcfg.batch_size, seq_len), 0)
-        train_it = _batches(tcfg, tokenizer, data.train, rows_per_step, True, shapes.take(mine))
+        train_it = _batches(tcfg, tokenizer, data.train, rows_per_step, True, shapes.take(mine), cache)
         total = tcfg.max_steps or max(1, math.ceil(tcfg.epochs * train_it.epoch_rows() / rows_per_step))
         opt = optimizer(tcfg, total)
         init_key, train_key = jax.random.split(jax.random.key(tcfg.seed))
         # Refused when the adapter is already merged into the model: its update would count twice.
         adapter = load_adapter_for(model_dir, tcfg.adapter, cfg) if tcfg.adapter and tcfg.tune == "lora" else None
         trainable, frozen = split_trainable(base, cfg, tcfg, init_key, adapter)
+        if has_reference(tcfg):  # DPO's reference: the adapter the run starts from, frozen (its own copy)
+            frozen = {**frozen, "reference": sharding.put(trainable, sh.frozen["reference"])}
+        if in_step is not None:  # after the student's: a teacher that does not fit beside it fails last
+            in_step, teacher = load_model(teacher_dir, dtype=tcfg.dtype, mesh=mesh, quant=tcfg.quantization())
+            frozen = {**frozen, "teacher": teacher}
         state = init_state(trainable, opt, train_key, sh.state)
         start, skipped, tokens_seen = 0, 0, 0
         if resume_from is not None:
@@ -239,10 +299,11 @@ def setup(tcfg: TrainConfig) -> Run:
     progress = Progress(total, start_step=start, every=tcfg.log_every)
     return Run(tcfg=tcfg, run_dir=run_dir, log_dir=log_dir, main=main, mesh=mesh, cfg=cfg, tokenizer=tokenizer,
                data=data, shapes=shapes, shardings=sh, mine=mine, total=total, lr_at=schedule(tcfg, total),
-               train_step=make_train_step(cfg, tcfg, opt, mesh), eval_step=make_eval_step(cfg, tcfg, mesh),
+               train_step=make_train_step(cfg, tcfg, opt, mesh, teacher=in_step),
+               eval_step=make_eval_step(cfg, tcfg, mesh, teacher=in_step),
                frozen=frozen, state=state, train_it=train_it, log=log, progress=progress,
                started=started, start=start, skipped=skipped, tokens_seen=tokens_seen, tokens_at_start=tokens_seen,
-               val_cases=val_cases)
+               val_cases=val_cases, teacher_cache=cache)
 
 
 def answer(base: Params, cfg: ModelConfig, adapter: tuple[Params, LoraConfig] | None, tokenizer: Tokenizer,
@@ -271,8 +332,14 @@ class LogStep:
         rate = (run.tokens_seen - self.tokens) / (now - self.time)
         self.time, self.tokens = now, run.tokens_seen
         lr = float(run.lr_at(step - 1))
+        counted = "pairs" if run.tcfg.method == "dpo" else "trained_tokens"  # what the loss is a mean over
         run.log.log(step, loss=float(m["loss"]), lr=lr, tokens_per_s=rate, grad_norm=float(m["grad_norm"]),
-                    trained_tokens=float(m["tokens"]), skipped=run.skipped)
+                    **{counted: float(m["tokens"])}, skipped=run.skipped, **objective_metrics(m))
+
+
+def objective_metrics(m: StepMetrics) -> dict[str, float]:
+    """The objective's own metrics of a step (DPO's rewards, distillation's divergence), as floats."""
+    return {k: float(v) for k, v in m.items() if k not in STEP_METRICS}
 
 
 def evaluate(run: Run, step: int, record: bool = True) -> None:
@@ -282,16 +349,21 @@ def evaluate(run: Run, step: int, record: bool = True) -> None:
     # Answers apply the adapter unmerged, from a bank built on the host: every process gathers the adapters (small),
     # which are split over the devices of several hosts on a mesh.
     base, adapter = (run.state["params"], None) if tcfg.tune == "full" else \
-        (run.frozen, (sharding.to_host(run.state["params"]), tcfg.lora))
+        (frozen_base(run.frozen), (sharding.to_host(run.state["params"]), tcfg.lora))
     if run.data.val is not None:
         total = count = 0.0
-        for rows in _batches(tcfg, run.tokenizer, run.data.val, tcfg.batch_size, False, list(run.mine)):
-            s, c = run.eval_step(run.state["params"], run.frozen,
-                                 global_batch(rows, run.shardings.rows, (tcfg.batch_size, tcfg.data.max_seq_len)))
+        sums: dict[str, float] = {}
+        for rows in _batches(tcfg, run.tokenizer, run.data.val, tcfg.batch_size, False, list(run.mine),
+                             run.teacher_cache):
+            s, c, more = run.eval_step(run.state["params"], run.frozen, global_batch(
+                rows, run.shardings.rows, (tcfg.batch_size, tcfg.data.max_seq_len)))
             total, count = total + float(s), count + float(c)
+            sums = {k: sums.get(k, 0.0) + float(v) for k, v in more.items()}
         run.val_loss = total / max(count, 1.0)
         if record:
-            values = {"val_loss": run.val_loss, "val_ppl": math.exp(min(run.val_loss, 50.0))}
+            values = {"val_loss": run.val_loss, **{f"val_{k}": v / max(count, 1.0) for k, v in sums.items()}}
+            if tcfg.method == "sft":  # a perplexity is of the next-token loss alone
+                values["val_ppl"] = math.exp(min(run.val_loss, 50.0))
             if run.val_cases:  # greedy answers to validation prompts, scored as `gemmatune eval` scores them
                 scored = answer_and_score(base, run.cfg, adapter, run.val_cases, run.tokenizer)
                 values.update({f"val_{name}": value for name, value in scored.means.items()})
@@ -331,7 +403,8 @@ def train_loop(run: Run, hooks: Sequence[Hook]) -> None:
         m = jax.device_get(sharding.to_host(m))
         run.tokens_seen += int(m["seen"])
         # Every step: the bar redraws in place (a terminal); plain lines appear every log_every steps.
-        run.progress.update(step, loss=float(m["loss"]), lr=float(run.lr_at(step - 1)), tokens=run.tokens_seen)
+        run.progress.update(step, loss=float(m["loss"]), lr=float(run.lr_at(step - 1)), tokens=run.tokens_seen,
+                            shown={k: float(m[k]) for k in SHOWN.get(run.tcfg.method, ())})
         if not m["finite"]:
             if run.tcfg.nonfinite == "stop":
                 last = latest_checkpoint(run.run_dir)
@@ -356,7 +429,7 @@ def finish(run: Run) -> Result:
     distributed.barrier("adapter")
     plot = plot_losses(run.log_dir / "metrics.jsonl", run.log_dir / "loss.png")
     wall = time.perf_counter() - run.started
-    summary = {"tokens_seen": run.tokens_seen, "steps": run.total, "wall_time_s": wall,
+    summary = {"method": tcfg.method, "tokens_seen": run.tokens_seen, "steps": run.total, "wall_time_s": wall,
                # this process's work, after a resume too
                "tokens_per_s": (run.tokens_seen - run.tokens_at_start) / wall,
                "train_loss": run.loss, "val_loss": run.val_loss, "skipped_steps": run.skipped,

@@ -222,8 +222,9 @@ class Progress:
         return (n1 - n0) / (t1 - t0)
 
     def update(self, step: int, *, loss: float | None = None, lr: float | None = None,
-               tokens: int | None = None) -> None:
-        """Called after every step; `tokens`: input tokens seen so far in the run (what tokens/s counts)."""
+               tokens: int | None = None, shown: dict[str, float] | None = None) -> None:
+        """Called after every step; `tokens`: input tokens seen so far in the run (what tokens/s counts); `shown`:
+        the objective's own metrics worth a glance (DPO's reward accuracy), printed after the loss."""
         now = time.monotonic()
         self._recent.append((now, step, tokens))
         if self._bar is None and step % self.every != 0 and step != self.total_steps:
@@ -231,6 +232,7 @@ class Progress:
         stats = []
         if loss is not None:
             stats.append(f"loss {loss:.4f}")
+        stats += [f"{name.replace('_', ' ')} {value:.4f}" for name, value in (shown or {}).items()]
         if lr is not None:
             stats.append(f"lr {lr:.2e}")
         if (rate := self.tokens_per_s()) is not None:
@@ -256,6 +258,7 @@ class Progress:
 
 # format_summary's keys, in display order: (key, label, how to show the value).
 _SUMMARY_ITEMS: list[tuple[str, str, Callable[[Any], str]]] = [
+    ("method", "method", str),
     ("tokens_seen", "tokens seen", "{:,}".format),
     ("trained_tokens", "trained tokens", "{:,}".format),
     ("steps", "steps", "{:,}".format),
@@ -276,12 +279,13 @@ _SUMMARY_ITEMS: list[tuple[str, str, Callable[[Any], str]]] = [
 
 def format_summary(d: dict[str, Any]) -> str:
     """End-of-run summary, one aligned `label  value` line per key present in `d` (keys: see _SUMMARY_ITEMS; the
-    validation perplexity is derived from val_loss). Unknown keys raise, so a misspelt key is not silently lost."""
+    validation perplexity is derived from val_loss, when that is a next-token loss: method sft, the default). Unknown
+    keys raise, so a misspelt key is not silently lost."""
     known = {key for key, _, _ in _SUMMARY_ITEMS}
     if unknown := d.keys() - known:
         raise ValueError(f"format_summary: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
     d = dict(d)
-    if d.get("val_loss") is not None:
+    if d.get("val_loss") is not None and d.get("method", "sft") == "sft":
         d["val_perplexity"] = math.exp(min(d["val_loss"], 709.0))  # 709: largest exp() that fits a float
     items = [(label, fmt(d[key])) for key, label, fmt in _SUMMARY_ITEMS if d.get(key) is not None]
     width = max((len(label) for label, _ in items), default=0)
