@@ -27,9 +27,12 @@ quality  The task of benchmarks/tasks.py (an ISO date rewritten as day.month.yea
          metrics.jsonl (every step has the same positions, so the ratio is the ratio of steps/s).
 memory   XLA's memory_analysis of the compiled train step (step.abstract_step, as `gemmatune plan` and
          benchmarks/qlora.py compile it, from shapes, on the CPU compiler) for an SFT step of a student, a
-         distillation step with the teacher in it, and a distillation step from a teacher cache: per MEMORY_PAIRS
-         (gemma2-9b -> gemma2-2b and gemma3-4b -> gemma3-1b at seq 1024, batch 1, LoRA r=8, bfloat16, remat full)
-         and the tiny pair of the quality part at its own shapes.
+         distillation step with the teacher in it, and a distillation step from a teacher cache (top-64): for each
+         --memory-pairs (default gemma2-9b -> gemma2-2b; seq 1024, batch 1, LoRA r=8, bfloat16, remat full) and
+         the tiny pair of the quality part at its own shapes (full fine-tuning, float32, batch 16 x 32), compiled
+         for one TPU v5p chip by XLA's TPU compiler (libtpu, no TPU needed; the stand-in `gemmatune plan` uses for
+         GPUs), or --memory-compiler cpu (whose bfloat16 steps hold a float32 copy of every projection:
+         BENCHMARKS.md, QLoRA section).
 
 One process; the processor and the load average are recorded with the figures.
 """
@@ -61,7 +64,7 @@ STUDENTS = (
     ("distill, kd_alpha 1", {"method": "distill", "teacher": True, "kd_alpha": 1.0}),
     ("distill, teacher cache top-64", {"method": "distill", "teacher": True, "teacher_cache": True, "kd_topk": 64}),
 )
-MEMORY_PAIRS = (("gemma2-2b", "gemma2-9b"), ("gemma3-1b", "gemma3-4b"))
+MEMORY_PAIRS = "gemma2-2b:gemma2-9b"  # --memory-pairs default: student:teacher presets, comma-separated
 PARTS = ("quality", "memory")
 MiB = 2 ** 20
 
@@ -126,7 +129,18 @@ def run_scores(run_dir: Path, steps: int) -> dict[str, Any]:
             "train_loss": [m["loss"] for m in lines if "loss" in m][-1]}
 
 
-def quality(recipe: Recipe, n_held_out: int, tmp: Path) -> dict[str, Any]:
+def variant(spec: str) -> tuple[str, dict[str, Any]]:
+    """--variant "kd_temperature=2,kd_alpha=0.9" -> an extra student distilled with the teacher in the step."""
+    fields: dict[str, Any] = {"method": "distill", "teacher": True}
+    for item in spec.split(","):
+        key, _, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        fields[key] = int(value) if key == "kd_topk" else value if key == "kd_loss" else float(value)
+    return f"distill, {spec}", fields
+
+
+def quality(recipe: Recipe, n_held_out: int, tmp: Path, students_: tuple[tuple[str, dict[str, Any]], ...] = STUDENTS
+            ) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
 
@@ -158,7 +172,7 @@ def quality(recipe: Recipe, n_held_out: int, tmp: Path) -> dict[str, Any]:
                **run_scores(tmp / "teacher-run", recipe.teacher_steps), "em": em(weights, tcfg)}
     print(json.dumps(teacher), file=sys.stderr, flush=True)
     students = []
-    for name, fields in STUDENTS:
+    for name, fields in students_:
         fields = {**fields, **({"teacher": str(tmp / "teacher")} if fields.get("teacher") else {}),
                   **({"teacher_cache": str(tmp / "cache")} if fields.get("teacher_cache") else {})}
         run = tmp / f"student-{len(students)}"
@@ -196,7 +210,7 @@ def step_memory(cfg: Any, tcfg: Any, shapes: Any, devices: list[Any], teacher: A
             - stats.alias_size_in_bytes, "compile_s": time.perf_counter() - t0}
 
 
-def memory(recipe: Recipe, seq: int, batch: int, compiler: str) -> list[dict[str, Any]]:
+def memory(recipe: Recipe, pairs: str, seq: int, batch: int, compiler: str) -> list[dict[str, Any]]:
     """SFT, in-step distillation and teacher-cache distillation steps of each pair, compiled for one device: a
     TPU v5p chip (XLA's TPU compiler, no TPU needed; the stand-in `gemmatune plan` uses for GPUs: bfloat16 native)
     or this machine's CPU."""
@@ -216,7 +230,8 @@ def memory(recipe: Recipe, seq: int, batch: int, compiler: str) -> list[dict[str
     out = []
     cases = [(s, t, PRESETS[s], PRESETS[t], Shapes(1, batch, seq),
               TrainConfig(model=s, dtype="bfloat16", batch_size=batch, remat="full",
-                          data=DataConfig(max_seq_len=seq))) for s, t in MEMORY_PAIRS]
+                          data=DataConfig(max_seq_len=seq)))
+             for s, t in (pair.split(":") for pair in pairs.split(",") if pair)]
     tiny_tcfg = recipe.train_config(Path("tiny"), Path("unused"), Path("unused"), Path("unused"), recipe.steps)
     cases.append(("tiny", "tiny teacher", PRESETS["tiny"], teacher_config(), Shapes(1, recipe.batch, recipe.seq),
                   tiny_tcfg))
@@ -239,7 +254,8 @@ def memory_child(a: argparse.Namespace, recipe: Recipe) -> list[dict[str, Any]]:
     if a.memory_compiler == "tpu":
         env.update(TPU_SKIP_MDS_QUERY="1", TPU_ACCELERATOR_TYPE="v3-8", TPU_WORKER_HOSTNAMES="localhost",
                    ALLOW_MULTIPLE_LIBTPU_LOAD="1")
-    cmd = [sys.executable, __file__, "--child", "--memory-compiler", a.memory_compiler, "--memory-seq",
+    cmd = [sys.executable, __file__, "--child", "--memory-compiler", a.memory_compiler, "--memory-pairs",
+           a.memory_pairs, "--memory-seq",
            str(a.memory_seq), "--memory-batch", str(a.memory_batch), "--steps", str(recipe.steps), "--batch",
            str(recipe.batch)]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
@@ -273,8 +289,9 @@ def report_memory(rows: list[dict[str, Any]]) -> None:
             print(f"  {label:40}{(m['student_weights'] + m['teacher_weights']) / MiB:12.1f}"
                   f"{m['arguments'] / MiB:10.1f}{m['temporaries'] / MiB:10.1f}{m['total'] / MiB:11.1f}"
                   f"{m['total'] / r['sft']['total']:7.2f}{m['compile_s']:10.1f}")
-    print(f"  (compiler: {rows[0]['compiler']}; XLA's memory_analysis of the compiled step, one device; weights: the frozen student base and teacher, "
-          "among the arguments; total: arguments + temporaries + outputs not aliased to donated inputs)")
+    print(f"  (compiler: {rows[0]['compiler']}; XLA's memory_analysis of the compiled step, one device; weights: "
+          "the frozen student base and teacher, among the arguments; total: arguments + temporaries + outputs not "
+          "aliased to donated inputs)")
 
 
 def main() -> None:
@@ -287,7 +304,11 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=default.lr)
     ap.add_argument("--train-on", choices=("model", "all"), default=default.train_on,
                     help="model: the answer and <eos> are trained and scored; all: every token of the example")
+    ap.add_argument("--variant", action="append", default=[], help="an extra student distilled with the teacher "
+                    "in the step, with these settings (e.g. kd_temperature=2,kd_alpha=0.9); repeatable")
     ap.add_argument("--held-out", type=int, default=128, help="held-out examples scored")
+    ap.add_argument("--memory-pairs", default=MEMORY_PAIRS, help="student:teacher presets whose steps are compiled "
+                    "(e.g. gemma2-2b:gemma2-9b,gemma3-1b:gemma3-4b), besides the tiny pair")
     ap.add_argument("--memory-seq", type=int, default=1024)
     ap.add_argument("--memory-batch", type=int, default=1)
     ap.add_argument("--memory-compiler", choices=("tpu", "cpu"), default="tpu",
@@ -301,7 +322,7 @@ def main() -> None:
     recipe = dataclasses.replace(default, steps=a.steps, teacher_steps=a.teacher_steps, batch=a.batch, lr=a.lr,
                                  train_on=a.train_on)
     if a.child:
-        print(json.dumps(memory(recipe, a.memory_seq, a.memory_batch, a.memory_compiler)))
+        print(json.dumps(memory(recipe, a.memory_pairs, a.memory_seq, a.memory_batch, a.memory_compiler)))
         return
     t_start = time.perf_counter()
     print(f"processor {cpu_name()!r}, {len(os.sched_getaffinity(0))} CPUs, load average {os.getloadavg()[0]:.2f}; "
@@ -311,7 +332,7 @@ def main() -> None:
                                "n_train": N_TRAIN, "held_out": a.held_out, "teacher_fields": TEACHER_FIELDS}
     if "quality" in parts:
         with tempfile.TemporaryDirectory() as tmp:
-            results["quality"] = quality(recipe, a.held_out, Path(tmp))
+            results["quality"] = quality(recipe, a.held_out, Path(tmp), STUDENTS + tuple(map(variant, a.variant)))
         report_quality(results["quality"], recipe, a.held_out)
     if "memory" in parts:
         results["memory"] = memory_child(a, recipe)
