@@ -3,7 +3,9 @@ against supervised fine-tuning of the same student for the same steps; and the m
 step against an SFT step.
 
     python benchmarks/distill.py [--only quality,memory] [--train-on model|all] [--steps 60] [--teacher-steps 150]
-                                 [--batch 16] [--lr 2e-3] [--held-out 128] [--json out.json]
+                                 [--batch 16] [--lr 2e-3] [--held-out 128] [--variant kd_temperature=2,...]
+                                 [--memory-pairs gemma2-2b:gemma2-9b,...] [--memory-compiler tpu|cpu]
+                                 [--json out.json]
 
 quality  The task of benchmarks/tasks.py (an ISO date rewritten as day.month.year, "Date: 2024-03-15\\nDMY: " ->
          "15.03.2024"), tokenized by the embedded tiny model's tokenizer (digits split: 32 tokens per example with
@@ -11,22 +13,23 @@ quality  The task of benchmarks/tasks.py (an ISO date rewritten as day.month.yea
          trains the answer and <eos> (the task as tasks.py defines it); all trains every token of the example too
          (the prompt's date is random, so its next-token distribution has entropy a teacher knows and a label does
          not carry).
-         The teacher: the tiny model's config widened and deepened (TEACHER: hidden 256, 6 layers, 8 heads; about
-         4x the parameters), same tokenizer, random init, written as a Hugging Face checkpoint and trained with
+         The teacher: the tiny model's config widened and deepened (TEACHER_FIELDS: hidden 256, 6 layers, 8 heads;
+         about 4x the parameters), same tokenizer, random init, written as a Hugging Face checkpoint and trained with
          `gemmatune.train(TrainConfig(tune="full", ...))` for --teacher-steps. Its final weights are read back from
          the run's last checkpoint and written as a checkpoint again: the --teacher of the students.
          The students: the embedded tiny model (its random weights), each trained for --steps with the same data,
          order, lr, batch and schedule (full fine-tuning, float32, AdamW after clipping at 1.0, 5% warmup then
          cosine): sft; distill with the teacher in the step (STUDENTS: the default kd settings, forward KL at
          temperature 1 mixed half and half with the cross-entropy, and pure distillation, kd_alpha 1); distill
-         from a teacher cache (top-64 log-probabilities computed once, --teacher-cache).
+         from a teacher cache (top-64 log-probabilities computed once, --teacher-cache); and one more in-step
+         distillation student per --variant (TrainConfig fields, e.g. kd_temperature=2,kd_alpha=0.9).
          Scored for each model: held-out cross-entropy of the trained tokens (gemmatune's own validation pass at
          the end of the run: val_loss for sft, val_ce, the cross-entropy part, for distill; the same tokens and
          weights either way), and held-out exact match (tasks.exact_match of greedy answers from tasks.
          gemmatune_answers on the final weights). Speed: training tokens/s over steps 2.. from each run's
          metrics.jsonl (every step has the same positions, so the ratio is the ratio of steps/s).
 memory   XLA's memory_analysis of the compiled train step (step.abstract_step, as `gemmatune plan` and
-         benchmarks/qlora.py compile it, from shapes, on the CPU compiler) for an SFT step of a student, a
+         benchmarks/qlora.py compile it, from shapes) for an SFT step of a student, a
          distillation step with the teacher in it, and a distillation step from a teacher cache (top-64): for each
          --memory-pairs (default gemma2-9b -> gemma2-2b; seq 1024, batch 1, LoRA r=8, bfloat16, remat full) and
          the tiny pair of the quality part at its own shapes (full fine-tuning, float32, batch 16 x 32), compiled
@@ -34,7 +37,8 @@ memory   XLA's memory_analysis of the compiled train step (step.abstract_step, a
          GPUs), or --memory-compiler cpu (whose bfloat16 steps hold a float32 copy of every projection:
          BENCHMARKS.md, QLoRA section).
 
-One process; the processor and the load average are recorded with the figures.
+Quality runs in this process, memory in a child process (the compiler is fixed when JAX starts); the processor and
+the load average are recorded with the figures.
 """
 
 from __future__ import annotations
