@@ -36,11 +36,12 @@ RowLoss = Callable[[jax.Array, Any], tuple[jax.Array, dict[str, jax.Array]]]
 
 
 def chunked_rows(params: Params, h: jax.Array, cfg: ModelConfig, chunk: int, fn: RowLoss, rows: Any = None,
-                 shared: Any = None, grad: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+                 shared: Any = None, grad: bool = True) -> Any:
     """fn at every position: h [B, T, D] hidden states (before the final norm); rows: a pytree of [B, T, ...]
     arrays, each position's extra inputs; shared: a pytree given whole to every chunk (a teacher's weights).
     fn receives (logits [c, V], (rows' chunk, shared)). Returns (loss [B, T], metrics {name: [B, T]}), float32.
-    grad=False: no gradient is wanted (a frozen reference model), so none is computed."""
+    grad=False: no gradient is wanted (a frozen model), so none is computed, and fn may return any pytree of
+    [c, ...] arrays, returned as [B, T, ...]."""
     B, T, D = h.shape
     n = B * T
     chunk = min(chunk, n)
@@ -50,15 +51,15 @@ def chunked_rows(params: Params, h: jax.Array, cfg: ModelConfig, chunk: int, fn:
         a = a.reshape(n, *a.shape[2:])
         return jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)).reshape(-1, chunk, *a.shape[1:])
 
-    def body(_: None, xs: tuple[jax.Array, Any]) -> tuple[None, tuple[jax.Array, dict[str, jax.Array]]]:
+    def body(_: None, xs: tuple[jax.Array, Any]) -> tuple[None, Any]:
         hc, rc = xs
         hn = rms_norm(hc, params["final_norm"], cfg.rms_norm_eps)  # [c, D]
         if grad:
             return None, row_losses(fn, cfg.final_logit_softcap, hn, params["embed"], (rc, shared))
         return None, fn(output_logits(hn, params["embed"], cfg.final_logit_softcap), (rc, shared))
 
-    _, (loss, metrics) = jax.lax.scan(body, None, (chunks(h), jax.tree.map(chunks, rows)))
-    return jax.tree.map(lambda a: a.reshape(-1)[:n].reshape(B, T), (loss, metrics))
+    _, out = jax.lax.scan(body, None, (chunks(h), jax.tree.map(chunks, rows)))  # [N / c, c, ...] each
+    return jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:])[:n].reshape(B, T, *a.shape[2:]), out)
 
 
 def chunked_loss(params: Params, h: jax.Array, targets: jax.Array, weights: jax.Array, cfg: ModelConfig,
