@@ -139,3 +139,17 @@ def test_preference_pairs_need_method_dpo_and_a_teacher_its_tokenizer(tmp_path, 
                  "--output", str(tmp_path / "out")]) == 2
     assert "the teacher's tokenizer differs from the student's" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_eval_of_preference_pairs_scores_their_chosen_responses(tmp_path, capsys):
+    pairs = write_pairs(tmp_path / "prefs.jsonl", 4)
+    chosen = tmp_path / "chosen.jsonl"
+    chosen.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r["chosen"]}) + "\n"
+                              for r in map(json.loads, pairs.read_text().splitlines())), encoding="utf-8")
+    outs = []
+    for data in (pairs, chosen):
+        assert main(["eval", "--data", str(data), "--json"]) == 0
+        outs.append(capsys.readouterr())
+    assert "evaluating 4 pairs (their chosen responses)" in outs[0].err
+    got, want = (json.loads(out.out)["runs"][0] for out in outs)
+    assert got["trained_tokens"] == want["trained_tokens"] > 0 and got["loss"] == want["loss"]
