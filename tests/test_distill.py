@@ -156,9 +156,13 @@ def test_distill_row_loss_equals_float64_formula(kind, beta, tau, alpha, v_s, v_
         close(g, w)
 
     ids, lp = topk_ref(lt, vocab)  # every shared id, in the teacher's order
-    loss, metrics = fn(zs, ((targets, (f32(ids), f32(lp))), None))
+    full_k = ((targets, (f32(ids), f32(lp))), None)
+    loss, metrics = fn(zs, full_k)
     for g, w in zip((loss, metrics["kd"], metrics["ce"]), want):
         close(g, w)
+    # and the same gradient as the in-step teacher (whose gradient test_chunked_rows_equal_full_logits checks)
+    grad = jax.grad(lambda z, extra: jnp.sum(fn(z, extra)[0] * jnp.arange(1.0, 6.0)))
+    close(grad(zs, full_k), grad(zs, ((targets, f32(x["ht"])), shared)))
 
 
 # --- 2. chunked rows (the custom VJP) against autodiff of the formula on full logits ---------------------------
@@ -322,13 +326,12 @@ def direct_objective(x: dict[str, Any], tcfg: TrainConfig):
     return jax.jit(jax.value_and_grad(loss, has_aux=True))
 
 
-def gemmatune_objective(x: dict[str, Any], tcfg: TrainConfig, teacher: ModelConfig | None, extra: dict | None = None):
+def gemmatune_objective(x: dict[str, Any], tcfg: TrainConfig, teacher: ModelConfig):
     loss_fn = distill_loss(SMALL, tcfg, teacher)
-    frozen = {**x["base"], "teacher": x["teacher"]} if teacher else x["base"]
-    batch = {**x["batch"], **(extra or {})}
+    frozen = {**x["base"], "teacher": x["teacher"]}
 
     def loss(trainable):
-        total, count, sums = loss_fn(trainable, frozen, batch, None)
+        total, count, sums = loss_fn(trainable, frozen, x["batch"], None)
         return total, (count, sums)
 
     return jax.jit(jax.value_and_grad(loss, has_aux=True))
@@ -350,7 +353,9 @@ def test_objective_with_in_step_teacher_equals_direct_formula(objective_inputs):
 
 def test_teacher_cache_at_full_k_equals_in_step_teacher(objective_inputs):
     """The cache path with k = the shared vocabulary (teacher.teacher_topk's ids and log-probabilities, a cache's
-    fill at untrained positions) gives the in-step teacher's loss and gradient: no probability is left outside."""
+    fill at untrained positions) gives the in-step teacher's loss: no probability is left outside. (Its gradient:
+    test_distill_row_loss_equals_float64_formula; the top-k path's gradient with the fill:
+    test_chunked_rows_equal_full_logits.)"""
     x = objective_inputs
     vocab = SMALL.vocab_size
     b = x["batch"]
@@ -359,14 +364,13 @@ def test_teacher_cache_at_full_k_equals_in_step_teacher(objective_inputs):
     trained = (b["weights"] > 0)[..., None]
     extra = {"teacher_ids": jnp.where(trained, ids, 0), "teacher_logprobs": jnp.where(trained, lp, 0.0)}
     cached = dataclasses.replace(IN_STEP, teacher_cache="cache", kd_topk=vocab)
-    (s, (count, sums)), grads = gemmatune_objective(x, cached, None, extra)(x["trainable"])
-    (rs, (rcount, rsums)), rgrads = x["in_step"]
+    loss_fn = distill_loss(SMALL, cached, None)
+    s, count, sums = jax.jit(lambda t: loss_fn(t, x["base"], {**b, **extra}, None))(x["trainable"])
+    (rs, (rcount, rsums)), _ = x["in_step"]
     assert float(count) == float(rcount)
     close(s, rs)
     for name in ("kd", "ce"):
         close(sums[name], rsums[name])
-    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(rgrads)):
-        close(g, r)
 
 
 # --- 5. memory -------------------------------------------------------------------------------------------------
