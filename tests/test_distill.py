@@ -378,11 +378,12 @@ def test_teacher_cache_at_full_k_equals_in_step_teacher(objective_inputs):
 def test_distill_step_memory_stays_far_below_full_logits():
     """Point 2 of the issue: with a 256k vocabulary student and teacher (the generalized JSD, the most terms), the
     compiled train step's temporaries stay far below the logits of either model (abstract shapes: nothing is
-    allocated). Measured (float32, XLA CPU): about 10 [chunk, V] float32 buffers live while a chunk's losses and
-    gradient are made (the student's logits, log-softmax and gradient, the teacher's logits and log-softmax, the
-    mixture and its terms; SFT's loss needs about 3), independent of B * T: 1502 MiB at B 2, 1652 MiB at B 4
-    (the difference is attention's [T, T] temporaries, as for SFT); at B 4, T 1024, chunk 128 that is 0.41x one
-    [B, T, V] float32 array, where whole logits would need at least 2x (both models') before any gradient."""
+    allocated). Measured (float32, XLA CPU, B 2, T 1024, chunks 64 and 128): per chunk about 10 [chunk, V]
+    float32 buffers for the JSD, 8 for forward KL, 6 from a teacher cache (SFT's loss: 2); independent of B * T
+    (B 4 adds only attention's [T, T] temporaries, as for SFT); plus a copy of the teacher's first `vocab`
+    embedding rows when it has more (here 256128 x 96 x 4 bytes = 94 MiB). At B 4, T 1024, chunk 128: 1652 MiB,
+    0.41x one [B, T, V] float32 array, where whole logits would need at least 2x (both models') before any
+    gradient."""
     student = ModelConfig(vocab_size=256000, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2,
                           num_kv_heads=1, head_dim=32, query_pre_attn_scalar=32)
     teacher = dataclasses.replace(student, vocab_size=256128, hidden_size=96, head_dim=48, query_pre_attn_scalar=48)
