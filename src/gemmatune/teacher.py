@@ -36,11 +36,9 @@ def teacher_topk(params: Params, batch: dict[str, jax.Array], cfg: ModelConfig, 
         raise ValueError(f"temperature must be positive, got {temperature}")
     h = hidden_states(params, batch["inputs"], cfg, positions=batch["positions"], segment_ids=batch["segment_ids"],
                       dtype=dtype, attn_impl=attn_impl)  # [B, T, D]
-    # The ids teacher and student share are the first ones: only those rows of the output projection.
-    shared = {"embed": params["embed"][:vocab], "final_norm": params["final_norm"]}
-
-    def top(logits: jax.Array, _: Any) -> tuple[jax.Array, jax.Array]:  # [c, vocab] -> [c, k] each
-        logprobs, ids = jax.lax.top_k(jax.nn.log_softmax(logits / temperature, axis=-1), k)
+    def top(logits: jax.Array, _: Any) -> tuple[jax.Array, jax.Array]:  # [c, V] -> [c, k] each
+        # The ids teacher and student share are the first ones; the logits are cut, not the embedding (a copy).
+        logprobs, ids = jax.lax.top_k(jax.nn.log_softmax(logits[:, :vocab] / temperature, axis=-1), k)
         return ids.astype(jnp.int32), logprobs
 
-    return chunked_rows(shared, h, cfg, chunk, top, grad=False)
+    return chunked_rows(params, h, cfg, chunk, top, grad=False)
