@@ -118,9 +118,11 @@ def test_on_8_simulated_devices() -> None:
     assert r.returncode == 0, r.stdout[-8000:] + r.stderr[-3000:]
 
 
-def _train_step(cfg: ModelConfig, mesh: jax.sharding.Mesh | None, tcfg: TrainConfig = TCFG) -> tuple[dict, dict]:
+def _train_step(cfg: ModelConfig, mesh: jax.sharding.Mesh | None, tcfg: TrainConfig = TCFG,
+                teacher: ModelConfig | None = None) -> tuple[dict, dict]:
     """One step (2 micro-batches of 8 rows) from adapters with a non-zero B, so both A and B get gradients; with
-    tcfg.quantize, on the base quantized as the loaders quantize it."""
+    tcfg.quantize, on the base quantized as the loaders quantize it; with `teacher`, distilling from a teacher of
+    that config in the step."""
     base = strong_params(cfg)
     if tcfg.quantization() is not None:
         base = {**base, "layers": {k: quantize(v, k, tcfg.quantization()) if k.endswith("_proj") else v
@@ -128,14 +130,16 @@ def _train_step(cfg: ModelConfig, mesh: jax.sharding.Mesh | None, tcfg: TrainCon
     opt = T.optimizer(tcfg, 10)
     trainable, frozen = T.split_trainable(base, cfg, tcfg, jax.random.key(1))
     trainable = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(2), a.shape), trainable)
+    if teacher is not None:
+        frozen = {**frozen, "teacher": strong_params(teacher, seed=1)}
     b, shape = rows(16), (2, 8, 32)
     if mesh is None:
         state, batches = T.init_state(trainable, opt, jax.random.key(3)), T.Shapes(*shape).stack(b)
     else:
-        sh = T.step_shardings(cfg, tcfg, mesh, opt)
+        sh = T.step_shardings(cfg, tcfg, mesh, opt, teacher)
         state, frozen = T.init_state(trainable, opt, jax.random.key(3), sh.state), S.put(frozen, sh.frozen)
         batches = T.global_batch(b, sh.batches, shape)
-    new, metrics = T.make_train_step(cfg, tcfg, opt, mesh)(state, frozen, batches)
+    new, metrics = T.make_train_step(cfg, tcfg, opt, mesh, teacher=teacher)(state, frozen, batches)
     if mesh is not None:  # the state stays where step_shardings put it
         flat = zip(jax.tree.leaves(new["params"]), jax.tree.leaves(sh.state["params"]))
         assert all(a.sharding.is_equivalent_to(s, a.ndim) for a, s in flat)
@@ -163,6 +167,21 @@ def test_a_quantized_base_trains_the_same_on_a_mesh() -> None:
     ref_params, ref = _train_step(DIV8, None, tcfg)
     params, m = _train_step(DIV8, S.make_mesh("data=2,fsdp=2,model=2"), tcfg)
     np.testing.assert_allclose(m["loss"], ref["loss"], rtol=1e-6, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
+@on_eight
+def test_distillation_trains_the_same_on_a_mesh() -> None:
+    """A teacher in the step (here with a larger vocabulary) is split like any base; one step gives the same numbers
+    as on one device, the divergence and cross-entropy included."""
+    tcfg = dataclasses.replace(TCFG, method="distill", teacher="big", kd_temperature=2.0)
+    teacher = dataclasses.replace(DIV8, vocab_size=DIV8.vocab_size + 64)
+    ref_params, ref = _train_step(DIV8, None, tcfg, teacher)
+    params, m = _train_step(DIV8, S.make_mesh("data=2,fsdp=2,model=2"), tcfg, teacher)
+    assert set(m) == set(ref) == {"loss", "tokens", "grad_norm", "finite", "seen", "kd", "ce"}
+    for k in ref:
+        np.testing.assert_allclose(m[k], ref[k], rtol=1e-5, atol=1e-5, err_msg=k)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
 

@@ -300,5 +300,8 @@ def test_format_summary():
     # Aligned: every value starts in the same column.
     assert len({len(line) - len(line[line.rindex("  ") + 2:]) for line in lines}) == 1
     assert "perplexity" not in format_summary({"steps": 3, "train_loss": 1.0})
+    # DPO's and distillation's losses are no next-token loss: no perplexity from them
+    assert "validation perplexity  2.718" in format_summary({"method": "sft", "val_loss": 1.0})
+    assert "perplexity" not in format_summary({"method": "dpo", "val_loss": 1.0})
     with pytest.raises(ValueError, match="val_ppl"):
         format_summary({"val_ppl": 3.0})

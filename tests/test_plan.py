@@ -178,3 +178,21 @@ def test_plans_while_another_process_holds_libtpu(tmp_path: Path) -> None:
             assert p.fits and p.bytes["weights"] > 0
         finally:
             proc.kill()
+
+
+def test_a_distillation_plan_counts_the_teacher() -> None:
+    """--method distill: the teacher's weights share the devices and count among the weights (a note says how
+    much); from a teacher cache there is no teacher, and the batches carry its top-k instead."""
+    from gemmatune.cli import format_plan
+
+    cfg = PRESETS["tiny"]
+    teacher = dataclasses.replace(cfg, hidden_size=2 * cfg.hidden_size, intermediate_size=2 * cfg.intermediate_size)
+    tcfg = _tcfg(64, 2, method="distill", teacher="big")
+    [p] = plan(cfg, tcfg, "cpu", suggest=False, teacher=teacher)
+    student, theirs = nbytes(param_structs(cfg, "bfloat16")), nbytes(param_structs(teacher, "bfloat16"))
+    assert p.bytes["weights"] == student + theirs
+    assert f"(weights: {theirs / GiB:.2f} GiB of them the teacher's)" in format_plan(p)
+    [cached] = plan(cfg, dataclasses.replace(tcfg, teacher_cache="dir", kd_topk=8), "cpu", suggest=False)
+    assert cached.bytes["weights"] == student
+    # "other" also holds the step's small outputs; the cache adds two [1, B, T, K] arrays of 4-byte items
+    assert cached.bytes["other"] - p.bytes["other"] == 2 * (2 * 64 * 8 * 4)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from gemmatune.config import EMBEDDED_MODEL, QUANT_KINDS, Quantization, TrainConfig
+from gemmatune.config import EMBEDDED_MODEL, METHODS, QUANT_KINDS, Quantization, TrainConfig
 from gemmatune.errors import GemmatuneError
 from gemmatune.hub import CONFIG_PRESETS, MODEL_HELP
 from gemmatune.platforms import configure_jax
@@ -282,9 +282,12 @@ def _plan(args: argparse.Namespace) -> None:
                                grad_accum=args.grad_accum, remat=args.remat, dtype=args.dtype, tune=args.tune,
                                loss_chunk=args.loss_chunk,
                                quantize=args.quantize, quantize_block=args.quantize_block,
-                               double_quant=args.double_quant)
+                               double_quant=args.double_quant, method=args.method, teacher=args.teacher,
+                               # any directory: the plan only needs to know the batches carry the cache's top-k
+                               teacher_cache="(planned)" if args.teacher_cache else "", kd_topk=args.kd_topk)
+    teacher = resolve_config(args.teacher) if args.method == "distill" and not args.teacher_cache else None
     memory = int(args.memory_gib * GiB) if args.memory_gib else None
-    plans = plan(cfg, tcfg, args.device, devices=args.devices, mesh=args.mesh or "", memory=memory)
+    plans = plan(cfg, tcfg, args.device, devices=args.devices, mesh=args.mesh or "", memory=memory, teacher=teacher)
     kind = DEVICES[args.device]
     n = args.devices or kind.devices
     if args.json:
@@ -292,15 +295,18 @@ def _plan(args: argparse.Namespace) -> None:
                           **plans[0].to_json(), "tried": [p.to_json() for p in plans[1:]]}, indent=2))
         return
     print(f"{args.model} on {n} x {kind.label}: seq {args.seq_len} x batch {args.batch_size} x accum "
-          f"{args.grad_accum}, {args.tune} (rank {args.lora_rank}), remat {args.remat}, {args.dtype}")
+          f"{args.grad_accum}, {args.method} {args.tune} (rank {args.lora_rank}), remat {args.remat}, {args.dtype}"
+          + (f", teacher {args.teacher}" + (" (from its cache)" if args.teacher_cache else "")
+             if args.method == "distill" else ""))
     print(format_plan(plans[0]))
     for p in plans[1:]:
         print(f"\ntried {p.changes}:")
         print(format_plan(p))
     fitting = [p for p in plans[1:] if p.fits]
     if not plans[0].fits:
+        teacher = " --teacher-cache (the teacher's top-k computed first, apart)," if teacher is not None else ""
         print("\n" + (f"It fits with: {fitting[0].changes}" if fitting else
-                      "Nothing tried fits: use more devices, a shorter --seq-len, or a smaller model."))
+                      f"Nothing tried fits: use more devices,{teacher} a shorter --seq-len, or a smaller model."))
 
 
 def _size(n: int) -> str:
@@ -494,6 +500,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "each chunk holds [chunk, vocab] float32 logits")
     pl.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     pl.add_argument("--tune", choices=["lora", "full"], default="lora", help="what is trained (train's --tune)")
+    pl.add_argument("--method", choices=METHODS, default="sft", help="what the model learns (train's --method)")
+    pl.add_argument("--teacher", default="", help="method distill: the teacher, as --model (only its config.json is "
+                                                  "read); its weights share the devices")
+    pl.add_argument("--teacher-cache", action="store_true",
+                    help="method distill: train from a teacher cache (train's --teacher-cache): no teacher weights")
+    pl.add_argument("--kd-topk", type=int, default=TrainConfig.kd_topk, help="with --teacher-cache: log-probs per "
+                                                                              "position in the batches")
     _quant_args(pl)
     pl.add_argument("--memory-gib", type=float, default=None, help="memory per device, overriding the device table")
     pl.add_argument("--json", action="store_true", help="the same figures in bytes, with fits: true|false")

@@ -385,12 +385,12 @@ class DataConfig:
     template: str = setting("chat", "instruction rows: chat (the Gemma chat template), plain (Instruction:/Response:) "
                                     "or a template with {instruction} that ends with {response}")
     train_on: str = setting("model", "model: only the model turns (with <end_of_turn>) and the final <eos> are "
-                                     "trained; all: every token")
+                                     "trained; all: every token (preference pairs: always their replies only)")
     max_seq_len: int = setting(1024, "input positions per packed row; an example of up to max_seq_len + 1 tokens "
                                      "fits")
     overflow: str = setting("truncate", "examples longer than a row: truncate (keep their start) or drop")
     packing: str = setting("pack", "pack (several examples per row) or pad (one example per row)")
-    shuffle_buffer: int = setting(4096, "examples shuffled and packed together")
+    shuffle_buffer: int = setting(4096, "examples (or preference pairs) shuffled and packed together")
     seed: int = setting(0, "seed of the data order and of the validation split")
     val_fraction: float = setting(0.0, "hold out this fraction of the examples for validation (unless val_paths)")
     val_paths: tuple[str, ...] = setting((), "validation files, read like paths")

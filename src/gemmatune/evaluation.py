@@ -266,9 +266,12 @@ def evaluate(model_dir: Path, adapters: Sequence[str], dcfg: DataConfig, opts: E
     with tempfile.TemporaryDirectory(prefix="gemmatune-eval-") as tmp:
         data = prepare(dcfg, tokenizer, tmp)
         split = data.val if data.val is not None else data.train
-        indices = split.indices[:opts.limit] if opts.limit else split.indices
+        # Preference pairs are evaluated on their chosen responses (the even indices): what the model should say.
+        indices = split.indices[::2] if split.pairs else split.indices
+        indices = indices[:opts.limit] if opts.limit else indices
         print(f"data: {describe(data.train.report)}; evaluating {len(indices)} "
-              f"{'validation ' if data.val is not None else ''}examples", file=log)
+              f"{'validation ' if data.val is not None else ''}"
+              f"{'pairs (their chosen responses)' if split.pairs else 'examples'}", file=log)
         cases = generation_cases(split.store, indices, tokenizer) if opts.generate else []
         t0 = time.perf_counter()
         cfg, base = load_model(model_dir, dtype=dtype, quant=quant)  # once, for every run

@@ -75,9 +75,11 @@ NONFINITE_HELP = ("Likely causes: a learning rate too high for this model (lower
                   "Pass --nonfinite skip to drop such steps and count them instead.")
 DATA_DIR = "data"
 
-StepMetrics = dict[str, Any]  # a train step's metrics on the host: loss, tokens, grad_norm, finite, seen, and
-STEP_METRICS = ("loss", "tokens", "grad_norm", "finite", "seen")  # the objective's own (DPO's rewards, ...)
-SHOWN = {"dpo": ("reward_accuracy", "reward_margin"), "distill": ("kd", "ce")}  # on the progress line too
+# A train step's metrics on the host: STEP_METRICS, then the objective's own (DPO's rewards, distillation's kd and
+# ce), of which SHOWN are on the progress line too.
+StepMetrics = dict[str, Any]
+STEP_METRICS = ("loss", "tokens", "grad_norm", "finite", "seen")
+SHOWN = {"dpo": ("reward_accuracy", "reward_margin"), "distill": ("kd", "ce")}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,11 +36,12 @@ RowLoss = Callable[[jax.Array, Any], tuple[jax.Array, dict[str, jax.Array]]]
 
 
 def chunked_rows(params: Params, h: jax.Array, cfg: ModelConfig, chunk: int, fn: RowLoss, rows: Any = None,
-                 shared: Any = None, grad: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+                 shared: Any = None, grad: bool = True) -> Any:
     """fn at every position: h [B, T, D] hidden states (before the final norm); rows: a pytree of [B, T, ...]
     arrays, each position's extra inputs; shared: a pytree given whole to every chunk (a teacher's weights).
     fn receives (logits [c, V], (rows' chunk, shared)). Returns (loss [B, T], metrics {name: [B, T]}), float32.
-    grad=False: no gradient is wanted (a frozen reference model), so none is computed."""
+    grad=False: no gradient is wanted (a frozen model), so none is computed, and fn may return any pytree of
+    [c, ...] arrays, returned as [B, T, ...]."""
     B, T, D = h.shape
     n = B * T
     chunk = min(chunk, n)
@@ -50,15 +51,15 @@ def chunked_rows(params: Params, h: jax.Array, cfg: ModelConfig, chunk: int, fn:
         a = a.reshape(n, *a.shape[2:])
         return jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)).reshape(-1, chunk, *a.shape[1:])
 
-    def body(_: None, xs: tuple[jax.Array, Any]) -> tuple[None, tuple[jax.Array, dict[str, jax.Array]]]:
+    def body(_: None, xs: tuple[jax.Array, Any]) -> tuple[None, Any]:
         hc, rc = xs
         hn = rms_norm(hc, params["final_norm"], cfg.rms_norm_eps)  # [c, D]
         if grad:
             return None, row_losses(fn, cfg.final_logit_softcap, hn, params["embed"], (rc, shared))
         return None, fn(output_logits(hn, params["embed"], cfg.final_logit_softcap), (rc, shared))
 
-    _, (loss, metrics) = jax.lax.scan(body, None, (chunks(h), jax.tree.map(chunks, rows)))
-    return jax.tree.map(lambda a: a.reshape(-1)[:n].reshape(B, T), (loss, metrics))
+    _, out = jax.lax.scan(body, None, (chunks(h), jax.tree.map(chunks, rows)))  # [N / c, c, ...] each
+    return jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:])[:n].reshape(B, T, *a.shape[2:]), out)
 
 
 def chunked_loss(params: Params, h: jax.Array, targets: jax.Array, weights: jax.Array, cfg: ModelConfig,
@@ -166,6 +167,39 @@ def divergence(kind: str, lp_teacher: jax.Array, lp_student: jax.Array, beta: fl
     return beta * kl(lp_teacher, m) + (1.0 - beta) * kl(lp_student, m)
 
 
+@partial(jax.custom_vjp, nondiff_argnums=(0, 3))
+def student_divergence(kind: str, z: jax.Array, lp_teacher: jax.Array, beta: float) -> jax.Array:
+    """divergence(kind, lp_teacher, log_softmax(z), beta): z [c, V] the student's logits (at the temperature),
+    lp_teacher [c, V] without gradient. Its gradient with respect to z is written out (softmax's Jacobian applied
+    by hand), so that XLA keeps two [c, V] arrays for it instead of autodiff's chain of them: forward KL
+    p_s - p_t; reverse KL and JSD p_s (a - sum(p_s a)) with a = lp_s - lp_t, or (1 - beta)(lp_s - lp_m)."""
+    return divergence(kind, lp_teacher, jax.nn.log_softmax(z, axis=-1), beta)
+
+
+def _div_fwd(kind: str, z: jax.Array, lp_teacher: jax.Array, beta: float
+             ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    lp_s = jax.nn.log_softmax(z, axis=-1)
+    return divergence(kind, lp_teacher, lp_s, beta), (lp_s, lp_teacher)
+
+
+def _div_bwd(kind: str, beta: float, res: tuple[jax.Array, jax.Array], ct: jax.Array
+             ) -> tuple[jax.Array, jax.Array]:
+    lp_s, lp_t = res
+    p_s = jnp.exp(lp_s)
+    if kind == "forward_kl" or kind == "jsd" and beta == 0.0:
+        g = p_s - jnp.exp(lp_t)
+    else:
+        if kind == "reverse_kl" or beta == 1.0:
+            a = lp_s - lp_t
+        else:
+            a = (1.0 - beta) * (lp_s - jnp.logaddexp(lp_t + np.log(beta), lp_s + np.log1p(-beta)))
+        g = p_s * (a - jnp.sum(p_s * a, axis=-1, keepdims=True))
+    return g * ct[:, None], jnp.zeros_like(lp_t)
+
+
+student_divergence.defvjp(_div_fwd, _div_bwd)
+
+
 def _log1mexp_sum(lp: jax.Array) -> jax.Array:
     """log(1 - sum(exp(lp))) over the last axis: the log-probability of every outcome not listed, [c]. Clipped
     away from log 0 (a top-k that is the whole vocabulary leaves ~0 up to rounding)."""
@@ -188,14 +222,15 @@ def distill(kind: str, temperature: float, alpha: float, beta: float, vocab: int
     ids and the rest of the vocabulary."""
     def fn(logits: jax.Array, extra: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
         (targets, teacher), shared = extra
-        lp_s = jax.nn.log_softmax(logits[:, :vocab] / temperature, axis=-1)  # [c, vocab]
+        z = logits[:, :vocab] / temperature  # [c, vocab]
         if shared is not None:  # the teacher's hidden states
             hn_t = rms_norm(teacher, shared["final_norm"], eps_teacher)
-            z_t = jax.lax.stop_gradient(output_logits(hn_t, shared["embed"][:vocab], cap_teacher))
-            kd = divergence(kind, jax.nn.log_softmax(z_t / temperature, axis=-1), lp_s, beta)
+            # The logits are cut to the shared ids, not the embedding: a slice of it would be a copy.
+            z_t = jax.lax.stop_gradient(output_logits(hn_t, shared["embed"], cap_teacher)[:, :vocab])
+            kd = student_divergence(kind, z, jax.nn.log_softmax(z_t / temperature, axis=-1), beta)
         else:
             ids, lp_t = teacher
-            picked = jnp.take_along_axis(lp_s, ids, axis=-1)  # [c, K]
+            picked = jnp.take_along_axis(jax.nn.log_softmax(z, axis=-1), ids, axis=-1)  # [c, K]
             kd = divergence(kind, topk_buckets(lp_t), topk_buckets(picked), beta)
         kd = kd * temperature ** 2
         ce = token_nll(logits, targets)

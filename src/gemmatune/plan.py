@@ -93,10 +93,12 @@ class Plan:
 
 
 def plan(cfg: ModelConfig, tcfg: TrainConfig, device: str, *, devices: int | None = None, mesh: str = "",
-         memory: int | None = None, suggest: bool = True) -> list[Plan]:
-    """The plan for `tcfg` (its batch_size, grad_accum, data.max_seq_len, lora, remat, dtype, method) on `devices`
-    of kind `device` (memory overrides the table's bytes per device). When it does not fit and `suggest`, the
-    plans tried to make it fit follow it, cheapest change first, up to the first that fits."""
+         memory: int | None = None, suggest: bool = True, teacher: ModelConfig | None = None) -> list[Plan]:
+    """The plan for `tcfg` (its batch_size, grad_accum, data.max_seq_len, lora, remat, dtype, tune, method) on
+    `devices` of kind `device` (memory overrides the table's bytes per device). `teacher`: the config of method
+    distill's teacher, run in the step (its weights count among the weights; with a teacher cache, pass None).
+    When it does not fit and `suggest`, the plans tried to make it fit follow it, cheapest change first, up to the
+    first that fits."""
     if device not in DEVICES:
         raise GemmatuneError(f"--device {device!r} is not one of {', '.join(DEVICES)}; or pass the closest one with "
                              "--memory-gib set to your device's memory.")
@@ -108,38 +110,43 @@ def plan(cfg: ModelConfig, tcfg: TrainConfig, device: str, *, devices: int | Non
                                  "devices.")
         _require_libtpu(device)
     with _Compiler(kind, n, memory or kind.memory) as compiler:
-        out = [compiler.plan(_request(cfg, tcfg, mesh, ""))]
-        for request in _candidates(tcfg, mesh, n, cfg) if suggest and not out[0].fits else []:
+        out = [compiler.plan(_request(cfg, tcfg, mesh, "", teacher))]
+        for request in _candidates(tcfg, mesh, n, cfg, teacher) if suggest and not out[0].fits else []:
             out.append(compiler.plan(request))
             if out[-1].fits:
                 break
     return out
 
 
-def _candidates(tcfg: TrainConfig, mesh: str, n: int, cfg: ModelConfig) -> list[dict[str, Any]]:
+def _candidates(tcfg: TrainConfig, mesh: str, n: int, cfg: ModelConfig, teacher: ModelConfig | None
+                ) -> list[dict[str, Any]]:
     """Changes that lower the memory per device, cheapest in speed first: recompute each layer in the backward pass,
     then halve the micro-batch (doubling accumulation: the same effective batch), then split the weights further."""
     out, remat = [], tcfg.remat
     if remat != "full":
         remat = "full"
-        out.append(_request(cfg, dataclasses.replace(tcfg, remat=remat), mesh, "--remat full"))
+        out.append(_request(cfg, dataclasses.replace(tcfg, remat=remat), mesh, "--remat full", teacher))
     t = dataclasses.replace(tcfg, remat=remat)
     while t.batch_size > 1 and t.batch_size % 2 == 0:
         t = dataclasses.replace(t, batch_size=t.batch_size // 2, grad_accum=t.grad_accum * 2)
-        out.append(_request(cfg, t, mesh, f"--remat {remat} --batch-size {t.batch_size} --grad-accum {t.grad_accum}"))
+        out.append(_request(cfg, t, mesh, f"--remat {remat} --batch-size {t.batch_size} --grad-accum {t.grad_accum}",
+                            teacher))
     # Weights split over every device: fsdp shards what the model axis cannot. fsdp groups take whole rows, so as
     # many as divide the batch; the model axis takes the rest.
     fsdp = math.gcd(n, tcfg.batch_size)
     if fsdp > 1:
         split = f"fsdp={fsdp}" + (f",model={n // fsdp}" if fsdp < n else "")
-        out.append(_request(cfg, dataclasses.replace(tcfg, remat=remat), split, f"--remat {remat} --mesh {split}"))
+        out.append(_request(cfg, dataclasses.replace(tcfg, remat=remat), split, f"--remat {remat} --mesh {split}",
+                            teacher))
     return out
 
 
-def _request(cfg: ModelConfig, tcfg: TrainConfig, mesh: str, changes: str) -> dict[str, Any]:
+def _request(cfg: ModelConfig, tcfg: TrainConfig, mesh: str, changes: str, teacher: ModelConfig | None = None
+             ) -> dict[str, Any]:
     from gemmatune.settings import to_dict
 
-    return {"model": cfg.to_hf_dict(), "train": to_dict(tcfg), "mesh": mesh, "changes": changes}
+    return {"model": cfg.to_hf_dict(), "train": to_dict(tcfg), "mesh": mesh, "changes": changes,
+            "teacher": teacher.to_hf_dict() if teacher else None}
 
 
 def _require_libtpu(device: str) -> None:
@@ -234,13 +241,16 @@ def _child(job: dict[str, Any], devices: list[Any]) -> dict[str, Any]:
 
     cfg = from_hf_dict(job["model"])
     tcfg = config_from_dict(job["train"])
+    teacher = from_hf_dict(job["teacher"]) if job.get("teacher") else None
     mesh = sharding.make_mesh(job["mesh"] or None, devices[:job["devices"]], cfg, tcfg.batch_size)
     sharding.check_batch(mesh, tcfg.batch_size)
     step, (state, frozen, batches) = abstract_step(cfg, tcfg, mesh, Shapes(tcfg.grad_accum, tcfg.batch_size,
-                                                                             tcfg.data.max_seq_len))
+                                                                             tcfg.data.max_seq_len), teacher)
     parts = {"weights": _per_device(frozen), "adapters": _per_device(state["params"]),
              "optimizer": _per_device(state["opt_state"]), "other": _per_device(batches)}
     notes, refused = [], False
+    if teacher is not None:
+        notes.append(f"weights: {_per_device(frozen['teacher']) / GiB:.2f} GiB of them the teacher's")
     quant = tcfg.quantization()
     if quant is not None:  # the one place, text and JSON, that says what "weights" are
         notes.append(f"weights: the base's projections quantized ({quant.describe()}), embedding and norms "

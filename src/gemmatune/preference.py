@@ -12,6 +12,8 @@ formulas of TRL's DPOTrainer (sigmoid, IPO), CPOTrainer (SimPO) and ORPOTrainer:
 
 p: the policy's summed log-probabilities, r: the reference's, m: the policy's per-token means, c/r: chosen and
 rejected; eps is label smoothing. Rewards are beta (p - r) (means for ipo), beta m for the reference-free losses.
+ORPO's NLL term is the chosen response's per-token mean (the paper's; TRL's ORPOTrainer averages over every chosen
+token of the batch), and SimPO has none (CPOTrainer with cpo_alpha 0).
 """
 
 from __future__ import annotations

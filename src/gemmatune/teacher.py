@@ -6,7 +6,8 @@ as every scoring path computes them), restricted to the first `vocab` ids and no
 student of one tokenizer share their first ids (Gemma 3 4B and up have 262,208 embedding rows, 270M and 1B
 262,144), so `vocab` is the smaller of the two.
 
-Like loss.chunked_loss, the logits exist a chunk of positions at a time ([chunk, vocab]), never as [B, T, vocab].
+As for every loss (loss.chunked_rows), the logits exist a chunk of positions at a time ([chunk, vocab]), never as
+[B, T, vocab].
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import jax.numpy as jnp
 
 from gemmatune.config import ModelConfig
 from gemmatune.layout import Params
-from gemmatune.model import hidden_states, output_logits, rms_norm
+from gemmatune.loss import chunked_rows
+from gemmatune.model import hidden_states
 
 
 def teacher_topk(params: Params, batch: dict[str, jax.Array], cfg: ModelConfig, *, k: int, temperature: float,
@@ -34,18 +36,9 @@ def teacher_topk(params: Params, batch: dict[str, jax.Array], cfg: ModelConfig, 
         raise ValueError(f"temperature must be positive, got {temperature}")
     h = hidden_states(params, batch["inputs"], cfg, positions=batch["positions"], segment_ids=batch["segment_ids"],
                       dtype=dtype, attn_impl=attn_impl)  # [B, T, D]
-    B, T, D = h.shape
-    n = B * T
-    chunk = min(chunk, n)
-    pad = -n % chunk
-    h = jnp.pad(h.reshape(n, D), ((0, pad), (0, 0))).reshape(-1, chunk, D)  # [N / c, c, D]
-    embed = params["embed"][:vocab]  # [vocab, D]: the ids teacher and student share are the first ones
+    def top(logits: jax.Array, _: Any) -> tuple[jax.Array, jax.Array]:  # [c, V] -> [c, k] each
+        # The ids teacher and student share are the first ones; the logits are cut, not the embedding (a copy).
+        logprobs, ids = jax.lax.top_k(jax.nn.log_softmax(logits[:, :vocab] / temperature, axis=-1), k)
+        return ids.astype(jnp.int32), logprobs
 
-    def body(_: None, hc: jax.Array) -> tuple[None, tuple[jax.Array, jax.Array]]:
-        hn = rms_norm(hc, params["final_norm"], cfg.rms_norm_eps)  # [c, D]
-        z = output_logits(hn, embed, cfg.final_logit_softcap) / temperature  # float32 [c, vocab]
-        logprobs, ids = jax.lax.top_k(jax.nn.log_softmax(z, axis=-1), k)  # [c, k] each
-        return None, (ids.astype(jnp.int32), logprobs)
-
-    _, (ids, logprobs) = jax.lax.scan(body, None, h)  # [N / c, c, k] each
-    return ids.reshape(-1, k)[:n].reshape(B, T, k), logprobs.reshape(-1, k)[:n].reshape(B, T, k)
+    return chunked_rows(params, h, cfg, chunk, top, grad=False)

@@ -29,7 +29,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, NoReturn, Protocol
@@ -232,15 +232,21 @@ class ExampleStore:
         return [found[i] for i in wanted.tolist()]
 
     def _read(self, f: Any, name: str, start: int, count: int, dtype: np.dtype) -> np.ndarray:
-        out = np.empty(count, dtype)
-        view, done = memoryview(out).cast("B"), 0
-        f.seek(start * dtype.itemsize)
-        while done < len(view):  # one read() returns at most ~2 GB on Linux
-            got = f.readinto(view[done:])
-            if not got:
-                self._corrupt(f"{name} ended early")
-            done += got
-        return out
+        return read_items(f, start, count, dtype, lambda: self._corrupt(f"{name} ended early"))
+
+
+def read_items(f: Any, start: int, count: int, dtype: np.dtype, ended: Callable[[], NoReturn]) -> np.ndarray:
+    """count items of dtype from item `start` of the open binary file f, into a fresh array [count] (seek +
+    readinto: no memory map, see the module's docstring); ended() raises when the file is shorter."""
+    out = np.empty(count, dtype)
+    view, done = memoryview(out).cast("B"), 0
+    f.seek(start * dtype.itemsize)
+    while done < len(view):  # one read() returns at most ~2 GB on Linux
+        got = f.readinto(view[done:])
+        if not got:
+            ended()
+        done += got
+    return out
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

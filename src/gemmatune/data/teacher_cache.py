@@ -44,7 +44,7 @@ from gemmatune import distributed, sharding
 from gemmatune.atomic import remove_leftovers, staged_dir, staged_file
 from gemmatune.config import ModelConfig, Quantization
 from gemmatune.convert import load_model, model_config
-from gemmatune.data.loader import ExampleStore
+from gemmatune.data.loader import ExampleStore, read_items
 from gemmatune.data.packing import assign_rows, build_rows
 from gemmatune.data.records import Example
 from gemmatune.errors import GemmatuneError
@@ -251,15 +251,7 @@ class TeacherCache:
 
     def _read(self, f: Any, path: Path, start: int, count: int) -> np.ndarray:
         """count records from record `start` of the open part file f: [count]."""
-        out = np.empty(count, self.record)
-        view, done = memoryview(out).cast("B"), 0
-        f.seek(start * self.record.itemsize)
-        while done < len(view):  # one read() returns at most ~2 GB on Linux
-            got = f.readinto(view[done:])
-            if not got:
-                self._corrupt(f"{path} ended early")
-            done += got
-        return out
+        return read_items(f, start, count, self.record, lambda: self._corrupt(f"{path} ended early"))
 
     def arrays(self, store: ExampleStore, indices: Sequence[int] | np.ndarray, examples: Sequence[Example],
                rows: Sequence[Sequence[int]], seq_len: int) -> dict[str, np.ndarray]:
