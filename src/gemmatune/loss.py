@@ -200,6 +200,36 @@ def _div_bwd(kind: str, beta: float, res: tuple[jax.Array, jax.Array], ct: jax.A
 student_divergence.defvjp(_div_fwd, _div_bwd)
 
 
+@partial(jax.custom_vjp, nondiff_argnums=(0, 4))
+def topk_divergence(kind: str, z: jax.Array, ids: jax.Array, lp_teacher: jax.Array, beta: float) -> jax.Array:
+    """divergence over K + 1 outcomes (topk_buckets) of a teacher's top-k log-probabilities lp_teacher [c, K] at
+    ids [c, K] and the student's log_softmax(z) (z [c, V]) at the same ids. The gradient with respect to z is
+    written out: the K outcomes' gradient (autodiff on [c, K]) added at their ids, less softmax(z) times its sum;
+    autodiff would keep the whole log-softmax and a scattered copy of the gradient beside it."""
+    return _topk_fwd(kind, z, ids, lp_teacher, beta)[0]
+
+
+def _topk_fwd(kind: str, z: jax.Array, ids: jax.Array, lp_teacher: jax.Array, beta: float
+              ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    lse = jax.nn.logsumexp(z, axis=-1)  # [c]
+    picked = jnp.take_along_axis(z, ids, axis=-1) - lse[:, None]  # [c, K]
+    value, g_picked = jax.vjp(lambda p: divergence(kind, topk_buckets(lp_teacher), topk_buckets(p), beta), picked)
+    return value, (z, lse, ids, g_picked(jnp.ones_like(value))[0], lp_teacher)
+
+
+def _topk_bwd(kind: str, beta: float, res: tuple[jax.Array, ...], ct: jax.Array
+              ) -> tuple[jax.Array, np.ndarray, jax.Array]:
+    z, lse, ids, g_picked, lp_teacher = res
+    g = g_picked * ct[:, None]  # [c, K]: d loss / d picked log-probabilities
+    rows = jnp.arange(z.shape[0])[:, None]
+    # picked_k = z[id_k] - logsumexp(z): d / dz = onehot(id_k) - softmax(z)
+    gz = jnp.zeros_like(z).at[rows, ids].add(g) - jnp.exp(z - lse[:, None]) * jnp.sum(g, axis=-1, keepdims=True)
+    return gz, np.zeros(ids.shape, jax.dtypes.float0), jnp.zeros_like(lp_teacher)
+
+
+topk_divergence.defvjp(_topk_fwd, _topk_bwd)
+
+
 def _log1mexp_sum(lp: jax.Array) -> jax.Array:
     """log(1 - sum(exp(lp))) over the last axis: the log-probability of every outcome not listed, [c]. Clipped
     away from log 0 (a top-k that is the whole vocabulary leaves ~0 up to rounding)."""
@@ -230,8 +260,7 @@ def distill(kind: str, temperature: float, alpha: float, beta: float, vocab: int
             kd = student_divergence(kind, z, jax.nn.log_softmax(z_t / temperature, axis=-1), beta)
         else:
             ids, lp_t = teacher
-            picked = jnp.take_along_axis(jax.nn.log_softmax(z, axis=-1), ids, axis=-1)  # [c, K]
-            kd = divergence(kind, topk_buckets(lp_t), topk_buckets(picked), beta)
+            kd = topk_divergence(kind, z, ids, lp_t, beta)
         kd = kd * temperature ** 2
         ce = token_nll(logits, targets)
         return alpha * kd + (1.0 - alpha) * ce, {"kd": kd, "ce": ce}
