@@ -380,9 +380,9 @@ def test_distill_step_memory_stays_far_below_full_logits():
     compiled train step's temporaries stay far below the logits of either model (abstract shapes: nothing is
     allocated). Measured (float32, XLA CPU, B 2, T 1024, chunk 128), the temporaries in [chunk, V] float32 arrays:
     10.3 for the JSD, 7.3 for forward KL (the divergences' gradient written out: 12 and 10 by autodiff), 5.3 from a
-    teacher cache (7.3 by autodiff), 3.2 for SFT; independent of B * T (B 4 adds only attention's [T, T] temporaries, as for SFT),
-    and no copy of the teacher's embedding (its logits are cut to the shared ids, not its rows). Whole logits would
-    need at least 2x one [B, T, V] float32 array (both models') before any gradient."""
+    teacher cache (7.3 by autodiff), 3.2 for SFT; independent of B * T (B 4 adds only attention's [T, T]
+    temporaries, as for SFT), and no copy of the teacher's embedding (its logits are cut to the shared ids, not its
+    rows). Whole logits would need at least 2x one [B, T, V] float32 array (both models') before any gradient."""
     student = ModelConfig(vocab_size=256000, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2,
                           num_kv_heads=1, head_dim=32, query_pre_attn_scalar=32)
     teacher = dataclasses.replace(student, vocab_size=256128, hidden_size=96, head_dim=48, query_pre_attn_scalar=48)

@@ -252,11 +252,14 @@ def _load_adapters(model_dir: Path, names: Sequence[str], cfg: ModelConfig) -> l
 
 
 def evaluate(model_dir: Path, adapters: Sequence[str], dcfg: DataConfig, opts: EvalOptions, dtype: str = "auto",
-             log: TextIO = sys.stderr, quant: Quantization | None = None) -> Evaluation:
+             log: TextIO | None = None, quant: Quantization | None = None) -> Evaluation:
     """Each of `adapters` (NO_ADAPTER: the model alone) on the data of `dcfg`: its validation split when it has one
-    (data.val_fraction or data.val_paths, split as training splits it), otherwise every example."""
+    (data.val_fraction or data.val_paths, split as training splits it), otherwise every example. Progress goes to
+    `log`, by default the sys.stderr of the call (not of the import: it may have been redirected since)."""
     from gemmatune.convert import load_model, model_config
     from gemmatune.tokenizer import load_tokenizer
+
+    log = log or sys.stderr
 
     names = list(adapters) or [NO_ADAPTER]
     # Everything that can be refused is checked before the weights are read: the adapters fit, the data is usable.
@@ -269,10 +272,10 @@ def evaluate(model_dir: Path, adapters: Sequence[str], dcfg: DataConfig, opts: E
         # Preference pairs are evaluated on their chosen responses (the even indices): what the model should say.
         indices = split.indices[::2] if split.pairs else split.indices
         indices = indices[:opts.limit] if opts.limit else indices
+        cases = generation_cases(split.store, indices, tokenizer) if opts.generate else []  # may refuse the rows
         print(f"data: {describe(data.train.report)}; evaluating {len(indices)} "
               f"{'validation ' if data.val is not None else ''}"
               f"{'pairs (their chosen responses)' if split.pairs else 'examples'}", file=log)
-        cases = generation_cases(split.store, indices, tokenizer) if opts.generate else []
         t0 = time.perf_counter()
         cfg, base = load_model(model_dir, dtype=dtype, quant=quant)  # once, for every run
         print(f"loaded {model_dir} in {time.perf_counter() - t0:.1f}s", file=log)

@@ -118,7 +118,7 @@ def plan(cfg: ModelConfig, tcfg: TrainConfig, device: str, *, devices: int | Non
     return out
 
 
-def _candidates(tcfg: TrainConfig, mesh: str, n: int, cfg: ModelConfig, teacher: ModelConfig | None
+def _candidates(tcfg: TrainConfig, mesh: str, n: int, cfg: ModelConfig, teacher: ModelConfig | None = None
                 ) -> list[dict[str, Any]]:
     """Changes that lower the memory per device, cheapest in speed first: recompute each layer in the backward pass,
     then halve the micro-batch (doubling accumulation: the same effective batch), then split the weights further."""
