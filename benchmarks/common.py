@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
 import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -41,3 +44,14 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def finish(results: dict[str, Any], t_start: float, json_path: str | None) -> None:
+    """The end of a benchmark run: the load average and the wall time into `results` (printed), and `results` as
+    JSON to json_path when given."""
+    results["load_after"] = os.getloadavg()
+    results["wall_s"] = time.perf_counter() - t_start
+    print(f"\n  {results['wall_s']:.0f} s in all; load average {os.getloadavg()[0]:.2f}")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(results, f, indent=1)

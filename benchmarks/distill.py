@@ -56,7 +56,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(__file__))
 import tasks  # noqa: E402
-from common import cpu_name  # noqa: E402
+from common import cpu_name, finish  # noqa: E402
 
 N_TRAIN = 2000
 TEACHER_FIELDS = {"hidden_size": 256, "intermediate_size": 512, "num_layers": 6, "num_heads": 8, "num_kv_heads": 4,
@@ -341,12 +341,7 @@ def main() -> None:
     if "memory" in parts:
         results["memory"] = memory_child(a, recipe)
         report_memory(results["memory"])
-    results["load_after"] = os.getloadavg()
-    results["wall_s"] = time.perf_counter() - t_start
-    print(f"\n  {results['wall_s']:.0f} s in all; load average {os.getloadavg()[0]:.2f}")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(results, f, indent=1)
+    finish(results, t_start, a.json)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(__file__))
 import quality  # noqa: E402
 import tasks  # noqa: E402
-from common import cpu_name  # noqa: E402
+from common import cpu_name, finish  # noqa: E402
 from compare import THREADS, pinned_cpus  # noqa: E402
 
 from gemmatune.config import Quantization  # noqa: E402
@@ -231,12 +231,7 @@ def main() -> None:
     if train:
         results["train"] = train
         report_train(train, a.held_out)
-    results["load_after"] = os.getloadavg()
-    results["wall_s"] = time.perf_counter() - t_start
-    print(f"\n  {results['wall_s']:.0f} s in all; load average {os.getloadavg()[0]:.2f}")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(results, f, indent=1)
+    finish(results, t_start, a.json)
 
 
 if __name__ == "__main__":
