@@ -206,15 +206,25 @@ def topk_divergence(kind: str, z: jax.Array, ids: jax.Array, lp_teacher: jax.Arr
     ids [c, K] and the student's log_softmax(z) (z [c, V]) at the same ids. The gradient with respect to z is
     written out: the K outcomes' gradient (autodiff on [c, K]) added at their ids, less softmax(z) times its sum;
     autodiff would keep the whole log-softmax and a scattered copy of the gradient beside it."""
-    return _topk_fwd(kind, z, ids, lp_teacher, beta)[0]
+    return _on_buckets(kind, lp_teacher, beta)(_picked(z, ids)[1])
+
+
+def _picked(z: jax.Array, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(logsumexp(z) [c], log_softmax(z) at ids [c, K]), without the whole log-softmax."""
+    lse = jax.nn.logsumexp(z, axis=-1)
+    return lse, jnp.take_along_axis(z, ids, axis=-1) - lse[:, None]
+
+
+def _on_buckets(kind: str, lp_teacher: jax.Array, beta: float) -> Callable[[jax.Array], jax.Array]:
+    """The divergence as a function of the student's log-probabilities at the teacher's top-k ids [c, K]."""
+    return lambda picked: divergence(kind, topk_buckets(lp_teacher), topk_buckets(picked), beta)
 
 
 def _topk_fwd(kind: str, z: jax.Array, ids: jax.Array, lp_teacher: jax.Array, beta: float
               ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-    lse = jax.nn.logsumexp(z, axis=-1)  # [c]
-    picked = jnp.take_along_axis(z, ids, axis=-1) - lse[:, None]  # [c, K]
-    value, g_picked = jax.vjp(lambda p: divergence(kind, topk_buckets(lp_teacher), topk_buckets(p), beta), picked)
-    return value, (z, lse, ids, g_picked(jnp.ones_like(value))[0], lp_teacher)
+    lse, picked = _picked(z, ids)
+    value, vjp = jax.vjp(_on_buckets(kind, lp_teacher, beta), picked)  # on [c, K]: autodiff is cheap there
+    return value, (z, lse, ids, vjp(jnp.ones_like(value))[0], lp_teacher)
 
 
 def _topk_bwd(kind: str, beta: float, res: tuple[jax.Array, ...], ct: jax.Array
