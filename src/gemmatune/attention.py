@@ -35,9 +35,9 @@ import jax
 import jax.numpy as jnp
 
 from gemmatune import sharding
-from gemmatune.config import LOCAL, ModelConfig
+from gemmatune.config import ATTENTION, LOCAL, ModelConfig
 
-IMPLS = ("xla", "splash", "cudnn")
+IMPLS = ATTENTION
 SPLASH_BLOCKS = (512, 256, 128)  # largest first: fewer grid steps; each must divide the sequence
 LANES = 128  # TPU vector width: Splash tiles head_dim by it
 GPU_PLATFORMS = ("gpu", "cuda")  # jax.default_backend() says "gpu"; a device's platform may say "cuda"

@@ -16,6 +16,8 @@ from typing import Any
 from gemmatune.errors import GemmatuneError
 
 LOCAL, GLOBAL = "sliding_attention", "full_attention"
+# The attention kernels a full-sequence forward can run (gemmatune.attention chooses among them).
+ATTENTION = ("xla", "splash", "cudnn", "flash")
 FAMILIES = ("gemma2", "gemma3")
 # The Hugging Face model_type and class of each family's causal LM.
 HF_MODEL_TYPES = {"gemma2": "gemma2", "gemma3": "gemma3_text"}
@@ -536,6 +538,9 @@ class TrainConfig:
     adam_b1: float = setting(0.9, "AdamW beta1")
     adam_b2: float = setting(0.999, "AdamW beta2")
     adam_eps: float = setting(1e-8, "AdamW epsilon")
+    attention: str = setting("auto", "the attention kernel of full-sequence passes: auto (each platform's fastest "
+                                     "that computes this model's attention exactly: README, Attention kernels), xla, "
+                                     "flash (Pallas, GPU), cudnn (GPU, no soft-cap) or splash (TPU)")
     remat: str = setting("block", "recomputation in the backward pass: none, block (keep each layer's matrix "
                                   "products) or full (keep only each layer's input)")
     # Full [batch, seq, vocab] logits never exist, about 3 [chunk, vocab] float32 arrays do (the choice of 512:
@@ -581,7 +586,7 @@ class TrainConfig:
         choices = {"method": METHODS, "tune": ("lora", "full"), "dpo_loss": DPO_LOSSES, "kd_loss": KD_LOSSES,
                    "dtype": ("bfloat16", "float32"),
                    "schedule": ("cosine", "linear", "constant"), "remat": ("none", "block", "full"),
-                   "nonfinite": ("stop", "skip")}
+                   "attention": ("auto", *ATTENTION), "nonfinite": ("stop", "skip")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise GemmatuneError(f"{name}: {getattr(self, name)!r} is not valid; expected one of "

@@ -119,7 +119,8 @@ def _hidden(params: Params, batch: Batch, cfg: ModelConfig, tcfg: TrainConfig, a
             key: jax.Array | None, remat: str | None = None) -> jax.Array:
     """[B, T, D] hidden states of the packed rows (the LoRA dropout drawn from key)."""
     return hidden_states(params, batch["inputs"], cfg, positions=batch["positions"], segment_ids=batch["segment_ids"],
-                         dtype=jnp.dtype(tcfg.dtype), adapter=adapter, key=key, remat=remat or tcfg.remat)
+                         dtype=jnp.dtype(tcfg.dtype), adapter=adapter, key=key, remat=remat or tcfg.remat,
+                         attn_impl=None if tcfg.attention == "auto" else tcfg.attention)
 
 
 def supervised_loss(cfg: ModelConfig, tcfg: TrainConfig) -> LossFn:
