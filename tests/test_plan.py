@@ -17,6 +17,7 @@ from gemmatune.config import PRESETS, LoraConfig, TrainConfig
 from gemmatune.errors import GemmatuneError
 from gemmatune.layout import adapter_shapes, nbytes, param_shapes, param_structs
 from gemmatune.plan import DEVICES, GiB, plan
+from gemmatune.platforms import installed_plugins
 
 
 def _tcfg(seq: int, batch: int, remat: str = "block", **kw) -> TrainConfig:
@@ -133,6 +134,25 @@ def test_refusals(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real(name, *a))
     with pytest.raises(GemmatuneError, match=r"pip install 'gemmatune\[tpu\]'"):
         plan(cfg, _tcfg(64, 2), "t4")
+
+
+@pytest.mark.skipif(any("cuda" in n for n in installed_plugins()), reason="this machine has JAX's CUDA backend")
+def test_gpu_plans_on_this_machines_gpu_and_says_so_without_one(monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """--device gpu compiles with the local CUDA backend: without JAX's CUDA plugin the command says so in one line
+    before starting anything; with the plugin but no GPU, the compiling child says JAX found none."""
+    from gemmatune import plan as plan_module
+    from gemmatune.cli import main
+
+    assert main(["plan", "--model", "tiny", "--device", "gpu", "--seq-len", "64", "--batch-size", "1",
+                 "--attention", "flash"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: --device gpu plans on this machine's GPU with JAX's CUDA "
+                                                   "backend, which is not installed here")
+    monkeypatch.setattr(plan_module, "_require_cuda", lambda: None)  # as if the plugin were there
+    with pytest.raises(GemmatuneError, match=r"--device gpu plans on this machine's GPU, and JAX found none it can "
+                                             r"use \(Unknown backend"):
+        plan(PRESETS["tiny"], _tcfg(64, 1), "gpu")
 
 
 def test_the_suggested_fsdp_mesh_fits_the_batch() -> None:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from gemmatune.config import EMBEDDED_MODEL, METHODS, QUANT_KINDS, Quantization, TrainConfig
+from gemmatune.config import ATTENTION, EMBEDDED_MODEL, METHODS, QUANT_KINDS, Quantization, TrainConfig
 from gemmatune.errors import GemmatuneError
 from gemmatune.hub import CONFIG_PRESETS, MODEL_HELP
 from gemmatune.platforms import configure_jax
@@ -280,7 +280,7 @@ def _plan(args: argparse.Namespace) -> None:
     tcfg = dataclasses.replace(base, data=dataclasses.replace(base.data, max_seq_len=args.seq_len),
                                lora=LoraConfig(rank=args.lora_rank), batch_size=args.batch_size,
                                grad_accum=args.grad_accum, remat=args.remat, dtype=args.dtype, tune=args.tune,
-                               loss_chunk=args.loss_chunk,
+                               loss_chunk=args.loss_chunk, attention=args.attention,
                                quantize=args.quantize, quantize_block=args.quantize_block,
                                double_quant=args.double_quant, method=args.method, teacher=args.teacher,
                                # any directory: the plan only needs to know the batches carry the cache's top-k
@@ -482,11 +482,14 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="will a training run fit a device? (a compile-time estimate, no weights)",
                         description="Compile the train step for a device ahead of time, from shapes alone, and report "
                                     "the memory per device the compiler allots: an estimate, not a measurement (on CPU "
-                                    "0.89-0.93 of the measured peak; GPU plans are compiled by the TPU compiler for a "
-                                    "stand-in TPU slice). When it does not fit, try what would make it fit.")
+                                    "0.89-0.93 of the measured peak; GPU kinds from the table are compiled by the TPU "
+                                    "compiler for a stand-in TPU slice, --device gpu by this machine's GPU). When it "
+                                    "does not fit, try what would make it fit.")
     pl.add_argument("--model", required=True, help=f"a configuration preset ({CONFIG_PRESETS}) or "
                                                   + MODEL_HELP + " (only its config.json is read)")
-    pl.add_argument("--device", required=True, choices=list(DEVICES), help="device kind (memory per device)")
+    pl.add_argument("--device", required=True, choices=list(DEVICES),
+                    help="device kind (memory per device); gpu and cpu: this machine's own, compiled by their "
+                         "compilers (gpu: its CUDA backend, the memory JAX may use on it)")
     pl.add_argument("--devices", type=int, default=None, help="device count (default: one GPU; a TPU's smallest slice)")
     pl.add_argument("--mesh", default="",
                     help="e.g. data=2,model=4 (default: chosen from the device count and the batch size)")
@@ -499,6 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"positions per chunk of the loss (train's --loss-chunk; default: {TrainConfig.loss_chunk}); "
                          "each chunk holds [chunk, vocab] float32 logits")
     pl.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    pl.add_argument("--attention", choices=["auto", *ATTENTION], default="auto",
+                    help="the attention kernel (train's --attention; auto: the compiling device's choice)")
     pl.add_argument("--tune", choices=["lora", "full"], default="lora", help="what is trained (train's --tune)")
     pl.add_argument("--method", choices=METHODS, default="sft", help="what the model learns (train's --method)")
     pl.add_argument("--teacher", default="", help="method distill: the teacher, as --model (only its config.json is "

@@ -12,6 +12,9 @@ are read back per device:
   memory. Weights, adapters and optimizer state are exact whatever the compiler; the activations figure is an
   estimate (BENCHMARKS.md compares the plan with measured peaks).
 - CPU: XLA's CPU compiler, on as many simulated host devices.
+- gpu (this machine's GPUs): XLA's GPU compiler on the local CUDA backend, with the attention kernel the GPU would
+  get; capacity is JAX's memory limit on the first GPU (its memory times XLA_PYTHON_CLIENT_MEM_FRACTION). The
+  figures are the same compiler's as a training run's on that GPU.
 
 The figures are what the compiled program holds, so they include whatever XLA copies (tests/test_plan.py checks that
 a Gemma 3 stack ending in a partial repeat of its pattern holds no copy of the layer weights).
@@ -43,7 +46,7 @@ class Device:
     platform: str  # what runs the step: cpu, gpu or tpu
     memory: int  # bytes one JAX device can use
     devices: int  # the usual count: one GPU, the cores or chips of the smallest slice
-    compiler: str  # "tpu" (the TPU compiler for `topologies`), "cpu"
+    compiler: str  # "tpu" (the TPU compiler for `topologies`), "cpu", "gpu" (this machine's GPU backend)
     topologies: dict[int, str]  # device count -> TPU topology the step is compiled for
 
 
@@ -73,6 +76,8 @@ DEVICES: dict[str, Device] = {
                       {1: "v6e:1x1", 4: "v6e:2x2", 8: "v6e:2x4", 16: "v6e:4x4"}),
     "cpu": Device("this machine's CPU", "cpu", os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), 1, "cpu",
                   {}),
+    # The memory is read from the GPU when planning (0: not known before).
+    "gpu": Device("this machine's GPU", "gpu", 0, 1, "gpu", {}),
 }
 PARTS = ("weights", "adapters", "optimizer", "activations", "other")
 
@@ -109,7 +114,9 @@ def plan(cfg: ModelConfig, tcfg: TrainConfig, device: str, *, devices: int | Non
             raise GemmatuneError(f"--devices {n}: plans for {device} cover {', '.join(map(str, kind.topologies))} "
                                  "devices.")
         _require_libtpu(device)
-    with _Compiler(kind, n, memory or kind.memory) as compiler:
+    if kind.compiler == "gpu":
+        _require_cuda()
+    with _Compiler(kind, n, memory or kind.memory or None) as compiler:
         out = [compiler.plan(_request(cfg, tcfg, mesh, "", teacher))]
         for request in _candidates(tcfg, mesh, n, cfg, teacher) if suggest and not out[0].fits else []:
             out.append(compiler.plan(request))
@@ -149,6 +156,28 @@ def _request(cfg: ModelConfig, tcfg: TrainConfig, mesh: str, changes: str, teach
             "teacher": teacher.to_hf_dict() if teacher else None}
 
 
+def plan_here(cfg: ModelConfig, tcfg: TrainConfig, *, devices: int = 1, mesh: str = "",
+              memory: int | None = None, teacher: ModelConfig | None = None) -> Plan:
+    """The plan for `tcfg` on the first `devices` of this process's own JAX devices, compiled in this process: what
+    `plan --device cpu` or `--device gpu` computes in its child. For a process that already runs on the device (a
+    benchmark that measures the same step: benchmarks/gpu.py). memory: the capacity (default: the device's)."""
+    import jax
+
+    job = {"compiler": jax.default_backend(), "devices": devices, "topology": "", "capacity": memory,
+           **_request(cfg, tcfg, mesh, "", teacher)}
+    return Plan(**_child(job, jax.devices()))
+
+
+def _require_cuda() -> None:
+    from gemmatune.platforms import installed_plugins
+
+    if not any("cuda" in name for name in installed_plugins()):
+        kinds = ", ".join(k for k, d in DEVICES.items() if d.platform == "gpu" and d.compiler == "tpu")
+        raise GemmatuneError("--device gpu plans on this machine's GPU with JAX's CUDA backend, which is not "
+                             "installed here (no NVIDIA GPU, or no 'jax[cuda12]'); plan for a GPU kind from the "
+                             f"table instead ({kinds}), with --memory-gib for another size.")
+
+
 def _require_libtpu(device: str) -> None:
     import importlib.util
 
@@ -160,9 +189,14 @@ def _require_libtpu(device: str) -> None:
 class _Compiler:
     """A child process that compiles plans for `n` devices of `kind`, one request per line on its stdin."""
 
-    def __init__(self, kind: Device, n: int, capacity: int) -> None:
+    def __init__(self, kind: Device, n: int, capacity: int | None) -> None:
         env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-        if kind.compiler == "cpu":
+        if kind.compiler == "gpu":
+            # The CUDA backend, the default one (the step then picks the GPU's attention kernel); no preallocation,
+            # so that a plan beside a training run on the same GPU neither fails nor takes its memory (JAX's limit,
+            # the capacity, is the GPU's memory times XLA_PYTHON_CLIENT_MEM_FRACTION either way).
+            env.update(JAX_PLATFORMS="cuda,cpu", XLA_PYTHON_CLIENT_PREALLOCATE="false")
+        elif kind.compiler == "cpu":
             env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}".strip()
         else:  # libtpu, off a TPU VM: no metadata server to ask, and no warnings about it
             env.update(TPU_SKIP_MDS_QUERY="1", TPU_ACCELERATOR_TYPE="v3-8", TPU_WORKER_HOSTNAMES="localhost")
@@ -220,9 +254,16 @@ def _per_device(tree: Any) -> int:
 
 
 def _devices(job: dict[str, Any]) -> list[Any]:
-    """The devices a plan compiles for: a TPU topology's (no TPU needed), or this process's CPU devices."""
+    """The devices a plan compiles for: a TPU topology's (no TPU needed), this process's GPUs, or its CPU devices."""
     import jax
 
+    if job["compiler"] == "gpu":
+        try:
+            return jax.devices("gpu")
+        except Exception as e:  # no GPU, no driver, a CUDA that does not start: JAX's own words, first line
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise GemmatuneError(f"--device gpu plans on this machine's GPU, and JAX found none it can use "
+                                 f"({first[:200]}).") from None
     if job["compiler"] != "tpu":
         return jax.devices()
     from jax.experimental import topologies
@@ -242,6 +283,10 @@ def _child(job: dict[str, Any], devices: list[Any]) -> dict[str, Any]:
     cfg = from_hf_dict(job["model"])
     tcfg = config_from_dict(job["train"])
     teacher = from_hf_dict(job["teacher"]) if job.get("teacher") else None
+    if job["devices"] > len(devices):
+        raise GemmatuneError(f"--devices {job['devices']}: this machine has {len(devices)} "
+                             f"{devices[0].platform.upper()} device{'s' if len(devices) > 1 else ''}.")
+    capacity = job["capacity"] or _capacity(devices[0])
     mesh = sharding.make_mesh(job["mesh"] or None, devices[:job["devices"]], cfg, tcfg.batch_size)
     sharding.check_batch(mesh, tcfg.batch_size)
     step, (state, frozen, batches) = abstract_step(cfg, tcfg, mesh, Shapes(tcfg.grad_accum, tcfg.batch_size,
@@ -249,6 +294,11 @@ def _child(job: dict[str, Any], devices: list[Any]) -> dict[str, Any]:
     parts = {"weights": _per_device(frozen), "adapters": _per_device(state["params"]),
              "optimizer": _per_device(state["opt_state"]), "other": _per_device(batches)}
     notes, refused = [], False
+    if job["compiler"] == "gpu":
+        fraction = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75, JAX's default")
+        notes.append(f"compiled for this machine's {devices[0].device_kind}; capacity: JAX's memory limit on it "
+                     f"(XLA_PYTHON_CLIENT_MEM_FRACTION {fraction})" if not job["capacity"] else
+                     f"compiled for this machine's {devices[0].device_kind}")
     if teacher is not None:
         notes.append(f"weights: {_per_device(frozen['teacher']) / GiB:.2f} GiB of them the teacher's")
     quant = tcfg.quantization()
@@ -268,15 +318,22 @@ def _child(job: dict[str, Any], devices: list[Any]) -> dict[str, Any]:
         notes.append("over the device's memory at compile time: " + str(e).split("\n")[0][:200])
     total = sum(parts.values())
     return Plan(job["changes"], dict(mesh.shape), {**{p: parts[p] for p in PARTS}, "total": total},
-                job["capacity"], total <= job["capacity"] and not refused, "; ".join(notes)).to_json()
+                capacity, total <= capacity and not refused, "; ".join(notes)).to_json()
+
+
+def _capacity(device: Any) -> int:
+    """Bytes the device's allocator may hand out (a GPU: its memory times XLA_PYTHON_CLIENT_MEM_FRACTION); a CPU
+    device reports none: the machine's memory."""
+    stats = device.memory_stats() or {}
+    return int(stats["bytes_limit"]) if "bytes_limit" in stats else DEVICES["cpu"].memory
 
 
 if __name__ == "__main__":
     _found: list[Any] = []
     for line in sys.stdin:
         job = json.loads(line)
-        _found = _found or _devices(job)
         try:
+            _found = _found or _devices(job)
             answer = _child(job, _found)
         except GemmatuneError as e:
             answer = {"error": str(e)}
