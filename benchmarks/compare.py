@@ -212,14 +212,15 @@ def child(tool: str, workload: str, steps: int, dtype: str, threads: int) -> Non
 
 # --- the parent: run each tool, compare ------------------------------------------------------------------------
 
-def flops_per_token(w: Workload) -> float:
-    """Model FLOPs of one trained token in a LoRA step (the module docstring explains the terms)."""
+def flops_per_token(w: Workload, rank: int = RANK) -> float:
+    """Model FLOPs of one trained token in a LoRA step with adapters of `rank` on the seven projections (the module
+    docstring explains the terms; benchmarks/gpu.py counts the same way)."""
     c = w.cfg
     D, F, H, K, E, L, V = (c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim,
                            c.num_layers, c.vocab_size)
     shapes = [(D, H * E), (D, K * E), (D, K * E), (H * E, D), (D, F), (D, F), (F, D)]  # (in, out) per projection
     n_base = L * sum(i * o for i, o in shapes) + D * V
-    n_lora = L * sum(RANK * (i + o) for i, o in shapes)
+    n_lora = L * sum(rank * (i + o) for i, o in shapes)
     t = np.arange(w.seq)
     seen = np.minimum(t + 1, np.where([k == LOCAL for k in c.layer_types], c.sliding_window, w.seq)[:, None])
     t_attn = seen.mean(axis=1)  # [L]: keys per query, averaged over positions
