@@ -14,9 +14,10 @@ import pytest
 
 from conftest import SMALL, strong_params
 from gemmatune import model as M
-from gemmatune.attention import attention_impl, cudnn_attention
-from gemmatune.flash import BLOCKS, flash_attention
+from gemmatune.attention import attention_impl, check_forced, cudnn_attention
 from gemmatune.config import PRESETS
+from gemmatune.errors import GemmatuneError
+from gemmatune.flash import BLOCKS, flash_attention
 
 BF16, F32, F16 = jnp.bfloat16, jnp.float32, jnp.float16
 H100, A100, T4 = (9, 0), (8, 0), (7, 5)
@@ -53,6 +54,22 @@ def test_attention_choice(platform, name, seq, dtype, capability, model_axis, wa
 def test_attention_choice_without_a_cuda_gpu():
     """A "gpu" platform with no CUDA device to read a capability from (here: none at all; ROCm has none) uses XLA."""
     assert attention_impl("gpu", PRESETS["gemma3-1b"], 1024, dtype=BF16) == "xla"
+
+
+@pytest.mark.parametrize(("choice", "platform", "name", "seq", "says"), [
+    ("flash", "cpu", "gemma2-2b", 1024, "flash runs on GPUs; this run is on cpu"),
+    ("splash", "gpu", "gemma2-2b", 1024, "splash runs on TPUs"),
+    ("cudnn", "gpu", "gemma2-9b", 1024, "cudnn has no logit soft-cap"),
+    ("flash", "gpu", "gemma2-9b", 1000, "no tiles for head_dim 256 with rows of 1000 tokens"),
+    ("flash", "gpu", "gemma2-9b", 1024, None), ("cudnn", "cuda", "gemma3-1b", 1024, None),
+    ("xla", "cpu", "gemma2-2b", 1000, None), ("auto", "tpu", "gemma2-2b", 1000, None),
+])
+def test_a_forced_kernel_that_cannot_run_is_refused(choice, platform, name, seq, says):
+    if says is None:
+        check_forced(choice, platform, PRESETS[name], seq)
+        return
+    with pytest.raises(GemmatuneError, match=says):
+        check_forced(choice, platform, PRESETS[name], seq)
 
 
 # A Gemma 3 body (no soft-caps, QK-norm, 5 local : 1 global, a partial last repeat) with window 8 < T.

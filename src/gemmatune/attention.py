@@ -48,6 +48,7 @@ from jax.sharding import PartitionSpec
 
 from gemmatune import sharding
 from gemmatune.config import ATTENTION, LOCAL, ModelConfig
+from gemmatune.errors import GemmatuneError
 from gemmatune.flash import blocks_for, flash_attention
 
 IMPLS = ATTENTION
@@ -98,6 +99,23 @@ def attention_impl(platform: str, cfg: ModelConfig, seq_len: int, *, dtype: Any,
     if capability >= FLASH_MIN_CAPABILITY and blocks_for(cfg.head_dim, seq_len) is not None:
         return "flash"
     return "xla"
+
+
+def check_forced(choice: str, platform: str, cfg: ModelConfig, seq_len: int) -> None:
+    """Refuse, in one line, a kernel forced by TrainConfig.attention that cannot run this model here ("auto" and
+    "xla" always can). Off their own hardware the Pallas kernels would run in interpret mode (the tests' check:
+    minutes per step at real sizes)."""
+    hardware = {"splash": ("tpu",), "cudnn": GPU_PLATFORMS, "flash": GPU_PLATFORMS}.get(choice)
+    if hardware is not None and platform not in hardware:
+        raise GemmatuneError(f"attention: {choice} runs on {hardware[0].upper()}s; this run is on {platform}. Use "
+                             "--attention auto (or xla).")
+    if choice == "cudnn" and cfg.attn_logit_softcap is not None:
+        raise GemmatuneError("attention: cudnn has no logit soft-cap, which this model (Gemma 2) applies. Use "
+                             "--attention auto (or flash, xla).")
+    if choice == "flash" and blocks_for(cfg.head_dim, seq_len) is None:
+        raise GemmatuneError(f"attention: flash has no tiles for head_dim {cfg.head_dim} with rows of {seq_len} "
+                             "tokens (head_dim 64, 128 or 256; max_seq_len a multiple of 128). Use --attention auto "
+                             "or change --max-seq-len.")
 
 
 def segment_mask(segment_ids: jax.Array) -> jax.Array:

@@ -114,7 +114,7 @@ def _forward_kernel(seg_q_ref, seg_k_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *
     seg_q = seg_q_ref[...]  # [bq]
 
     def body(j: jax.Array, carry: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
-        acc, m, l = carry  # [bq, E] float32, running max [bq], running sum [bq]
+        acc, m, total = carry  # [bq, E] float32, running max [bq], running sum of exp [bq]
         keys = pl.ds(pl.multiple_of(j * bk, bk), bk)
         s, _ = _scores(q, k_ref[keys, :], cap)
         s = jnp.where(_visible(rows, j * bk + jnp.arange(bk), seg_q, seg_k_ref[keys], window), s, MASKED)
@@ -122,13 +122,13 @@ def _forward_kernel(seg_q_ref, seg_k_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *
         p = jnp.exp(s - m_new[:, None])
         alpha = jnp.exp(m - m_new)  # rescales what was summed under the old max
         v = v_ref[keys, :]
-        return acc * alpha[:, None] + _dot(p.astype(v.dtype), v, (1, 0)), m_new, l * alpha + jnp.sum(p, axis=1)
+        return acc * alpha[:, None] + _dot(p.astype(v.dtype), v, (1, 0)), m_new, total * alpha + jnp.sum(p, axis=1)
 
     lo, hi = _key_blocks(q_start, bq, bk, window)
     init = (jnp.zeros(q.shape, jnp.float32), jnp.full((bq,), MASKED, jnp.float32), jnp.zeros((bq,), jnp.float32))
-    acc, m, l = lax.fori_loop(lo, hi, body, init)
-    o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = m + jnp.log(l)
+    acc, m, total = lax.fori_loop(lo, hi, body, init)
+    o_ref[...] = (acc / total[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = m + jnp.log(total)
 
 
 def _probs_and_dlogits(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: jax.Array, delta: jax.Array,
