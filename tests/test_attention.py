@@ -175,14 +175,16 @@ def test_splash_equals_xla_attention_forward_and_gradients():
 # --- gemmatune's Pallas kernel for GPUs (gemmatune.flash), in interpret mode -------------------------------------
 
 def _flash_inputs(head_dim: int, dtype) -> tuple[jax.Array, ...]:
-    """Two rows of 256 positions, 4 query heads over 2 key/value heads: one whole row; one of two packed segments
-    then padding. Queries large enough that the soft-cap (5) saturates."""
+    """Two rows of 256 positions, 4 query heads over 2 key/value heads: one whole row; one of four segments (later
+    ones start past whole tiles of earlier ones, which the kernel skips; the last reuses the first's id, which packing
+    never does but the kernel's bounds must survive) then padding. Queries large enough that the soft-cap (5)
+    saturates."""
     B, T, H, K = 2, 256, 4, 2
     r = np.random.RandomState(head_dim)
     q = jnp.asarray(r.randn(B, T, H, head_dim) * 8 / np.sqrt(head_dim), dtype)
     k, v = (jnp.asarray(r.randn(B, T, K, head_dim), dtype) for _ in range(2))
     seg = np.ones((B, T), np.int32)
-    seg[1, 100:], seg[1, 230:] = 2, 0
+    seg[1, 40:], seg[1, 100:], seg[1, 170:], seg[1, 230:] = 2, 3, 1, 0
     return q, k, v, jnp.asarray(seg)
 
 

@@ -104,9 +104,37 @@ def _query_blocks(k_start: jax.Array, bq: int, bk: int, window: int | None, n_q:
     return lo, hi
 
 
+def _segment_extent(seg: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """[B, T] segment ids -> the first and the last position of each position's segment, [B, T] each (the last is
+    -1 for padding keys, which nothing sees). Ids are clipped to [0, T]: ids the clip merges only widen the extent,
+    which stays a safe bound."""
+    B, T = seg.shape
+    ids = jnp.clip(seg, 0, T)
+    rows = jnp.arange(B)[:, None]
+    pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    first = jnp.full((B, T + 1), T, jnp.int32).at[rows, ids].min(pos)
+    last = jnp.full((B, T + 1), -1, jnp.int32).at[rows, ids].max(pos)
+    return (jnp.take_along_axis(first, ids, axis=1),
+            jnp.where(seg == 0, -1, jnp.take_along_axis(last, ids, axis=1)))
+
+
+def _first_key_block(first: jax.Array, bq: int, bk: int) -> jax.Array:
+    """[B, T] first positions -> [B, T // bq]: the first key block any query of each query block may see. With
+    packed rows this skips the blocks of earlier examples, which the causal bound alone would visit."""
+    B, T = first.shape
+    return first.reshape(B, T // bq, bq).min(axis=2) // bk
+
+
+def _query_block_end(last: jax.Array, bq: int, bk: int) -> jax.Array:
+    """[B, T] last positions -> [B, T // bk]: one past the last query block that may see each key block (0 for a
+    block of padding)."""
+    B, T = last.shape
+    return last.reshape(B, T // bk, bk).max(axis=2) // bq + 1
+
+
 # --- kernels (one program: one row b, one query head h, one block of the grid's last axis) -----------------------
 
-def _forward_kernel(seg_q_ref, seg_k_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cap: float | None,
+def _forward_kernel(first_ref, seg_q_ref, seg_k_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cap: float | None,
                     window: int | None, bq: int, bk: int) -> None:
     q_start = pl.program_id(2) * bq
     q = q_ref[...]  # [bq, E]
@@ -125,6 +153,7 @@ def _forward_kernel(seg_q_ref, seg_k_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *
         return acc * alpha[:, None] + _dot(p.astype(v.dtype), v, (1, 0)), m_new, total * alpha + jnp.sum(p, axis=1)
 
     lo, hi = _key_blocks(q_start, bq, bk, window)
+    lo = lax.max(lo, jnp.min(first_ref[...]))  # blocks before the block's segments hold no key it may see
     init = (jnp.zeros(q.shape, jnp.float32), jnp.full((bq,), MASKED, jnp.float32), jnp.zeros((bq,), jnp.float32))
     acc, m, total = lax.fori_loop(lo, hi, body, init)
     o_ref[...] = (acc / total[:, None]).astype(o_ref.dtype)
@@ -144,7 +173,7 @@ def _probs_and_dlogits(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, 
     return p, ds
 
 
-def _dkv_kernel(seg_q_ref, seg_k_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
+def _dkv_kernel(end_ref, seg_q_ref, seg_k_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
                 cap: float | None, window: int | None, bq: int, bk: int, n_q: int) -> None:
     k_start = pl.program_id(2) * bk
     k, v = k_ref[...], v_ref[...]  # [bk, E]
@@ -160,12 +189,13 @@ def _dkv_kernel(seg_q_ref, seg_k_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delt
         return dk + _dot(ds.astype(q.dtype), q, (0, 0)), dv + _dot(p.astype(do.dtype), do, (0, 0))
 
     lo, hi = _query_blocks(k_start, bq, bk, window, n_q)
+    hi = lax.min(hi, jnp.max(end_ref[...]))  # blocks after the keys' segments hold no query that sees them
     zeros = jnp.zeros(k.shape, jnp.float32)
     dk, dv = lax.fori_loop(lo, hi, body, (zeros, zeros))
     dk_ref[...], dv_ref[...] = dk, dv
 
 
-def _dq_kernel(seg_q_ref, seg_k_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
+def _dq_kernel(first_ref, seg_q_ref, seg_k_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
                cap: float | None, window: int | None, bq: int, bk: int) -> None:
     q_start = pl.program_id(2) * bq
     q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
@@ -180,6 +210,7 @@ def _dq_kernel(seg_q_ref, seg_k_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta
         return dq + _dot(ds.astype(k.dtype), k, (1, 0))
 
     lo, hi = _key_blocks(q_start, bq, bk, window)
+    lo = lax.max(lo, jnp.min(first_ref[...]))
     dq_ref[...] = lax.fori_loop(lo, hi, body, jnp.zeros(q.shape, jnp.float32)).astype(dq_ref.dtype)
 
 
@@ -194,18 +225,21 @@ def _compiler(blocks: Blocks, interpret: bool) -> dict[str, Any]:
 
 
 def _specs(T: int, E: int, G: int, block: int, queries_tiled: bool) -> list[pl.BlockSpec]:
-    """BlockSpecs for (segment ids as queries, segment ids as keys, q, k, v) on a grid (B, H, T // block) whose last
-    axis tiles the queries (queries_tiled) or the keys; the other side is whole, walked by the kernel."""
+    """BlockSpecs for (the tile's loop bound, segment ids as queries, segment ids as keys, q, k, v) on a grid
+    (B, H, T // block) whose last axis tiles the queries (queries_tiled) or the keys; the other side is whole,
+    walked by the kernel. The bound ([B, T // block] int32, from _first_key_block or _query_block_end) comes as a
+    block of one."""
     tile = lambda b, h, i: (b, i, h, 0)  # noqa: E731
     whole = lambda b, h, i: (b, 0, h, 0)  # noqa: E731
     kv_tile = lambda b, h, i: (b, i, h // G, 0)  # noqa: E731
     kv_whole = lambda b, h, i: (b, 0, h // G, 0)  # noqa: E731
     seg_tile = pl.BlockSpec((None, block), lambda b, h, i: (b, i))
     seg_whole = pl.BlockSpec((None, T), lambda b, h, i: (b, 0))
+    bound = pl.BlockSpec((None, 1), lambda b, h, i: (b, i))
     if queries_tiled:
-        return [seg_tile, seg_whole, pl.BlockSpec((None, block, None, E), tile),
+        return [bound, seg_tile, seg_whole, pl.BlockSpec((None, block, None, E), tile),
                 pl.BlockSpec((None, T, None, E), kv_whole), pl.BlockSpec((None, T, None, E), kv_whole)]
-    return [seg_whole, seg_tile, pl.BlockSpec((None, T, None, E), whole),
+    return [bound, seg_whole, seg_tile, pl.BlockSpec((None, T, None, E), whole),
             pl.BlockSpec((None, block, None, E), kv_tile), pl.BlockSpec((None, block, None, E), kv_tile)]
 
 
@@ -220,7 +254,7 @@ def _forward(q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array, cap: floa
                    pl.BlockSpec((None, None, blocks.q), lambda b, h, i: (b, h, i))],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, H, T), jnp.float32)],
         name="gemma_flash_forward", **_compiler(blocks, interpret),
-    )(seg, seg, q, k, v)  # out [B, T, H, E], log-sum-exp [B, H, T]
+    )(_first_key_block(_segment_extent(seg)[0], blocks.q, blocks.k), seg, seg, q, k, v)  # out, lse [B, H, T]
 
 
 def _backward(q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array, o: jax.Array, lse: jax.Array,
@@ -230,6 +264,7 @@ def _backward(q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array, o: jax.A
     K = k.shape[2]
     G = H // K
     bq, bk = blocks.bwd_q, blocks.bwd_k
+    first, last = _segment_extent(seg)
     delta = jnp.einsum("bthe,bthe->bht", o.astype(jnp.float32), do.astype(jnp.float32))  # rowsum(dO * O) [B, H, T]
     rows_whole = pl.BlockSpec((None, None, T), lambda b, h, i: (b, h, 0))
     rows_tile = pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i))
@@ -241,15 +276,15 @@ def _backward(q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array, o: jax.A
     per_head = pl.BlockSpec((None, bk, None, E), lambda b, h, i: (b, i, h, 0))
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, cap=cap, window=window, bq=bq, bk=bk, n_q=T // bq),
-        grid=(B, H, T // bk), in_specs=[*kv, kv[2], rows_whole, rows_whole], out_specs=[per_head, per_head],
+        grid=(B, H, T // bk), in_specs=[*kv, kv[3], rows_whole, rows_whole], out_specs=[per_head, per_head],
         out_shape=[jax.ShapeDtypeStruct(q.shape, jnp.float32)] * 2, name="gemma_flash_dkv", **compiler,
-    )(seg, seg, q, k, v, do, lse, delta)
+    )(_query_block_end(last, bq, bk), seg, seg, q, k, v, do, lse, delta)
     qs = _specs(T, E, G, bq, True)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, cap=cap, window=window, bq=bq, bk=bk),
-        grid=(B, H, T // bq), in_specs=[*qs, qs[2], rows_tile, rows_tile], out_specs=qs[2],
+        grid=(B, H, T // bq), in_specs=[*qs, qs[3], rows_tile, rows_tile], out_specs=qs[3],
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), name="gemma_flash_dq", **compiler,
-    )(seg, seg, q, k, v, do, lse, delta)
+    )(_first_key_block(first, bq, bk), seg, seg, q, k, v, do, lse, delta)
     dk, dv = (d.reshape(B, T, K, G, E).sum(axis=3).astype(k.dtype) for d in (dk, dv))
     return dq, dk, dv
 
