@@ -1,14 +1,16 @@
 """One attention layer's forward and backward: the XLA path against gemmatune's flash kernel (and cuDNN's where
 it applies), as the model calls them (model.full_attend), in bfloat16 with one packed row per batch.
 
-    python benchmarks/attention.py [--seqs 1024,4096,8192] [--sweep] [--json out.json]
+    python benchmarks/attention.py [--seqs 1024,4096,8192] [--example-tokens 512] [--sweep] [--json out.json]
 
 Per case: the memory XLA's compiler allocates for the program's temporaries (compiled from shapes, no arrays) and,
 on a GPU, milliseconds per forward + backward and the useful TFLOP/s (the matrix products of the causal or
 windowed pairs each kernel must compute: 4·H·E per pair forward, 10·H·E backward, the convention of the
 FlashAttention papers; the XLA path computes all T² pairs, so its useful rate counts only these). On CPU the
 kernel compiles in Pallas interpret mode: its memory figure is still the program's (no [T, S] array), and no time
-is shown (interpret mode runs the grid as loops). With --sweep (GPU), each head_dim's tiles (flash.BLOCKS) are
+is shown (interpret mode runs the grid as loops). --example-tokens N adds rows packed with examples of N tokens,
+where the kernel skips the blocks of other examples (useful TFLOP/s then count each example's own pairs). With
+--sweep (GPU), each head_dim's tiles (flash.BLOCKS) are
 timed against alternatives, the forward tiles first and then the backward ones, and the fastest are printed as
 the table entry to put in flash.BLOCKS.
 """
@@ -44,10 +46,16 @@ def useful_flops(T: int, H: int, E: int, window: int | None) -> float:
     return 14.0 * H * E * pairs
 
 
-def layer_fn(cfg: Any, kind: str, impl: str, T: int, blocks: flash.Blocks | None = None):
+def segments(T: int, length: int) -> jax.Array:
+    """[1, T] segment ids: examples of `length` tokens packed into one row (length T: one example)."""
+    return (jnp.arange(T, dtype=jnp.int32) // length + 1)[None]
+
+
+def layer_fn(cfg: Any, kind: str, impl: str, T: int, blocks: flash.Blocks | None = None, length: int | None = None):
     """(q, k, v, cotangent) -> the gradients of <attention(q, k, v), cotangent>: one layer's forward and backward
-    through model.full_attend's `impl` (or flash_attention with these tiles)."""
-    seg = jnp.ones((1, T), jnp.int32)
+    through model.full_attend's `impl` (or flash_attention with these tiles), over one row of examples of `length`
+    tokens (default: one example)."""
+    seg = segments(T, length or T)
 
     def loss(q, k, v, cot):
         if blocks is not None:
@@ -75,17 +83,19 @@ def milliseconds(fn: Any, args: list[jax.Array], repeats: int = 5) -> float:
     return 1e3 * best_of(lambda: jax.block_until_ready(fn(*args)), repeats)
 
 
-def measure(name: str, kind: str, impl: str, T: int, gpu: bool) -> dict[str, Any]:
+def measure(name: str, kind: str, impl: str, T: int, gpu: bool, length: int | None = None) -> dict[str, Any]:
     cfg = PRESETS[name]
-    row: dict[str, Any] = {"model": name, "layer": "local" if kind == LOCAL else "global", "seq": T, "impl": impl}
+    row: dict[str, Any] = {"model": name, "layer": "local" if kind == LOCAL else "global", "seq": T, "impl": impl,
+                           "example_tokens": length or T}
     try:
-        fn = layer_fn(cfg, kind, impl, T)
+        fn = layer_fn(cfg, kind, impl, T, length=length)
         compiled = fn.lower(*shapes(cfg, T)).compile()
         row["temp_mib"] = compiled.memory_analysis().temp_size_in_bytes / MiB
         if gpu:
             row["ms"] = milliseconds(compiled, arrays(cfg, T))
             window = cfg.sliding_window if kind == LOCAL else None
-            row["useful_tflops"] = useful_flops(T, cfg.num_heads, cfg.head_dim, window) / row["ms"] / 1e9
+            n = T // (length or T)  # examples in the row, each its own causal triangle
+            row["useful_tflops"] = n * useful_flops(T // n, cfg.num_heads, cfg.head_dim, window) / row["ms"] / 1e9
     except Exception as e:  # a kernel that does not apply or runs out of memory: recorded, the others go on
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
     return row
@@ -134,6 +144,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seqs", default="1024,4096,8192")
     ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--example-tokens", type=int, default=0,
+                    help="also measure rows packed with examples of this many tokens (0: whole rows only)")
     ap.add_argument("--sweep", action="store_true", help="GPU: time alternative tiles for head_dim 128 and 256")
     ap.add_argument("--sweep-budget-s", type=float, default=120.0, help="seconds per head_dim for --sweep")
     ap.add_argument("--json", default=None)
@@ -150,12 +162,14 @@ def main() -> None:
         impls = ["xla", "flash"] + (["cudnn"] if gpu and cfg.attn_logit_softcap is None else [])
         for T in map(int, args.seqs.split(",")):
             kinds = [GLOBAL] + ([LOCAL] if cfg.sliding_window < T else [])
-            for kind, impl in itertools.product(kinds, impls):
-                row = measure(name, kind, impl, T, gpu)
+            lengths = [None] + ([args.example_tokens] if 0 < args.example_tokens < T else [])
+            for kind, impl, length in itertools.product(kinds, impls, lengths):
+                row = measure(name, kind, impl, T, gpu, length)
                 results["rows"].append(row)
                 shown = (f"{row.get('temp_mib', float('nan')):9.1f} {row.get('ms', float('nan')):8.2f} "
                          f"{row.get('useful_tflops', float('nan')):8.1f}")
-                print(f"{name:<11} {row['layer']:<6} {T:>5} {impl:<6} {shown} {row.get('error', '')}")
+                packed = f"packed {length}" if length else ""
+                print(f"{name:<11} {row['layer']:<6} {T:>5} {impl:<6} {shown} {packed} {row.get('error', '')}")
     if args.sweep:
         if not gpu:
             sys.exit("--sweep times kernels: it needs a GPU")
