@@ -227,6 +227,25 @@ def test_flash_kernel_equals_xla_attention(head_dim, dtype):
     assert np.abs(outs[0] - outs[1])[real[..., 0, 0]].max() > 0.1  # the window is seen
 
 
+@pytest.mark.parametrize(("head_dim", "cap", "window"), [(256, 50.0, 512), (128, 50.0, None), (64, None, 256)])
+def test_flash_kernel_lowers_to_triton_for_a_gpu(head_dim, cap, window):
+    """Interpret mode runs any jax op; a GPU needs each to have a Triton lowering and every tile a power of two.
+    Lowered for CUDA here (no GPU needed), forward and backward become three Triton kernels, with the grid the
+    tiles give."""
+    B, T, H, K = 2, 1024, 8, 4
+    q = jax.ShapeDtypeStruct((B, T, H, head_dim), BF16)
+    kv = jax.ShapeDtypeStruct((B, T, K, head_dim), BF16)
+
+    def loss(q, k, v, seg):
+        out = flash_attention(q, k, v, seg, cap=cap, window=window, interpret=False)
+        return jnp.sum(out.astype(F32))
+
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv, jax.ShapeDtypeStruct((B, T), jnp.int32)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 3
+    assert f"grid_x = {B} : i32, grid_y = {H} : i32, grid_z = {T // BLOCKS[head_dim].q} : i32" in text  # forward
+
+
 def test_flash_path_through_the_model_equals_xla():
     """hidden_states with attn_impl="flash" equals the XLA path, forward and the layers' gradients, on a Gemma 2
     body (soft-capped, window 40 < 128) with packed segments and padding; float32 within 1e-5."""
