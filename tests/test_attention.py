@@ -175,11 +175,11 @@ def test_splash_equals_xla_attention_forward_and_gradients():
 # --- gemmatune's Pallas kernel for GPUs (gemmatune.flash), in interpret mode -------------------------------------
 
 def _flash_inputs(head_dim: int, dtype) -> tuple[jax.Array, ...]:
-    """Two rows of 256 positions, 4 query heads over 2 key/value heads: one whole row; one of four segments (later
-    ones start past whole tiles of earlier ones, which the kernel skips; the last reuses the first's id, which packing
-    never does but the kernel's bounds must survive) then padding. Queries large enough that the soft-cap (5)
-    saturates."""
-    B, T, H, K = 2, 256, 4, 2
+    """Two rows of 256 positions, 4 query heads over 2 key/value heads (head_dim 256) or 1 (128): one whole row;
+    one of four segments (later ones start past whole tiles of earlier ones, which the kernel skips; the last
+    reuses the first's id, which packing never does but the kernel's bounds must survive) then padding. Queries
+    large enough that the soft-cap (5) saturates."""
+    B, T, H, K = 2, 256, 4, 2 if head_dim == 256 else 1  # 2 or 4 query heads per key/value head
     r = np.random.RandomState(head_dim)
     q = jnp.asarray(r.randn(B, T, H, head_dim) * 8 / np.sqrt(head_dim), dtype)
     k, v = (jnp.asarray(r.randn(B, T, K, head_dim), dtype) for _ in range(2))
@@ -199,7 +199,7 @@ def test_flash_kernel_equals_xla_attention(head_dim, dtype):
     # Window 66: a block edge falls just inside it (66 = 2 mod 64 and mod 32), so a loop bound one block short
     # leaves out keys that should be seen.
     cap, window, T = 5.0, 66, q.shape[1]
-    logits = jnp.einsum("bthe,bshe->bhts", q.astype(F32), jnp.repeat(k.astype(F32), 2, axis=2))
+    logits = jnp.einsum("bthe,bshe->bhts", q.astype(F32), jnp.repeat(k.astype(F32), 4 // k.shape[2], axis=2))
     assert float(jnp.max(jnp.abs(logits))) > 5 * cap  # tanh saturates: a missing or misplaced cap would show
     real = (np.asarray(seg) != 0)[:, :, None, None]
     cot = jnp.asarray(np.random.RandomState(9).randn(*q.shape) * real, dtype)  # nothing reads padding rows

@@ -174,7 +174,8 @@ def _probs_and_dlogits(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, 
 
 
 def _dkv_kernel(end_ref, seg_q_ref, seg_k_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
-                cap: float | None, window: int | None, bq: int, bk: int, n_q: int) -> None:
+                cap: float | None, window: int | None, bq: int, bk: int, n_q: int, groups: int) -> None:
+    # One key/value head: q_ref, do_ref [T, G, E] and lse_ref, delta_ref [G, T] hold its G query heads.
     k_start = pl.program_id(2) * bk
     k, v = k_ref[...], v_ref[...]  # [bk, E]
     cols = k_start + jnp.arange(bk)
@@ -183,16 +184,18 @@ def _dkv_kernel(end_ref, seg_q_ref, seg_k_ref, q_ref, k_ref, v_ref, do_ref, lse_
     def body(i: jax.Array, carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
         dk, dv = carry
         queries = pl.ds(pl.multiple_of(i * bq, bq), bq)
-        q, do = q_ref[queries, :], do_ref[queries, :]
-        mask = _visible(i * bq + jnp.arange(bq), cols, seg_q_ref[queries], seg_k, window)
-        p, ds = _probs_and_dlogits(q, k, v, do, lse_ref[queries], delta_ref[queries], mask, cap)
-        return dk + _dot(ds.astype(q.dtype), q, (0, 0)), dv + _dot(p.astype(do.dtype), do, (0, 0))
+        mask = _visible(i * bq + jnp.arange(bq), cols, seg_q_ref[queries], seg_k, window)  # shared by the group
+        for g in range(groups):
+            q, do = q_ref[queries, g, :], do_ref[queries, g, :]
+            p, ds = _probs_and_dlogits(q, k, v, do, lse_ref[g, queries], delta_ref[g, queries], mask, cap)
+            dk, dv = dk + _dot(ds.astype(q.dtype), q, (0, 0)), dv + _dot(p.astype(do.dtype), do, (0, 0))
+        return dk, dv
 
     lo, hi = _query_blocks(k_start, bq, bk, window, n_q)
     hi = lax.min(hi, jnp.max(end_ref[...]))  # blocks after the keys' segments hold no query that sees them
     zeros = jnp.zeros(k.shape, jnp.float32)
     dk, dv = lax.fori_loop(lo, hi, body, (zeros, zeros))
-    dk_ref[...], dv_ref[...] = dk, dv
+    dk_ref[...], dv_ref[...] = dk.astype(dk_ref.dtype), dv.astype(dv_ref.dtype)
 
 
 def _dq_kernel(first_ref, seg_q_ref, seg_k_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
@@ -224,23 +227,14 @@ def _compiler(blocks: Blocks, interpret: bool) -> dict[str, Any]:
     return {"compiler_params": plt.CompilerParams(num_warps=blocks.warps, num_stages=blocks.stages)}
 
 
-def _specs(T: int, E: int, G: int, block: int, queries_tiled: bool) -> list[pl.BlockSpec]:
-    """BlockSpecs for (the tile's loop bound, segment ids as queries, segment ids as keys, q, k, v) on a grid
-    (B, H, T // block) whose last axis tiles the queries (queries_tiled) or the keys; the other side is whole,
-    walked by the kernel. The bound ([B, T // block] int32, from _first_key_block or _query_block_end) comes as a
-    block of one."""
-    tile = lambda b, h, i: (b, i, h, 0)  # noqa: E731
-    whole = lambda b, h, i: (b, 0, h, 0)  # noqa: E731
-    kv_tile = lambda b, h, i: (b, i, h // G, 0)  # noqa: E731
-    kv_whole = lambda b, h, i: (b, 0, h // G, 0)  # noqa: E731
-    seg_tile = pl.BlockSpec((None, block), lambda b, h, i: (b, i))
-    seg_whole = pl.BlockSpec((None, T), lambda b, h, i: (b, 0))
-    bound = pl.BlockSpec((None, 1), lambda b, h, i: (b, i))
-    if queries_tiled:
-        return [bound, seg_tile, seg_whole, pl.BlockSpec((None, block, None, E), tile),
-                pl.BlockSpec((None, T, None, E), kv_whole), pl.BlockSpec((None, T, None, E), kv_whole)]
-    return [bound, seg_whole, seg_tile, pl.BlockSpec((None, T, None, E), whole),
-            pl.BlockSpec((None, block, None, E), kv_tile), pl.BlockSpec((None, block, None, E), kv_tile)]
+def _query_specs(T: int, E: int, G: int, bq: int) -> list[pl.BlockSpec]:
+    """BlockSpecs for (the tile's first key block, segment ids of the query tile, segment ids of all keys, q, k, v)
+    on a grid (B, H, T // bq) over query tiles: the keys are whole, walked by the kernel. The first key block
+    ([B, T // bq] int32, _first_key_block) comes as a block of one."""
+    kv_whole = pl.BlockSpec((None, T, None, E), lambda b, h, i: (b, 0, h // G, 0))
+    return [pl.BlockSpec((None, 1), lambda b, h, i: (b, i)), pl.BlockSpec((None, bq), lambda b, h, i: (b, i)),
+            pl.BlockSpec((None, T), lambda b, h, i: (b, 0)),
+            pl.BlockSpec((None, bq, None, E), lambda b, h, i: (b, i, h, 0)), kv_whole, kv_whole]
 
 
 def _forward(q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array, cap: float | None, window: int | None,
@@ -249,7 +243,7 @@ def _forward(q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array, cap: floa
     G = H // k.shape[2]
     kernel = functools.partial(_forward_kernel, cap=cap, window=window, bq=blocks.q, bk=blocks.k)
     return pl.pallas_call(
-        kernel, grid=(B, H, T // blocks.q), in_specs=_specs(T, E, G, blocks.q, True),
+        kernel, grid=(B, H, T // blocks.q), in_specs=_query_specs(T, E, G, blocks.q),
         out_specs=[pl.BlockSpec((None, blocks.q, None, E), lambda b, h, i: (b, i, h, 0)),
                    pl.BlockSpec((None, None, blocks.q), lambda b, h, i: (b, h, i))],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, H, T), jnp.float32)],
@@ -266,26 +260,32 @@ def _backward(q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array, o: jax.A
     bq, bk = blocks.bwd_q, blocks.bwd_k
     first, last = _segment_extent(seg)
     delta = jnp.einsum("bthe,bthe->bht", o.astype(jnp.float32), do.astype(jnp.float32))  # rowsum(dO * O) [B, H, T]
-    rows_whole = pl.BlockSpec((None, None, T), lambda b, h, i: (b, h, 0))
     rows_tile = pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i))
     compiler = _compiler(blocks, interpret)
 
-    # dK and dV per query head [B, T, H, E] float32, summed over each key/value head's G query heads below: each
-    # program owns its output block, so no two programs add into the same keys.
-    kv = _specs(T, E, G, bk, False)
-    per_head = pl.BlockSpec((None, bk, None, E), lambda b, h, i: (b, i, h, 0))
+    # dK and dV: one program per key/value head and key tile, walking the query tiles of its G query heads (q and
+    # dO viewed as [B, T, K, G, E]), so each program owns its output block and nothing is added across programs.
+    def grouped(b: int, h: int, i: int) -> tuple[int, ...]:
+        return (b, 0, h, 0, 0)
+
+    kv_tile = pl.BlockSpec((None, bk, None, E), lambda b, h, i: (b, i, h, 0))
+    group_rows = pl.BlockSpec((None, None, G, T), lambda b, h, i: (b, h, 0, 0))
+    q5, do5 = (x.reshape(B, T, K, G, E) for x in (q, do))
     dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, cap=cap, window=window, bq=bq, bk=bk, n_q=T // bq),
-        grid=(B, H, T // bk), in_specs=[*kv, kv[3], rows_whole, rows_whole], out_specs=[per_head, per_head],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, jnp.float32)] * 2, name="gemma_flash_dkv", **compiler,
-    )(_query_block_end(last, bq, bk), seg, seg, q, k, v, do, lse, delta)
-    qs = _specs(T, E, G, bq, True)
+        functools.partial(_dkv_kernel, cap=cap, window=window, bq=bq, bk=bk, n_q=T // bq, groups=G),
+        grid=(B, K, T // bk),
+        in_specs=[pl.BlockSpec((None, 1), lambda b, h, i: (b, i)), pl.BlockSpec((None, T), lambda b, h, i: (b, 0)),
+                  pl.BlockSpec((None, bk), lambda b, h, i: (b, i)), pl.BlockSpec((None, T, None, G, E), grouped),
+                  kv_tile, kv_tile, pl.BlockSpec((None, T, None, G, E), grouped), group_rows, group_rows],
+        out_specs=[kv_tile, kv_tile], out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype)] * 2,
+        name="gemma_flash_dkv", **compiler,
+    )(_query_block_end(last, bq, bk), seg, seg, q5, k, v, do5, lse.reshape(B, K, G, T), delta.reshape(B, K, G, T))
+    qs = _query_specs(T, E, G, bq)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, cap=cap, window=window, bq=bq, bk=bk),
         grid=(B, H, T // bq), in_specs=[*qs, qs[3], rows_tile, rows_tile], out_specs=qs[3],
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), name="gemma_flash_dq", **compiler,
     )(_first_key_block(first, bq, bk), seg, seg, q, k, v, do, lse, delta)
-    dk, dv = (d.reshape(B, T, K, G, E).sum(axis=3).astype(k.dtype) for d in (dk, dv))
     return dq, dk, dv
 
 
