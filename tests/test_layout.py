@@ -19,8 +19,8 @@ ROOT = Path(__file__).parent.parent / "src" / "gemmatune"
 TIERS = [
     {"errors", "config", "layout", "platforms"},  # the configuration and the parameter layout: import nothing else
     # the numbers, and the primitives every writer and reader uses
-    {"attention", "sharding", "model", "lora", "quantize", "loss", "preference", "teacher", "generate", "atomic",
-     "safetensors_io", "tokenizer", "distributed", "scoring"},
+    {"attention", "flash", "sharding", "model", "lora", "quantize", "loss", "preference", "teacher", "generate",
+     "atomic", "safetensors_io", "tokenizer", "distributed", "scoring"},
     {"data", "data.records", "data.packing", "data.sources", "data.formats", "data.loader", "data.pipeline",
      "data.inspect", "data.teacher_cache", "convert", "convert.common", "convert.hf", "convert.kerashub",
      "convert.peft", "convert.gguf", "convert.gguf_read",

@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 from test_train_step import rows
 
 from conftest import SMALL, strong_params
+from gemmatune import flash
 from gemmatune import sharding as S
 from gemmatune import step as T
 from gemmatune.config import PRESETS, LoraConfig, ModelConfig, Quantization, TrainConfig
@@ -157,6 +158,19 @@ def test_one_train_step_is_the_same_on_every_mesh(cfg: ModelConfig) -> None:
         assert m["seen"] == ref["seen"] and m["tokens"] == ref["tokens"]
         for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(ref_params)):
             np.testing.assert_allclose(a, b, atol=1e-5, rtol=0, err_msg=f"{spec} {jax.tree_util.keystr(path)}")
+
+
+@on_eight
+def test_the_flash_kernel_trains_the_same_on_a_mesh(monkeypatch) -> None:
+    """The Pallas attention kernel (interpret mode, tiles of 16 for this head_dim-16 config) runs per shard on a
+    mesh, rows split over data and heads over model; one step gives the numbers of the XLA path on one device."""
+    monkeypatch.setitem(flash.BLOCKS, 16, flash.Blocks(q=16, k=16, bwd_q=16, bwd_k=16, warps=4, stages=2))
+    ref_params, ref = _train_step(DIV8, None)
+    params, m = _train_step(DIV8, S.make_mesh("data=2,model=4"), dataclasses.replace(TCFG, attention="flash"))
+    np.testing.assert_allclose(m["loss"], ref["loss"], rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(m["grad_norm"], ref["grad_norm"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
 
 
 @on_eight

@@ -217,10 +217,12 @@ def test_a_failed_start_writes_nothing(tmp_path, capsys):
     bad.write_text(data.read_text() + '{"instruction": "unterminated\n')
     out = tmp_path / "runs" / "run"
     base = ["train", "--output", str(out), "--max-steps", "1", *TINY]
-    for wrong in (["--data", str(data), "--model", str(tmp_path / "no-such-model")], ["--data", str(bad)]):
+    for wrong, says in ((["--data", str(data), "--model", str(tmp_path / "no-such-model")], "no-such-model"),
+                        (["--data", str(data), "--attention", "flash"], "attention: flash runs on GPUs"),
+                        (["--data", str(bad)], "bad.jsonl")):
         assert main([*base, *wrong]) == 2
         err = capsys.readouterr().err
-        assert err.splitlines()[-1].startswith("error: ") and "Traceback" not in err, err
+        assert err.splitlines()[-1].startswith("error: ") and says in err and "Traceback" not in err, err
         assert not (tmp_path / "runs").exists(), list((tmp_path / "runs").rglob("*"))
     assert main([*base, "--data", str(data)]) == 0
     capsys.readouterr()

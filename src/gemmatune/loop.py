@@ -28,6 +28,7 @@ from jax.sharding import Mesh
 
 from gemmatune import distributed, sharding
 from gemmatune.atomic import provisional_dir, staged_dir, write_text
+from gemmatune.attention import check_forced
 from gemmatune.checkpoint import (
     check_run_dir,
     claim_run_dir,
@@ -231,6 +232,8 @@ def setup(tcfg: TrainConfig) -> Run:
                              f"{cfg.vocab_size} embedding rows; the tokenizer files belong to another model.")
     teacher_dir = resolve_model(tcfg.teacher) if tcfg.method == "distill" else None
     teacher_cfg, vocab = _check_teacher(tcfg, cfg, tokenizer, teacher_dir) if teacher_dir else (None, 0)
+    for model in (cfg, teacher_cfg) if teacher_cfg else (cfg,):
+        check_forced(tcfg.attention, jax.default_backend(), model, tcfg.data.max_seq_len)
     with contextlib.ExitStack() as staging:
         # Every process prepares the data (the same examples): process 0 into a staging directory that becomes
         # OUTPUT/data once the run is claimed, the others into a private directory, so that hosts need not share

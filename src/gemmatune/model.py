@@ -21,7 +21,14 @@ import jax
 import jax.numpy as jnp
 
 from gemmatune import quantize, sharding
-from gemmatune.attention import IMPLS, attention_impl, cudnn_attention, segment_mask, splash_attention
+from gemmatune.attention import (
+    IMPLS,
+    attention_impl,
+    cudnn_attention,
+    flash_gpu_attention,
+    segment_mask,
+    splash_attention,
+)
 from gemmatune.config import LOCAL, LoraConfig, ModelConfig
 from gemmatune.layout import PROJECTIONS, Params, is_shape, param_shapes
 
@@ -213,6 +220,9 @@ def full_attend(cfg: ModelConfig, segment_ids: jax.Array, impl: str) -> dict[str
     if impl == "splash":
         return {kind: lambda q, k, v, kind=kind: (splash_attention(q, k, v, segment_ids, kind, cfg), None)
                 for kind in kinds}
+    if impl == "flash":
+        return {kind: lambda q, k, v, kind=kind: (flash_gpu_attention(q, k, v, segment_ids, kind, cfg), None)
+                for kind in kinds}
     if impl == "cudnn":
         def fused(q: jax.Array, k: jax.Array, v: jax.Array, kind: str) -> tuple[jax.Array, None]:
             # cuDNN's partitioner takes queries, keys and values split alike; block constrains q and k, not v.
@@ -240,7 +250,7 @@ def hidden_states(params: Params, tokens: jax.Array, cfg: ModelConfig, *, positi
     adapter: the LoraConfig of params["layers"]["lora"] (its scale and dropout); key: the dropout randomness.
     remat: what the backward pass keeps of each layer: "none" everything; "block" only the matrix products
     (norms, activations, softmax recomputed: little extra work); "full" only the layer's input (the layer is
-    recomputed: least memory, about one more forward pass of work). attn_impl: "xla", "splash" or "cudnn" (see
+    recomputed: least memory, about one more forward pass of work). attn_impl: one of IMPLS (see
     gemmatune.attention); by default the platform's choice."""
     B, T = tokens.shape
     dtype = dtype or params["embed"].dtype
