@@ -17,11 +17,14 @@ crash, an out-of-memory or a refusal is recorded and the others go on):
 
   gemmatune xla / flash / cudnn   the step `gemmatune train` compiles (step.abstract_step, with TrainConfig's
                     defaults: bfloat16 base, float32 adapters and optimizer, remat block, loss_chunk 512) with
-                    TrainConfig.attention forced; cudnn only for Gemma 3 (no soft-cap). The weights are drawn on the
-                    device, one slice at a time (no host copy of a 9B model, nothing the step's peak would not
-                    cover). Peak memory: the device's peak_bytes_in_use. Also the plan: plan.plan_here, what `gemmatune
-                    plan --device gpu` computes (its child's function, run in the same process before the step; the
-                    compile is shared through JAX's persistent compilation cache), against the measured peak.
+                    TrainConfig.attention forced (refused as `train` refuses it: attention.check_forced); cudnn only
+                    for Gemma 3 (no soft-cap). The weights and adapters are random, drawn on the device after the
+                    compile (one pool of normal draws tiled into every array: no host copy of a 9B model, nothing
+                    the step's peak would not cover). Peak memory: the device's peak_bytes_in_use. Also the plan:
+                    plan.plan_here, what `gemmatune plan --device gpu` computes (its child's function, run in the
+                    same process before the step; the compile is shared through JAX's persistent compilation cache,
+                    so the step's compile_s is small), against the measured peak; and once, the command itself
+                    (`plan_cli` in the JSON: the same total, or not).
   hf sdpa / eager   transformers' Gemma2ForCausalLM / Gemma3ForCausalLM built from the same config directly on the
                     GPU in bfloat16 (random init), PEFT LoRA (adapters float32, as PEFT keeps them), the mean token
                     cross-entropy of the float32 logits; no gradient checkpointing (--hf-checkpointing turns it
@@ -40,9 +43,9 @@ MFU: model FLOPs per token as benchmarks/compare.py counts them for a LoRA step 
 for every runner): 4 N_base + 6 N_lora + 12 H E sum_layers(T_attn), i.e. frozen weights 2N forward and 2N backward
 (the input gradient only), adapters 2N forward and 4N backward, attention's QK^T and PV 4 H E T_attn forward and
 twice that backward, with T_attn the keys a query sees on average under the causal (and sliding-window) mask, about
-(T + 1) / 2 (the causal half is not counted); recomputation is not counted. Divided by the card's dense bfloat16
-peak: H100 SXM and H200 989 TFLOP/s, H100 NVL 835, H100 PCIe 756, A100 312, L4 121, found in the device's name;
-another card needs --peak-tflops (the JSON says which was used).
+(T + 1) / 2 (the masked half of the [T, T] products is not counted); recomputation is not counted. Divided by
+the card's dense bfloat16 peak: H100 SXM and H200 989 TFLOP/s, H100 NVL 835, H100 PCIe 756, A100 312, L4 121,
+found in the device's name; another card needs --peak-tflops (the JSON says which was used).
 
 XLA flags (issue 16, point 5): gemma2-2b at 4096 with the kernel (flash, or the fastest gemmatune runner if flash
 did not run), each setting in its own process: gemmatune's defaults (XLA_PYTHON_CLIENT_MEM_FRACTION=0.95, which
@@ -53,6 +56,10 @@ XLA_PYTHON_CLIENT_PREALLOCATE=false. Settings that change XLA_FLAGS compile with
 Goals (issue 16), set beside the figures: gemmatune >= 2x the tokens/s of transformers + PEFT and <= 0.5x its peak
 memory at seq 4096 on gemma2-9b (the fastest runner of each); >= 40% MFU at seq 4096; the plan within 15% of the
 measured peak.
+
+Each run's JSON record also says how far its child got and when (`stage`, `<stage>_at_s`: seconds since the child
+started), the compile and plan seconds, the loss (finite: the step really ran), and for a failure its status
+(refused, oom, error, crash, timeout, skipped: time) and reason.
 """
 
 from __future__ import annotations
@@ -465,6 +472,8 @@ class Bench:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), *filter(None, [env.get("PYTHONPATH")])])
         env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+        if not self.a.smoke and env.get("JAX_PLATFORMS") == "cpu":  # a CPU habit would measure the CPU
+            del env["JAX_PLATFORMS"]
         if self.a.smoke:  # the CPU only, even on a GPU machine; torch on one thread beside the JAX jobs
             env.update(JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
                        XLA_FLAGS=f"{env.get('XLA_FLAGS', '')} {SMOKE_XLA_FLAGS}".strip())
