@@ -93,3 +93,38 @@ def test_figures_goals_and_table_from_a_gpus_reports() -> None:
             "| ok |") in table
     assert "| gemma2-9b@4096 | hf sdpa | - | - | - | - | - | - | - | refused: ValueError: no sdpa |" in table
     assert "## One LoRA step on NVIDIA H100 80GB HBM3" in table
+
+
+def test_a_refusal_is_reused_and_an_out_of_memory_retried_with_checkpointing(tmp_path: Path, monkeypatch) -> None:
+    """The parent's bookkeeping, its jobs stood in for: transformers' refusal of sdpa for Gemma 2 holds for every
+    Gemma 2 (asked once); an out-of-memory without gradient checkpointing is run again with it, as "+ckpt"."""
+    import argparse
+    import shutil
+
+    asked = []
+
+    def job(self, rec: dict, expect: float, env: dict, plan: bool) -> None:
+        asked.append((rec["case"], rec["runner"], rec.get("hf_checkpointing")))
+        if rec["runner"] == "hf sdpa":
+            rec.update(status="refused", reason="ValueError: no sdpa")
+        elif rec["runner"] == "hf eager" and not rec["hf_checkpointing"]:
+            rec.update(status="oom", reason="OutOfMemoryError: CUDA out of memory")
+        else:
+            rec.update(status="ok", device="NVIDIA H200", step_times=[1.0], peak_bytes=GiB)
+            gpu.figures(rec, None)
+
+    monkeypatch.setattr(gpu.Bench, "job", job)
+    a = argparse.Namespace(out=str(tmp_path / "r"), budget=100.0, smoke=False, warmup=1, steps=1,
+                           hf_checkpointing=False, peak_tflops=None)
+    bench = gpu.Bench(a)
+    try:
+        bench.case("gemma2-9b", 4096, ("hf sdpa", "hf eager"))
+        bench.case("gemma2-2b", 4096, ("hf sdpa",))
+    finally:
+        shutil.rmtree(bench.cache)
+    assert asked == [("gemma2-9b@4096", "hf sdpa", False), ("gemma2-9b@4096", "hf eager", False),
+                     ("gemma2-9b@4096", "hf eager +ckpt", True)]
+    runs = json.loads((tmp_path / "r.json").read_text())["runs"]
+    assert [(r["runner"], r["status"]) for r in runs] == [("hf sdpa", "refused"), ("hf eager", "oom"),
+                                                         ("hf eager +ckpt", "ok"), ("hf sdpa", "refused")]
+    assert runs[-1]["reused_from"] == "gemma2-9b@4096" and runs[2]["tokens_per_s"] == 4096.0
