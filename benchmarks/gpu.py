@@ -612,12 +612,15 @@ class Bench:
                                    "runner": f"gemmatune {attention}", "tool": "gemmatune", "attention": attention}
             if variant == "default" and base is not None:  # the main run is this setting
                 rec.update({k: base[k] for k in ("status", "device", "platform", "step_times", "step_s",
-                                                 "tokens_per_s", "peak_bytes", "mfu", "compile_s", "loss")
-                            if k in base}, reused_from=f"{base['case']} {base['runner']}")
+                                                 "tokens_per_s", "peak_bytes", "mfu", "loss") if k in base},
+                           reused_from=f"{base['case']} {base['runner']}",
+                           compile_s=base.get("plan_s", base.get("compile_s")))  # its fresh compile: the plan's
             else:
                 expect = 0.0 if self.a.smoke else EXPECT[("gemmatune", model)]
-                # A changed XLA_FLAGS compiles afresh (no cached program or autotuning results of another setting).
-                self.job(rec, expect, self.env(extra, cache="XLA_FLAGS" not in extra), plan=False)
+                # A changed XLA_FLAGS compiles afresh (no cached program or autotuning results of another setting);
+                # the others take the default's program from the cache.
+                rec["compile_cached"] = "XLA_FLAGS" not in extra
+                self.job(rec, expect, self.env(extra, cache=rec["compile_cached"]), plan=False)
             self.results["flags"].append(rec)
             self.report(rec, f"flags {case}", variant)
             self.save()
@@ -753,7 +756,8 @@ def markdown(res: dict[str, Any]) -> str:
         for f in res["flags"]:
             tps = f.get("tokens_per_s")
             vs = f"{tps / default['tokens_per_s']:.3f}" if tps and default else "-"
-            compile_s = f"{f['compile_s']:.0f}" if f.get("compile_s") is not None else "-"
+            compile_s = ("cached" if f.get("compile_cached") else f"{f['compile_s']:.0f}"
+                         if f.get("compile_s") is not None else "-")
             lines.append(f"| {_cell(f['setting'])} | {f'{tps:.0f}' if tps else '-'} | {vs} | "
                          f"{_gib(f.get('peak_bytes'))} | {compile_s} | {_status(f)} |")
     lines += ["", f"{res.get('elapsed_s', 0):.0f} s in all (budget {s['budget_s']:.0f} s)."]
