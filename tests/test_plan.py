@@ -130,6 +130,8 @@ def test_refusals(monkeypatch: pytest.MonkeyPatch) -> None:
         plan(cfg, _tcfg(64, 2), "tpu-v3", devices=3)
     with pytest.raises(GemmatuneError, match="batch_size: 3 rows do not divide among the mesh's 2"):
         plan(cfg, _tcfg(64, 3), "cpu", devices=2, mesh="data=2")
+    with pytest.raises(GemmatuneError, match="--attention flash: a GPU kernel is planned only on the GPU itself"):
+        plan(cfg, _tcfg(64, 2, attention="flash"), "h100")
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real(name, *a))
     with pytest.raises(GemmatuneError, match=r"pip install 'gemmatune\[tpu\]'"):

@@ -109,6 +109,9 @@ def plan(cfg: ModelConfig, tcfg: TrainConfig, device: str, *, devices: int | Non
                              "--memory-gib set to your device's memory.")
     kind = DEVICES[device]
     n = devices or kind.devices
+    if kind.compiler == "tpu" and kind.platform == "gpu" and tcfg.attention in ("flash", "cudnn"):
+        raise GemmatuneError(f"--attention {tcfg.attention}: a GPU kernel is planned only on the GPU itself "
+                             f"(--device gpu); {device} is compiled for a TPU stand-in. Use --attention auto or xla.")
     if kind.compiler == "tpu":
         if n not in kind.topologies:
             raise GemmatuneError(f"--devices {n}: plans for {device} cover {', '.join(map(str, kind.topologies))} "
@@ -287,6 +290,10 @@ def _child(job: dict[str, Any], devices: list[Any]) -> dict[str, Any]:
         raise GemmatuneError(f"--devices {job['devices']}: this machine has {len(devices)} "
                              f"{devices[0].platform.upper()} device{'s' if len(devices) > 1 else ''}.")
     capacity = job["capacity"] or _capacity(devices[0])
+    if job["compiler"] == "gpu":  # a forced kernel this GPU cannot run is refused as `train` refuses it
+        from gemmatune.attention import check_forced
+
+        check_forced(tcfg.attention, "gpu", cfg, tcfg.data.max_seq_len)
     mesh = sharding.make_mesh(job["mesh"] or None, devices[:job["devices"]], cfg, tcfg.batch_size)
     sharding.check_batch(mesh, tcfg.batch_size)
     step, (state, frozen, batches) = abstract_step(cfg, tcfg, mesh, Shapes(tcfg.grad_accum, tcfg.batch_size,
