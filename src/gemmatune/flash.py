@@ -41,15 +41,17 @@ class Blocks:
     stages: int
 
 
-# Per head_dim: a program holds a [q, head_dim] query block and its float32 accumulator in registers and streams
-# [k, head_dim] key and value blocks through shared memory; head_dim 256 (Gemma 2 2B/9B, Gemma 3 below 27B) halves
-# the tiles of 128 (27B) to stay within the registers and the 228 KiB of shared memory of an H100's SM. The
-# backward kernels keep two accumulators (dK and dV, or dQ) and recompute the probabilities, so their tiles are
-# smaller again.
+# Per head_dim, untuned (no GPU has run them yet; benchmarks/attention.py --sweep times alternatives). A program
+# holds a [q, head_dim] query tile and its float32 accumulator in registers and streams [k, head_dim] key and
+# value tiles through shared memory, `stages` deep. They are sized for the smallest shared memory of the GPUs the
+# kernel is chosen on, about 100 KiB per SM on the RTX 30/40 series (A100 164, H100 228): at head_dim 256 (Gemma 2
+# 2B/9B, Gemma 3 below 27B) one stage of key and value tiles of 32 is 32 KiB. Eight warps above head_dim 64, as
+# jax's own Triton attention chooses. The backward kernels keep two accumulators (dK and dV, or dQ) and recompute
+# the probabilities, so their tiles are smaller.
 BLOCKS: dict[int, Blocks] = {
-    64: Blocks(q=128, k=64, bwd_q=64, bwd_k=64, warps=4, stages=3),
-    128: Blocks(q=128, k=64, bwd_q=64, bwd_k=64, warps=4, stages=2),
-    256: Blocks(q=64, k=64, bwd_q=32, bwd_k=32, warps=4, stages=2),
+    64: Blocks(q=128, k=64, bwd_q=64, bwd_k=64, warps=4, stages=2),
+    128: Blocks(q=128, k=64, bwd_q=64, bwd_k=64, warps=8, stages=2),
+    256: Blocks(q=64, k=32, bwd_q=32, bwd_k=32, warps=8, stages=2),
 }
 
 
