@@ -199,8 +199,9 @@ class _Compiler:
             # so that a plan beside a training run on the same GPU neither fails nor takes its memory (JAX's limit,
             # the capacity, is the GPU's memory times XLA_PYTHON_CLIENT_MEM_FRACTION either way).
             env.update(JAX_PLATFORMS="cuda,cpu", XLA_PYTHON_CLIENT_PREALLOCATE="false")
-        elif kind.compiler == "cpu" and n > 1:  # one CPU device is JAX's default: XLA_FLAGS (a cache key) unchanged
-            env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}".strip()
+        elif kind.compiler == "cpu":
+            if n > 1:  # one CPU device is JAX's default: XLA_FLAGS (a cache key) left unchanged
+                env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}".strip()
         else:  # libtpu, off a TPU VM: no metadata server to ask, and no warnings about it
             env.update(TPU_SKIP_MDS_QUERY="1", TPU_ACCELERATOR_TYPE="v3-8", TPU_WORKER_HOSTNAMES="localhost")
             # Compiling needs no TPU device: without this, libtpu refuses to load while another process holds
