@@ -188,8 +188,8 @@ def _flash_inputs(head_dim: int, dtype) -> tuple[jax.Array, ...]:
     return q, k, v, jnp.asarray(seg)
 
 
-@pytest.mark.parametrize("head_dim", [128, 256])
-@pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
+@pytest.mark.parametrize(("head_dim", "dtype"), [(128, F32), (256, F32), (256, BF16)],
+                         ids=["f32-128", "f32-256", "bf16-256"])
 def test_flash_kernel_equals_xla_attention(head_dim, dtype):
     """The Pallas kernel with its real tiles (interpret mode) equals the XLA path, values and the gradients of q, k
     and v, on the local (window 66 < 256, several tiles) and the global mask, with grouped-query heads, packed
@@ -249,7 +249,7 @@ def test_flash_kernel_lowers_to_triton_for_a_gpu(head_dim, cap, window):
 def test_flash_path_through_the_model_equals_xla():
     """hidden_states with attn_impl="flash" equals the XLA path, forward and the layers' gradients, on a Gemma 2
     body (soft-capped, window 40 < 128) with packed segments and padding; float32 within 1e-5."""
-    cfg = dataclasses.replace(CFG, head_dim=64)
+    cfg = dataclasses.replace(CFG, head_dim=64, num_layers=2, layer_types=("sliding_attention", "full_attention"))
     assert 64 in BLOCKS
     params = jax.jit(strong_params, static_argnums=0)(cfg)
     tokens, seg, pos = _inputs()
