@@ -32,7 +32,7 @@ H100, A100, T4 = (9, 0), (8, 0), (7, 5)
     ("gpu", "gemma2-2b", 1024, BF16, H100, 1, "flash"),  # jax's cuDNN attention has no logit soft-cap: ours
     ("gpu", "gemma2-27b", 4096, BF16, A100, 2, "flash"),  # head_dim 128; 16 key/value heads over model=2
     ("gpu", "gemma2-9b", 1000, BF16, H100, 1, "xla"),  # no tiles divide 1000
-    ("gpu", "gemma2-9b", 1024, F32, H100, 1, "xla"),  # float32 would round through TF32 in the kernel
+    ("gpu", "gemma2-9b", 1024, F32, H100, 1, "xla"),  # the kernel's tiles are sized for 16-bit values
     ("gpu", "gemma2-2b", 1024, BF16, T4, 1, "xla"),  # Triton's lowering in jax needs Ampere or later
     ("gpu", "gemma3-1b", 1024, BF16, H100, 1, "cudnn"),
     ("cuda", "gemma3-4b", 1024, F16, H100, 1, "cudnn"),  # a device's platform name; float16 is the kernel's too
@@ -227,14 +227,15 @@ def test_flash_kernel_equals_xla_attention(head_dim, dtype):
     assert np.abs(outs[0] - outs[1])[real[..., 0, 0]].max() > 0.1  # the window is seen
 
 
-@pytest.mark.parametrize(("head_dim", "cap", "window"), [(256, 50.0, 512), (128, 50.0, None), (64, None, 256)])
-def test_flash_kernel_lowers_to_triton_for_a_gpu(head_dim, cap, window):
+@pytest.mark.parametrize(("head_dim", "cap", "window", "dtype"), [(256, 50.0, 512, BF16), (128, 50.0, None, BF16),
+                                                                   (64, None, 256, F32)])
+def test_flash_kernel_lowers_to_triton_for_a_gpu(head_dim, cap, window, dtype):
     """Interpret mode runs any jax op; a GPU needs each to have a Triton lowering and every tile a power of two.
     Lowered for CUDA here (no GPU needed), forward and backward become three Triton kernels, with the grid the
     tiles give."""
     B, T, H, K = 2, 1024, 8, 4
-    q = jax.ShapeDtypeStruct((B, T, H, head_dim), BF16)
-    kv = jax.ShapeDtypeStruct((B, T, K, head_dim), BF16)
+    q = jax.ShapeDtypeStruct((B, T, H, head_dim), dtype)
+    kv = jax.ShapeDtypeStruct((B, T, K, head_dim), dtype)
 
     def loss(q, k, v, seg):
         out = flash_attention(q, k, v, seg, cap=cap, window=window, interpret=False)

@@ -12,12 +12,12 @@ A fused kernel is used only where it computes exactly that; `attention_impl` is 
   lowering, forward and backward, soft-cap, window, segments and grouped-query heads, no [T, S] array stored).
   For configs without a soft-cap (Gemma 3), cuDNN's fused (flash) attention through
   `jax.nn.dot_product_attention(..., implementation="cudnn")` (`cudnn_attention`) where it applies, else the same
-  Pallas kernel where that applies. The Pallas kernel needs bfloat16 or float16 (a float32 run uses XLA: the
-  kernel's products would round through TF32), a CUDA GPU of compute capability 8.0 or later (Triton's lowering in
-  jax supports Ampere on), head_dim 64, 128 or 256 with a sequence its tiles divide (flash.BLOCKS; a multiple of
-  128 always is), and on a mesh the key/value heads dividing over the model axis (it runs per shard in a
-  shard_map, each shard's query heads reading its own key/value heads). cuDNN's limits in jax 0.10.2, each falling
-  back for exactly that case:
+  Pallas kernel where that applies. The Pallas kernel is chosen for bfloat16 or float16 (a float32 run uses XLA:
+  the tiles are sized for 16-bit values; forced, it multiplies float32 exactly), a CUDA GPU of compute capability
+  8.0 or later (Triton's lowering in jax supports Ampere on), head_dim 64, 128 or 256 with a sequence its tiles
+  divide (flash.BLOCKS; a multiple of 128 always is), and on a mesh the key/value heads dividing over the model
+  axis (it runs per shard in a shard_map, each shard's query heads reading its own key/value heads). cuDNN's
+  limits in jax 0.10.2, each falling back for exactly that case:
   bfloat16 or float16 only; Ampere (8.0) or later (cuDNN's SDPA needs SM80: a T4 or V100 uses XLA); head_dim a
   multiple of 8 and at most 128 before Hopper, 256 from Hopper (9.0) on (so Gemma 3's head_dim 256 is fused by
   cuDNN on an H100, by the Pallas kernel on an A100; 27B's 128 by cuDNN on both); an even sequence (its bias

@@ -4,10 +4,11 @@ It computes exactly the attention of model.attention: logits q.k (q already scal
 cap * tanh(logits / cap) before anything else, then causal masking, the sliding window on local layers (key s is
 seen from query t when t - W < s <= t), packed rows (a query sees keys of its own segment, never padding: segment
 0), and grouped-query heads (query head h reads key/value head h // G, as transformers' repeat_kv). No [T, S] array
-is stored: each program holds one block of queries (or keys) and walks over the blocks of the other side with an
-online softmax (FlashAttention-2), skipping the blocks the causal mask and the window exclude. The backward pass
-recomputes the probabilities from the saved log-sum-exp, in two kernels: one over key blocks (dK, dV), one over
-query blocks (dQ), so neither needs atomics.
+is stored: each program holds one tile of queries (or keys) and walks over the tiles of the other side with an
+online softmax (FlashAttention-2), skipping the tiles that the causal mask, the window and (in packed rows) the
+other examples' segments exclude. The backward pass recomputes the probabilities from the saved log-sum-exp, in
+two kernels: one over key tiles (dK and dV of one key/value head, its G query heads walked in the same program),
+one over query tiles (dQ), so that each program owns its output and nothing needs atomics.
 
 Off a GPU the same kernels run in Pallas interpret mode: the tests check them there against the XLA path.
 """
@@ -65,8 +66,11 @@ def blocks_for(head_dim: int, seq_len: int) -> Blocks | None:
 
 
 def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
-    """A 2-D matrix product contracting a's axis contract[0] with b's contract[1], accumulated in float32."""
-    return lax.dot_general(a, b, ((contract[:1], contract[1:]), ((), ())), preferred_element_type=jnp.float32)
+    """A 2-D matrix product contracting a's axis contract[0] with b's contract[1], accumulated in float32. Float32
+    inputs are multiplied as float32 (Triton would otherwise round them to TF32)."""
+    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    return lax.dot_general(a, b, ((contract[:1], contract[1:]), ((), ())), precision=precision,
+                           preferred_element_type=jnp.float32)
 
 
 def _scores(q: jax.Array, k: jax.Array, cap: float | None) -> tuple[jax.Array, jax.Array | None]:
@@ -134,7 +138,7 @@ def _query_block_end(last: jax.Array, bq: int, bk: int) -> jax.Array:
     return last.reshape(B, T // bk, bk).max(axis=2) // bq + 1
 
 
-# --- kernels (one program: one row b, one query head h, one block of the grid's last axis) -----------------------
+# --- kernels (one program: one row b; one query head, or for dK and dV one key/value head; one tile) -------------
 
 def _forward_kernel(first_ref, seg_q_ref, seg_k_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cap: float | None,
                     window: int | None, bq: int, bk: int) -> None:
@@ -266,19 +270,17 @@ def _backward(q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array, o: jax.A
     compiler = _compiler(blocks, interpret)
 
     # dK and dV: one program per key/value head and key tile, walking the query tiles of its G query heads (q and
-    # dO viewed as [B, T, K, G, E]), so each program owns its output block and nothing is added across programs.
-    def grouped(b: int, h: int, i: int) -> tuple[int, ...]:
-        return (b, 0, h, 0, 0)
-
+    # dO viewed as [B, T, K, G, E], the log-sum-exp and delta as [B, K, G, T]).
     kv_tile = pl.BlockSpec((None, bk, None, E), lambda b, h, i: (b, i, h, 0))
+    group = pl.BlockSpec((None, T, None, G, E), lambda b, h, i: (b, 0, h, 0, 0))
     group_rows = pl.BlockSpec((None, None, G, T), lambda b, h, i: (b, h, 0, 0))
     q5, do5 = (x.reshape(B, T, K, G, E) for x in (q, do))
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, cap=cap, window=window, bq=bq, bk=bk, n_q=T // bq, groups=G),
         grid=(B, K, T // bk),
         in_specs=[pl.BlockSpec((None, 1), lambda b, h, i: (b, i)), pl.BlockSpec((None, T), lambda b, h, i: (b, 0)),
-                  pl.BlockSpec((None, bk), lambda b, h, i: (b, i)), pl.BlockSpec((None, T, None, G, E), grouped),
-                  kv_tile, kv_tile, pl.BlockSpec((None, T, None, G, E), grouped), group_rows, group_rows],
+                  pl.BlockSpec((None, bk), lambda b, h, i: (b, i)), group, kv_tile, kv_tile, group, group_rows,
+                  group_rows],
         out_specs=[kv_tile, kv_tile], out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype)] * 2,
         name="gemma_flash_dkv", **compiler,
     )(_query_block_end(last, bq, bk), seg, seg, q5, k, v, do5, lse.reshape(B, K, G, T), delta.reshape(B, K, G, T))
