@@ -10,6 +10,9 @@ set -euo pipefail
 export JAX_PLATFORMS=cpu
 cd "$(dirname "$0")/.."
 tmp=$(mktemp -d)
+# One persistent compilation cache for the run (gone with $tmp): the many tests that compile the same program (the
+# tiny model's train step in each `gemmatune train` they run, plan children, subprocesses) compile it once.
+export JAX_COMPILATION_CACHE_DIR="$tmp/jax-cache"
 build=
 # However this script ends, the build stops (it runs in its own process group, so the compilers stop with it) and
 # the temporary folder goes.
