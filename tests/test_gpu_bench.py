@@ -35,12 +35,12 @@ def test_smoke_runs_every_runner_and_records_numbers_or_a_reason(tmp_path: Path)
         else:
             assert x["status"] in ("refused", "error", "oom", "timeout", "crash") and x["reason"], x
     runs = {(x["model"], x["runner"]): x for x in res["runs"]}
-    assert runs["small", "gemmatune xla"]["status"] == runs["small", "hf eager"]["status"] == "ok"
+    assert runs["small", "gemmatune flash"]["status"] == runs["small", "hf eager"]["status"] == "ok"
     assert runs["small3", "hf sdpa"]["status"] == "ok"  # Gemma 2's sdpa: refused by transformers 5 (or run)
     # The plan is the step's own, computed in the run's process: every part counted, the weights' exact.
-    xla = runs["small", "gemmatune xla"]
-    parts = xla["plan_parts"]
-    assert xla["plan_bytes"] == parts["total"] == sum(v for k, v in parts.items() if k != "total")
+    flash = runs["small", "gemmatune flash"]
+    parts = flash["plan_parts"]
+    assert flash["plan_bytes"] == parts["total"] == sum(v for k, v in parts.items() if k != "total")
     cudnn = runs["small3", "gemmatune cudnn"]
     assert cudnn["status"] == "refused" and "runs on GPUs" in cudnn["reason"]
     # `gemmatune plan --json`, the command, gives the same total for the same settings.
