@@ -41,6 +41,10 @@ class Blocks:
     warps: int
     stages: int
 
+    def divide(self, seq_len: int) -> bool:
+        """Whether every tile divides a sequence of seq_len."""
+        return not any(seq_len % n for n in (self.q, self.k, self.bwd_q, self.bwd_k))
+
 
 # Per head_dim, untuned (no GPU has run them yet; benchmarks/attention.py --sweep times alternatives). A program
 # holds a [q, head_dim] query tile and its float32 accumulator in registers and streams [k, head_dim] key and
@@ -60,9 +64,7 @@ def blocks_for(head_dim: int, seq_len: int) -> Blocks | None:
     """The tiles for this head_dim, or None where the kernel does not apply (another head_dim, or a sequence that
     some tile does not divide)."""
     b = BLOCKS.get(head_dim)
-    if b is None or any(seq_len % n for n in (b.q, b.k, b.bwd_q, b.bwd_k)):
-        return None
-    return b
+    return b if b is not None and b.divide(seq_len) else None
 
 
 def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
@@ -324,7 +326,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.A
     if H % k.shape[2]:
         raise ValueError(f"{k.shape[2]} key/value heads do not divide {H} query heads")
     blocks = blocks or blocks_for(E, T)
-    if blocks is None or any(T % n for n in (blocks.q, blocks.k, blocks.bwd_q, blocks.bwd_k)):
+    if blocks is None or not blocks.divide(T):
         raise ValueError(f"no flash attention tiles for head_dim {E} that divide a sequence of {T}")
     if interpret is None:
         interpret = jax.default_backend() not in ("gpu", "cuda")
